@@ -93,8 +93,8 @@ class VesuviusStream(IterableDataset):
             number of ranks. Default: read from ``torch.distributed`` when it
             is initialized (when this dataset is built), else 0 and 1.
         samples_per_region (int, optional): positions taken per region visit.
-            Default: enough that each visit delivers about twice the voxels it
-            decodes.
+            Default: enough that each visit delivers four times the voxels of
+            its region (region plus halo).
         region_mb (float): the budget of decoded data per worker, in MiB,
             shared by its ``open_regions`` regions. Default 512. Numpy sources
             are sliced as views and take none of it.
@@ -190,8 +190,10 @@ class VesuviusStream(IterableDataset):
         visits = _slice_visits(self._epoch_visits(epoch), first, stop)
         rng = np.random.default_rng([self.seed, epoch, shard])
         d, h, w = self.block
+        # Raster order means one region after another, not interleaved.
+        open_regions = self.open_regions if self.shuffle else 1
         for file_index, region, (z, y, x), corner in _interleave(
-                visits, self.arrays, self.open_regions, rng):
+                visits, self.arrays, open_regions, rng):
             item = torch.from_numpy(np.ascontiguousarray(region[z:z + d, y:y + h, x:x + w]))
             if self.return_coords:
                 yield item, torch.tensor((file_index, *corner), dtype=torch.int64)
@@ -390,7 +392,7 @@ class _RegionLayout:
         self.regions = math.prod(self.grid)
         if samples_per_region is None:
             box_voxels = math.prod(self._box(self.region))
-            samples_per_region = max(1, 2 * box_voxels // math.prod(block))
+            samples_per_region = max(1, 4 * box_voxels // math.prod(block))
         self.per_visit = samples_per_region
 
     def _box(self, region):
@@ -398,11 +400,19 @@ class _RegionLayout:
         return tuple(min(r + b - 1, s) for r, b, s in zip(region, self.block, self.shape))
 
     def _grow_region(self, chunks, region_bytes):
-        """Chunk multiples per axis, grown while the box fits the budget.
+        """Region shape (in positions): chunk multiples whose box fits the budget.
 
-        Each step grows the axis whose halo costs most relative to its size.
+        Starts from one chunk (halved while even that is over budget), then
+        grows by whole chunks, each step on the axis whose halo costs most
+        relative to its size.
         """
+        def fits(region):
+            return math.prod(self._box(region)) * self.itemsize <= region_bytes
+
         region = [min(c, e) for c, e in zip(chunks, self.extent)]
+        while not fits(region) and max(region) > 1:
+            axis = region.index(max(region))
+            region[axis] = -(-region[axis] // 2)
         while True:
             growable = [a for a in range(3) if region[a] < self.extent[a]]
             growable.sort(key=lambda a: (region[a] + self.block[a] - 1) / region[a],
@@ -410,7 +420,7 @@ class _RegionLayout:
             for axis in growable:
                 bigger = list(region)
                 bigger[axis] = min(region[axis] + chunks[axis], self.extent[axis])
-                if math.prod(self._box(bigger)) * self.itemsize <= region_bytes:
+                if fits(bigger):
                     region = bigger
                     break
             else:
@@ -427,9 +437,12 @@ class _RegionLayout:
         """Yield visits ``(origin, box_shape, positions)`` giving ``count`` positions.
 
         Round j visits every region in a random order (its own per round) and
-        takes positions [j*k, (j+1)*k) of the region's own permutation.
+        takes the next share of the region's own permutation. Shares are
+        proportional to region size (``per_visit`` for a whole region) and
+        rounded at random, so that a position in a small border region is
+        exactly as likely to be drawn as any other.
         """
-        k = self.per_visit
+        full = math.prod(self.region)
         for round_ in itertools.count():   # ends: count <= positions
             order_key = _key(key, 0, round_)
             for slot in range(self.regions):
@@ -438,11 +451,14 @@ class _RegionLayout:
                 region = int(_permute([slot], self.regions, order_key)[0])
                 origin, shape = self._region_bounds(region)
                 size = math.prod(shape)
-                if size <= round_ * k:
+                rate = self.per_visit * size / full
+                offset = _key(key, 2, region) / 2.0**64     # the random rounding
+                first = min(size, math.floor(round_ * rate + offset))
+                taken = min(math.floor((round_ + 1) * rate + offset), size) - first
+                taken = min(taken, count)
+                if taken == 0:
                     continue
-                taken = min(k, size - round_ * k, count)
-                local = _permute(np.arange(round_ * k, round_ * k + taken),
-                                 size, _key(key, 1, region))
+                local = _permute(np.arange(first, first + taken), size, _key(key, 1, region))
                 positions = np.stack(np.unravel_index(local, shape), axis=1) + origin
                 count -= taken
                 yield origin, self._box(shape), positions

@@ -1,0 +1,260 @@
+"""Measure how fast VesuviusStream feeds a DataLoader, next to the alternatives.
+
+In one run, on the same store and DataLoader settings, it measures:
+
+1. the store's sequential decode rate: every chunk read once, in order (the limit);
+2. naive per-sample slicing: ``array[z:z+d, y:y+h, x:x+w]`` for each random block;
+3. VesuviusStream with its defaults.
+
+For each it prints samples/s and MB/s delivered, the ratio to naive, the fraction
+of the limit, read amplification (bytes decoded / bytes delivered), distinct
+256x256 (y, x) tiles per batch, and the peak RSS of the whole process tree
+(main process + DataLoader workers).
+
+    python benchmark.py                       # synthetic 65x2048x2048 uint16 store
+    python benchmark.py segment.zarr --block 26 64 64 --workers 2 --batch-size 32
+
+With no store given it builds, once, a synthetic CT-like store (smooth field
+plus noise; chunks 16x256x256, zstd) in the system's temporary directory and
+reuses it. Peak RSS needs the optional package psutil (``pip install psutil``).
+"""
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from streamer import VesuviusStream, _slice_visits
+
+SYNTHETIC_SHAPE = (65, 2048, 2048)
+SYNTHETIC_CHUNKS = (16, 256, 256)
+TILE = 256
+
+
+def synthetic_store(shape=SYNTHETIC_SHAPE, chunks=SYNTHETIC_CHUNKS, directory=None):
+    """Path of a cached synthetic CT-like uint16 store, built on first use.
+
+    Intensities: a bright sheet around the middle layer with smooth fibre-like
+    modulation, on a darker background, plus Gaussian noise, so that it
+    compresses like a scan rather than like random bytes.
+    """
+    directory = directory or tempfile.gettempdir()
+    name = "vesuvius_benchmark_{}_{}.zarr".format("x".join(map(str, shape)),
+                                                  "x".join(map(str, chunks)))
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+        return path
+    partial = path + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    array = zarr.create_array(partial, shape=shape, chunks=chunks, dtype="uint16")
+    rng = np.random.default_rng(0)
+    depth, height, width = shape
+    y = np.arange(height, dtype=np.float32)[:, None]
+    x = np.arange(width, dtype=np.float32)[None, :]
+    fibres = (np.sin(x / 9.0 + 3 * np.sin(y / 150.0)) * np.sin(y / 13.0) * 0.5 + 0.5)
+    relief = 4 * np.sin(x / 300.0) * np.cos(y / 210.0)        # the sheet is not flat
+    for z0 in range(0, depth, chunks[0]):
+        z = np.arange(z0, min(z0 + chunks[0], depth), dtype=np.float32)[:, None, None]
+        sheet = np.exp(-((z - depth / 2 - relief) / (depth / 6)) ** 2)
+        slab = 9000 + sheet * (22000 + 9000 * fibres)
+        slab += rng.normal(0, 1200, slab.shape).astype(np.float32)
+        array[z0:z0 + len(z)] = np.clip(slab, 0, 65535).astype(np.uint16)
+    os.replace(partial, path)
+    return path
+
+
+class NaiveBlocks(IterableDataset):
+    """The baseline: one zarr read per random block (with coordinates)."""
+
+    def __init__(self, path, block, samples):
+        self.path, self.block, self.samples = path, block, samples
+
+    def __iter__(self):
+        array = open_volume(self.path)
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        rng = np.random.default_rng(worker)
+        limits = [s - b + 1 for s, b in zip(array.shape, self.block)]
+        d, h, w = self.block
+        for _ in range(worker, self.samples, workers):
+            z, y, x = (int(rng.integers(limit)) for limit in limits)
+            yield (torch.from_numpy(array[z:z + d, y:y + h, x:x + w]),
+                   torch.tensor((0, z, y, x)))
+
+
+def open_volume(path):
+    node = zarr.open(path, mode="r")
+    return node["volume"] if isinstance(node, zarr.Group) else node
+
+
+def decoded_bytes(array, starts, shape):
+    """Bytes zarr decodes to read a box: every chunk the box overlaps, whole."""
+    total = 1
+    for start, size, chunk, extent in zip(starts, shape, array.chunks, array.shape):
+        first, last = start // chunk, (start + size - 1) // chunk
+        # Edge chunks are stored whole as well, so each counts as a full chunk.
+        total *= (last - first + 1) * chunk
+    return total * array.dtype.itemsize
+
+
+class PeakRSS:
+    """Peak resident memory of this process and all its children, sampled."""
+
+    def __init__(self, interval=0.05):
+        try:
+            import psutil
+        except ImportError:
+            psutil = None
+        self.psutil, self.interval, self.peak = psutil, interval, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.psutil:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def _watch(self):
+        me = self.psutil.Process()
+        while not self._stop.wait(self.interval):
+            total = 0
+            for process in [me] + me.children(recursive=True):
+                try:
+                    total += process.memory_info().rss
+                except self.psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.psutil:
+            self._thread.join()
+
+    def __str__(self):
+        if not self.psutil:
+            return "n/a (pip install psutil)"
+        return f"{self.peak / 2**30:.2f} GiB"
+
+
+def measure_decode_limit(array, passes=3):
+    """Seconds (best of ``passes``) and bytes to decode the whole store, slab by slab.
+
+    The best pass is the most demanding limit to compare against.
+    """
+    times = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        for z0 in range(0, array.shape[0], array.chunks[0]):
+            array[z0:z0 + array.chunks[0]]
+        times.append(time.perf_counter() - start)
+    return min(times), math.prod(array.shape) * array.dtype.itemsize
+
+
+def run_loader(dataset, batch_size, workers):
+    """Consume one epoch; return (seconds, samples, coords per batch, rss).
+
+    The time includes start-up (worker processes, first regions): a
+    loader pays it every epoch unless its workers persist.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        coords = [batch_coords for _, batch_coords in loader]
+        seconds = time.perf_counter() - start
+    return seconds, sum(len(c) for c in coords), coords, rss
+
+
+def tiles_per_batch(coords, block):
+    """Mean number of distinct (file, 256x256 tile of the block centre) per batch."""
+    counts = []
+    for batch in coords:
+        centres = batch[:, 2:] + torch.tensor(block[1:]) // 2
+        tiles = {(int(f), int(y) // TILE, int(x) // TILE)
+                 for f, (y, x) in zip(batch[:, 0], centres)}
+        counts.append(len(tiles))
+    return sum(counts) / len(counts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("store", nargs="?", help="Zarr array or converter group "
+                        "(default: a cached synthetic 65x2048x2048 store)")
+    parser.add_argument("--chunks", type=int, nargs=3, default=SYNTHETIC_CHUNKS,
+                        metavar=("Z", "Y", "X"),
+                        help="chunks of the synthetic store (default 16 256 256)")
+    parser.add_argument("--block", type=int, nargs=3, default=(26, 64, 64),
+                        metavar=("Z", "Y", "X"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=1000,
+                        help="batches in VesuviusStream's epoch (default 1000)")
+    parser.add_argument("--naive-batches", type=int, default=20,
+                        help="batches read by naive slicing (default 20)")
+    parser.add_argument("--samples-per-region", type=int,
+                        help="VesuviusStream's samples_per_region (default: its own)")
+    parser.add_argument("--region-mb", type=float, default=512,
+                        help="VesuviusStream's region_mb (default 512)")
+    parser.add_argument("--open-regions", type=int, default=8,
+                        help="VesuviusStream's open_regions (default 8)")
+    args = parser.parse_args()
+
+    path = args.store or synthetic_store(chunks=tuple(args.chunks))
+    array = open_volume(path)
+    block = tuple(args.block)
+    block_bytes = math.prod(block) * array.dtype.itemsize
+    print(f"store {path}: shape {array.shape}, chunks {array.chunks}, {array.dtype}")
+    print(f"block {block}, batch {args.batch_size}, workers {args.workers}, "
+          f"torch {torch.__version__}, zarr {zarr.__version__}, {os.cpu_count()} cores\n")
+
+    seconds, nbytes = measure_decode_limit(array)
+    limit = nbytes / seconds / block_bytes
+    print(f"decode limit   {limit:8.0f} blocks/s  {nbytes / seconds / 2**20:7.0f} MB/s "
+          f"(whole store, best of 3 passes: {seconds:.2f} s)")
+
+    rows = []
+    naive = NaiveBlocks(path, block, args.naive_batches * args.batch_size)
+    stream = VesuviusStream([path], *block, return_coords=True,
+                            samples_per_epoch=args.batches * args.batch_size,
+                            samples_per_region=args.samples_per_region,
+                            region_mb=args.region_mb, open_regions=args.open_regions)
+    for name, dataset in (("naive", naive), ("VesuviusStream", stream)):
+        seconds, samples, coords, rss = run_loader(dataset, args.batch_size, args.workers)
+        if dataset is naive:
+            decoded = sum(decoded_bytes(array, c[1:].tolist(), block)
+                          for batch in coords for c in batch)
+        else:
+            decoded = stream_decoded_bytes(stream, array, args.workers)
+        rows.append((name, samples / seconds, decoded / (samples * block_bytes),
+                     tiles_per_batch(coords, block), rss))
+
+    naive_rate = rows[0][1]
+    print(f"{'':15}{'samples/s':>10}{'MB/s':>8}{'x naive':>9}{'of limit':>10}"
+          f"{'read amp':>10}{'tiles/batch':>13}  peak RSS")
+    for name, rate, amplification, tiles, rss in rows:
+        print(f"{name:15}{rate:10.0f}{rate * block_bytes / 2**20:8.0f}"
+              f"{rate / naive_rate:9.1f}{rate / limit:10.2f}{amplification:10.2f}"
+              f"{tiles:13.1f}  {rss}")
+
+
+def stream_decoded_bytes(stream, array, workers):
+    """Bytes the workers decode for one epoch: each region each of them reads."""
+    shards = max(workers, 1)
+    total = 0
+    for shard in range(shards):
+        first = stream.samples_per_epoch * shard // shards
+        stop = stream.samples_per_epoch * (shard + 1) // shards
+        for _, origin, shape, _ in _slice_visits(stream._epoch_visits(0), first, stop):
+            total += decoded_bytes(array, origin, shape)
+    return total
+
+
+if __name__ == "__main__":
+    main()

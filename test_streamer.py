@@ -1,0 +1,378 @@
+"""The specification of the project: streamer, converter, benchmark and notebook."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from streamer import VesuviusStream
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Three workers on a two-core machine is what we want to test; torch warns.
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+
+# -- helpers -----------------------------------------------------------------
+
+def volume(shape, dtype=np.uint16, seed=0):
+    """Random data, so that any misplaced block is caught."""
+    info = np.iinfo(dtype)
+    return np.random.default_rng(seed).integers(info.min, info.max, shape, dtype=dtype,
+                                                endpoint=True)
+
+
+def zarr_v3(path, data, chunks):
+    array = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype)
+    array[:] = data
+    return str(path)
+
+
+def zarr_v2_slash(path, data, chunks):
+    """Format 2 with '/' chunk keys, as the scrolls' OME-Zarr is served."""
+    array = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype,
+                              zarr_format=2,
+                              chunk_key_encoding={"name": "v2", "separator": "/"})
+    array[:] = data
+    return str(path)
+
+
+def epoch(ds, num_workers=0, batch_size=7, **loader):
+    """All (file, z, y, x) of one epoch through a DataLoader, in order."""
+    coords = []
+    for batch in DataLoader(ds, batch_size=batch_size, num_workers=num_workers, **loader):
+        coords.extend(tuple(c) for c in batch[-1].tolist())
+    return coords
+
+
+def check_blocks(ds, sources):
+    """Every item equals the source slice at its coordinates, in the source dtype."""
+    n = 0
+    for block, coords in ds:
+        f, z, y, x = coords.tolist()
+        d, h, w = ds.block
+        expected = torch.from_numpy(np.ascontiguousarray(sources[f][z:z + d, y:y + h, x:x + w]))
+        assert block.dtype == expected.dtype
+        assert torch.equal(block, expected), (f, z, y, x)
+        n += 1
+    return n
+
+
+@pytest.fixture
+def multi_region(tmp_path):
+    """A zarr array that a small budget splits into many regions, with border ones."""
+    data = volume((21, 70, 90), np.uint16, seed=1)
+    return zarr_v3(tmp_path / "multi.zarr", data, chunks=(8, 16, 16)), data
+
+
+def multi_region_stream(path, samples, **kwargs):
+    kwargs.setdefault("region_mb", 0.05)
+    kwargs.setdefault("open_regions", 4)
+    return VesuviusStream([path], 5, 9, 11, samples, return_coords=True, **kwargs)
+
+
+# -- items: content, dtype, coordinates ---------------------------------------
+
+def test_blocks_equal_slices_of_zarr_v2_with_slash_keys(tmp_path):
+    data = volume((12, 40, 50), np.uint8)
+    path = zarr_v2_slash(tmp_path / "v2.zarr", data, chunks=(4, 16, 16))
+    assert os.path.isdir(os.path.join(path, "0", "0"))       # really '/'-nested keys
+    ds = VesuviusStream([path], 3, 8, 8, 200, return_coords=True)
+    assert check_blocks(ds, [data]) == 200
+
+
+def test_blocks_equal_slices_of_zarr_v3_array_and_group_and_numpy(tmp_path):
+    data = [volume((10, 30, 40), np.uint16, seed=s) for s in range(3)]
+    array_path = zarr_v3(tmp_path / "a.zarr", data[0], chunks=(4, 16, 16))
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("volume", shape=data[1].shape, chunks=(5, 8, 8), dtype="uint16")[:] = data[1]
+    ds = VesuviusStream([array_path, str(tmp_path / "g.zarr"), data[2]], 4, 6, 7, 300,
+                        return_coords=True)
+    assert check_blocks(ds, data) == 300
+
+
+def test_opened_zarr_array_and_pathlike_are_sources(tmp_path):
+    data = volume((6, 20, 20), np.uint8)
+    path = zarr_v3(tmp_path / "a.zarr", data, chunks=(3, 8, 8))
+    ds = VesuviusStream([zarr.open_array(path, mode="r"), tmp_path / "a.zarr"], 2, 5, 5, 50,
+                        return_coords=True)
+    assert check_blocks(ds, [data, data]) == 50
+
+
+def test_items_keep_native_dtype_and_shape():
+    for dtype, torch_dtype in ((np.uint8, torch.uint8), (np.uint16, torch.uint16)):
+        ds = VesuviusStream([volume((5, 10, 10), dtype)], 2, 3, 4, 10)
+        blocks = list(ds)
+        assert len(blocks) == 10
+        assert all(b.dtype == torch_dtype and b.shape == (2, 3, 4) for b in blocks)
+
+
+def test_coords_are_last_int64_of_shape_4():
+    ds = VesuviusStream([volume((5, 10, 10))], 2, 3, 4, 5, return_coords=True)
+    block, coords = next(iter(ds))
+    assert coords.dtype == torch.int64 and coords.shape == (4,)
+
+
+def test_positions_cover_exactly_the_start_corners_where_the_block_fits():
+    data = volume((4, 5, 6), np.uint8)
+    ds = VesuviusStream([data], 2, 3, 4, 3 * 3 * 3, return_coords=True)
+    got = {tuple(c.tolist()) for _, c in ds}
+    assert got == {(0, z, y, x) for z in range(3) for y in range(3) for x in range(3)}
+
+
+def test_chunk_aware_reading_is_exact_with_classic_4x512x512_chunks(tmp_path):
+    data = volume((30, 600, 560), np.uint8, seed=3)
+    path = zarr_v3(tmp_path / "classic.zarr", data, chunks=(4, 512, 512))
+    ds = VesuviusStream([path], 26, 64, 64, 600, return_coords=True, region_mb=64)
+    assert ds._layouts[0].regions > 1       # really several regions
+    coords = epoch(ds, num_workers=2, batch_size=32)
+    assert len(coords) == len(set(coords)) == 600
+    assert check_blocks(ds, [data]) == 600
+
+
+# -- epochs: exact, disjoint, independent of workers and ranks ----------------
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_epoch_is_exact_without_duplicates_for_any_number_of_workers(multi_region, shuffle):
+    path, _ = multi_region
+    ds = multi_region_stream(path, 1000, shuffle=shuffle)
+    sets = []
+    for workers in (0, 2, 3):
+        coords = epoch(ds, num_workers=workers)
+        assert len(coords) == 1000 == len(ds)
+        assert len(set(coords)) == 1000
+        sets.append(set(coords))
+    assert sets[0] == sets[1] == sets[2]
+
+
+def test_epoch_spans_files_without_duplicates_for_any_number_of_workers(tmp_path):
+    sources = [volume((6, 30, 30), np.uint8, seed=1),
+               zarr_v3(tmp_path / "b.zarr", volume((9, 25, 40), np.uint8, seed=2), (4, 8, 8))]
+    for method in ("uniform", "proportional"):
+        ds = VesuviusStream(sources, 3, 5, 5, 2000, method, return_coords=True,
+                            region_mb=0.01)
+        sets = [epoch(ds, num_workers=w, batch_size=32) for w in (0, 2, 3)]
+        assert all(len(s) == len(set(s)) == 2000 for s in sets)
+        assert set(sets[0]) == set(sets[1]) == set(sets[2])
+
+
+def test_ranks_and_workers_split_the_epoch_disjointly(multi_region):
+    path, _ = multi_region
+    whole = set(epoch(multi_region_stream(path, 999)))
+    parts = [epoch(multi_region_stream(path, 999, rank=r, world_size=3), num_workers=2)
+             for r in range(3)]
+    assert sorted(len(p) for p in parts) == [333, 333, 333]
+    assert set().union(*map(set, parts)) == whole
+    assert sum(len(set(p)) for p in parts) == 999
+
+
+def test_whole_volume_epoch_yields_every_position_once(multi_region):
+    path, data = multi_region
+    positions = math.prod(s - b + 1 for s, b in zip(data.shape, (5, 9, 11)))
+    coords = epoch(multi_region_stream(path, positions), num_workers=2, batch_size=64)
+    assert len(coords) == len(set(coords)) == positions
+
+
+def test_set_epoch_changes_the_set_and_same_epoch_repeats_it(multi_region):
+    path, _ = multi_region
+    ds = multi_region_stream(path, 300)
+    first = epoch(ds)
+    assert epoch(ds) == first                          # same epoch, same order
+    ds.set_epoch(1)
+    second = epoch(ds)
+    assert set(second) != set(first)
+    ds.set_epoch(0)
+    assert epoch(ds) == first
+
+
+def test_set_epoch_reaches_persistent_workers(multi_region):
+    path, _ = multi_region
+    ds = multi_region_stream(path, 300)
+    expected = []
+    for e in range(2):
+        ds.set_epoch(e)
+        expected.append(set(epoch(ds)))
+    loader = DataLoader(ds, batch_size=10, num_workers=2, persistent_workers=True)
+    for e in range(2):
+        ds.set_epoch(e)
+        got = {tuple(c) for batch in loader for c in batch[-1].tolist()}
+        assert got == expected[e]
+
+
+def test_seed_selects_the_permutation(multi_region):
+    path, _ = multi_region
+    a, b = (set(epoch(multi_region_stream(path, 300, seed=s))) for s in (0, 1))
+    assert a != b
+
+
+# -- sampling statistics --------------------------------------------------------
+
+def test_uniform_picks_files_equally_and_proportional_by_positions():
+    small, big = volume((4, 12, 12), np.uint8), volume((4, 40, 40), np.uint8)
+    # Positions: 2*10*10 = 200 and 2*38*38 = 2888.
+    fractions = {}
+    for method in ("uniform", "proportional"):
+        ds = VesuviusStream([small, big], 3, 3, 3, 400, method, return_coords=True)
+        counts = []
+        for e in range(5):
+            ds.set_epoch(e)
+            counts.append(sum(1 for _, c in ds if c[0] == 0))
+        fractions[method] = sum(counts) / (5 * 400)
+    # Binomial standard deviation over 2000 draws is about 0.01.
+    assert abs(fractions["uniform"] - 0.5) < 0.05
+    assert abs(fractions["proportional"] - 200 / 3088) < 0.03
+
+
+def test_uniform_fills_a_small_file_then_draws_from_the_others():
+    small, big = volume((3, 5, 5), np.uint8), volume((3, 30, 30), np.uint8)
+    ds = VesuviusStream([small, big], 3, 3, 3, 500, return_coords=True)   # small: 9 positions
+    coords = [tuple(c.tolist()) for _, c in ds]
+    assert sum(1 for c in coords if c[0] == 0) == 9
+    assert len(set(coords)) == 500
+
+
+def test_every_position_is_equally_likely_including_border_regions(tmp_path):
+    # 5x21x22 positions for a 1x1x1 block, regions of 2x4x4 (chunks), border
+    # regions smaller: each position must be drawn as often as any other.
+    data = volume((5, 21, 22), np.uint8)
+    path = zarr_v3(tmp_path / "u.zarr", data, chunks=(2, 4, 4))
+    ds = VesuviusStream([path], 1, 1, 1, 231, return_coords=True, region_mb=40 / 2**20,
+                        open_regions=1, samples_per_region=8)
+    assert ds._layouts[0].region == (2, 4, 4)
+    hits = np.zeros(data.shape)
+    epochs = 300
+    for e in range(epochs):
+        ds.set_epoch(e)
+        for _, (f, z, y, x) in ((b, c.tolist()) for b, c in ds):
+            hits[z, y, x] += 1
+    expected = epochs * 231 / data.size          # 30 draws per position
+    interior, border = hits[:4, :20, :20], hits[4:, 20:, 20:]
+    assert abs(interior.mean() - expected) < 0.5
+    assert abs(border.mean() - expected) < 0.15 * expected
+    assert hits.min() > 0
+
+
+def test_batches_mix_several_regions(tmp_path):
+    data = volume((8, 256, 256), np.uint8)
+    path = zarr_v3(tmp_path / "mix.zarr", data, chunks=(8, 64, 64))
+    ds = VesuviusStream([path], 4, 16, 16, 4096, return_coords=True, region_mb=0.5)
+    assert ds._layouts[0].region == (5, 64, 64) and ds._layouts[0].regions == 16
+    regions_per_batch = [len({(y // 64, x // 64) for _, _, y, x in batch[-1].tolist()})
+                         for batch in DataLoader(ds, batch_size=32, num_workers=2)]
+    assert np.mean(regions_per_batch) >= 6
+
+
+def test_shuffle_false_yields_raster_order_within_each_file():
+    a, b = volume((4, 6, 7), np.uint8), volume((3, 5, 5), np.uint8)
+    ds = VesuviusStream([a, b], 2, 3, 3, 30, shuffle=False, return_coords=True)
+    coords = [tuple(c.tolist()) for _, c in ds]
+    raster_a = [(0, z, y, x) for z in range(3) for y in range(4) for x in range(5)]
+    raster_b = [(1, z, y, x) for z in range(2) for y in range(3) for x in range(3)]
+    assert coords == raster_a[:15] + raster_b[:15]
+    proportional = VesuviusStream([a, b], 2, 3, 3, 39, "proportional", shuffle=False,
+                                  return_coords=True)
+    coords = [tuple(c.tolist()) for _, c in proportional]
+    assert coords == raster_a[:30] + raster_b[:9]        # 60:18 positions
+
+
+def test_shuffle_false_reads_long_rows_in_bounded_pieces(tmp_path):
+    data = volume((3, 4, 300), np.uint8)
+    path = zarr_v3(tmp_path / "wide.zarr", data, chunks=(3, 4, 50))
+    ds = VesuviusStream([path], 2, 3, 5, 2 * 2 * 296, shuffle=False, return_coords=True,
+                        region_mb=1e-3, open_regions=1)
+    coords = [tuple(c.tolist()) for _, c in ds]
+    assert coords == [(0, z, y, x) for z in range(2) for y in range(2) for x in range(296)]
+    assert check_blocks(ds, [data]) == len(coords)
+
+
+# -- scale: memory and start-up independent of the number of positions --------
+
+def test_huge_unwritten_array_starts_at_once_with_tiny_memory(tmp_path):
+    path = str(tmp_path / "huge.zarr")
+    zarr.create_array(path, shape=(65, 14000, 40000), chunks=(16, 256, 256), dtype="uint16")
+    tracemalloc.start()
+    ds = VesuviusStream([path], 26, 64, 64, samples_per_epoch=10**9, return_coords=True,
+                        region_mb=16)
+    assert ds.capacity == 40 * 13937 * 39937          # 2.2e10 positions
+    plan = [visit for visit, _ in zip(ds._epoch_visits(0), range(1000))]
+    _, plan_peak = tracemalloc.get_traced_memory()
+    items = [item for item, _ in zip(ds, range(64))]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(plan) == 1000
+    assert plan_peak < 2**20 + sum(visit[3].nbytes for visit in plan)
+    # At most 16 MiB of regions, plus zarr's buffers for the chunks being
+    # decoded (2 MiB each here) and a few MB for everything else.
+    assert peak < 16 * 2**20 + 8 * 2 * 2**20 + 4 * 2**20
+    assert all(block.shape == (26, 64, 64) and not block.any() for block, _ in items)
+
+
+# -- bad input ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(file_paths=[]), ValueError, "file_paths is empty"),
+    (dict(file_paths="a.zarr"), TypeError, "wrap it in a list"),
+    (dict(file_paths=[np.zeros((4, 4))]), ValueError, "must be 3D"),
+    (dict(file_paths=[42]), TypeError, "a source must be"),
+    (dict(z_size=0), ValueError, "z_size must be >= 1"),
+    (dict(x_size=2.5), TypeError, "x_size must be an int"),
+    (dict(y_size=11), ValueError, "does not fit"),
+    (dict(sampling_method="random"), ValueError, "'uniform' or 'proportional'"),
+    (dict(samples_per_epoch=0), ValueError, "samples_per_epoch must be >= 1"),
+    (dict(samples_per_epoch=2 * 8 * 8 + 1), ValueError, "exceeds the 128 positions"),
+    (dict(rank=2, world_size=2), ValueError, "rank must be an int in [0, 2)"),
+    (dict(rank=0), ValueError, "give both rank and world_size"),
+    (dict(open_regions=0), ValueError, "open_regions must be >= 1"),
+    (dict(region_mb=0), ValueError, "region_mb must be a positive number"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, error, message):
+    args = dict(file_paths=[np.zeros((4, 10, 10), np.uint8)], z_size=3, y_size=3, x_size=3,
+                samples_per_epoch=10)
+    args.update(kwargs)
+    with pytest.raises(error, match=re.escape(message)):
+        VesuviusStream(**args)
+
+
+def test_missing_path_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no Zarr store at"):
+        VesuviusStream([str(tmp_path / "nope.zarr")], 1, 1, 1, 1)
+
+
+def test_folder_that_is_not_zarr_and_group_without_volume_raise(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="is not a Zarr array or group"):
+        VesuviusStream([str(tmp_path / "plain")], 1, 1, 1, 1)
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array(
+        "other", shape=(2, 2, 2), dtype="uint8")
+    with pytest.raises(ValueError, match="has no array 'volume'"):
+        VesuviusStream([str(tmp_path / "g.zarr")], 1, 1, 1, 1)
+
+
+def test_set_epoch_rejects_negative_or_non_int():
+    ds = VesuviusStream([np.zeros((2, 2, 2), np.uint8)], 1, 1, 1, 1)
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match="epoch must be an int >= 0"):
+            ds.set_epoch(bad)
+
+
+# -- benchmark ----------------------------------------------------------------
+
+def test_benchmark_runs_on_a_small_store(tmp_path):
+    path = zarr_v3(tmp_path / "bench.zarr", volume((8, 64, 64)), chunks=(4, 32, 32))
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "benchmark.py"), path, "--block", "4", "16", "16",
+         "--batch-size", "4", "--batches", "5", "--naive-batches", "2", "--workers", "0"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "decode limit" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines()
+            if line.startswith(("naive", "VesuviusStream"))]
+    assert [row[0] for row in rows] == ["naive", "VesuviusStream"]
+    assert float(rows[0][3]) == 1.0                   # naive is its own reference
