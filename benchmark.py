@@ -13,6 +13,7 @@ of the limit, read amplification (bytes decoded / bytes delivered), distinct
 
     python benchmark.py                       # synthetic 65x2048x2048 uint16 store
     python benchmark.py segment.zarr --block 26 64 64 --workers 2 --batch-size 32
+    python benchmark.py --converter           # converter.py vs tifffile + zarr
 
 With no store given it builds, once, a synthetic CT-like store (smooth field
 plus noise; chunks 16x256x256, zstd) in the system's temporary directory and
@@ -23,11 +24,14 @@ import argparse
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 
 import numpy as np
+import tifffile
 import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -95,6 +99,62 @@ def open_volume(path):
     return node["volume"] if isinstance(node, zarr.Group) else node
 
 
+def synthetic_slices(shape=(65, 2048, 3072), directory=None):
+    """Folder of a cached synthetic TIFF stack (00.tif ...), built on first use."""
+    directory = directory or tempfile.gettempdir()
+    path = os.path.join(directory, "vesuvius_benchmark_slices_{}".format(
+        "x".join(map(str, shape))))
+    if os.path.exists(path):
+        return path
+    store = zarr.open_array(synthetic_store(shape), mode="r")
+    partial = path + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    for z in range(shape[0]):
+        tifffile.imwrite(os.path.join(partial, f"{z:02d}.tif"), store[z])
+    os.replace(partial, path)
+    return path
+
+
+# tifffile reads the whole stack, zarr writes it: what the converter must beat.
+WHOLE_STACK = """
+import glob, sys, tifffile, zarr
+stack = tifffile.imread(sorted(glob.glob(sys.argv[1] + "/*.tif")))
+zarr.create_array(sys.argv[2], shape=stack.shape, chunks=(16, 256, 256),
+                  dtype=stack.dtype)[:] = stack
+"""
+
+
+def timed_process(command):
+    """Run a command; return (seconds, PeakRSS of it).
+
+    Sampled, because getrusage would count this process's memory at fork.
+    """
+    with PeakRSS(interval=0.02, mine=False) as rss:
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        seconds = time.perf_counter() - start
+    return seconds, rss
+
+
+def benchmark_converter():
+    """converter.py next to tifffile-read + zarr-write, on the same stack."""
+    src = synthetic_slices()
+    stack_bytes = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
+    print(f"stack {src}: {len(os.listdir(src))} slices, {stack_bytes / 2**20:.0f} MB\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as out:
+        runs = (("converter.py", [sys.executable, os.path.join(here, "converter.py"), src,
+                                  os.path.join(out, "c.zarr"), "--quiet"]),
+                ("tifffile+zarr", [sys.executable, "-c", WHOLE_STACK, src,
+                                   os.path.join(out, "w.zarr")]))
+        print(f"{'':15}{'seconds':>8}{'MB/s':>8}{'peak RSS':>12}{'of input':>10}")
+        for name, command in runs:
+            seconds, rss = timed_process(command)
+            print(f"{name:15}{seconds:8.1f}{stack_bytes / seconds / 2**20:8.0f}"
+                  f"{rss.peak / 2**20:9.0f} MB{rss.peak / stack_bytes:10.2f}")
+
+
 def decoded_bytes(array, starts, shape):
     """Bytes zarr decodes to read a box: every chunk the box overlaps, whole."""
     total = 1
@@ -106,14 +166,14 @@ def decoded_bytes(array, starts, shape):
 
 
 class PeakRSS:
-    """Peak resident memory of this process and all its children, sampled."""
+    """Peak resident memory of this process (unless not ``mine``) and its children."""
 
-    def __init__(self, interval=0.05):
+    def __init__(self, interval=0.05, mine=True):
         try:
             import psutil
         except ImportError:
             psutil = None
-        self.psutil, self.interval, self.peak = psutil, interval, 0
+        self.psutil, self.interval, self.mine, self.peak = psutil, interval, mine, 0
         self._stop = threading.Event()
 
     def __enter__(self):
@@ -126,7 +186,7 @@ class PeakRSS:
         me = self.psutil.Process()
         while not self._stop.wait(self.interval):
             total = 0
-            for process in [me] + me.children(recursive=True):
+            for process in [me] * self.mine + me.children(recursive=True):
                 try:
                     total += process.memory_info().rss
                 except self.psutil.Error:
@@ -204,7 +264,11 @@ def main():
                         help="VesuviusStream's region_mb (default 512)")
     parser.add_argument("--open-regions", type=int, default=8,
                         help="VesuviusStream's open_regions (default 8)")
+    parser.add_argument("--converter", action="store_true",
+                        help="benchmark converter.py on a synthetic 65x2048x3072 stack instead")
     args = parser.parse_args()
+    if args.converter:
+        return benchmark_converter()
 
     path = args.store or synthetic_store(chunks=tuple(args.chunks))
     array = open_volume(path)

@@ -376,3 +376,269 @@ def test_benchmark_runs_on_a_small_store(tmp_path):
             if line.startswith(("naive", "VesuviusStream"))]
     assert [row[0] for row in rows] == ["naive", "VesuviusStream"]
     assert float(rows[0][3]) == 1.0                   # naive is its own reference
+
+
+# -- converter ----------------------------------------------------------------
+
+import tifffile  # noqa: E402  (the converter's section of the specification)
+
+import converter  # noqa: E402
+
+
+def write_stack(folder, stack, names=None, **tiff_options):
+    """Write each z slice of ``stack`` as a numbered TIFF (two digits by default)."""
+    os.makedirs(folder, exist_ok=True)
+    names = names or [f"{i:02d}.tif" for i in range(len(stack))]
+    for name, layer in zip(names, stack):
+        tifffile.imwrite(os.path.join(folder, name), layer, **tiff_options)
+    return str(folder)
+
+
+def run_converter(capsys, *args):
+    """converter.main in-process: (exit status, stderr lines)."""
+    try:
+        status = converter.main([str(a) for a in args] + ["--quiet"])
+    except SystemExit as exit_:          # argparse's own errors
+        status = exit_.code
+    return status, capsys.readouterr().err.splitlines()
+
+
+@pytest.fixture
+def stack():
+    return volume((12, 40, 50), np.uint16, seed=7)
+
+
+@pytest.mark.parametrize("tiff_options", [
+    {}, {"compression": "zlib"}, {"tile": (16, 16)}, {"bigtiff": True}],
+    ids=["plain", "zlib", "tiled", "bigtiff"])
+def test_converter_crops_exactly_on_every_axis(tmp_path, capsys, stack, tiff_options):
+    src = write_stack(tmp_path / "slices", stack, **tiff_options)
+    dest = tmp_path / "out.zarr"
+    status, err = run_converter(capsys, src, dest, "--z_start", 2, "--z_end", 9,
+                                "--y_start", 3, "--y_end", 37, "--x_start", 5, "--x_end", 48,
+                                "--z_chunksize", 3, "--y_chunksize", 8, "--x_chunksize", 16)
+    assert status == 0, err
+    group = zarr.open_group(str(dest), mode="r")
+    np.testing.assert_array_equal(group["volume"][:], stack[2:9, 3:37, 5:48])
+    assert group["volume"].chunks == (3, 8, 16)
+    info = group.attrs["vesuvius_converter"]
+    assert info["offset"] == [2, 3, 5]
+    assert info["roi"] == {"z": [2, 9], "y": [3, 37], "x": [5, 48]}
+    assert info["source"] == src and info["chunks"] == [3, 8, 16]
+
+
+def test_converter_orders_slices_numerically_with_any_padding(tmp_path, capsys):
+    stack = np.arange(12, dtype=np.uint16)[:, None, None] * np.ones((1, 4, 5), np.uint16)
+    names = [f"{i}.tif" for i in range(10)] + ["010.tif", "0011.tiff"]
+    src = write_stack(tmp_path / "slices", stack, names)
+    status, err = run_converter(capsys, src, tmp_path / "out.zarr")
+    assert status == 0, err
+    volume_ = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["volume"][:]
+    assert volume_[:, 0, 0].tolist() == list(range(12))
+
+
+def test_converter_reads_three_digit_names_and_slices_outside_the_range_may_be_missing(
+        tmp_path, capsys, stack):
+    names = [f"{i:03d}.tif" for i in range(12)]
+    src = write_stack(tmp_path / "slices", stack, names)
+    os.remove(os.path.join(src, "000.tif"))
+    os.remove(os.path.join(src, "011.tif"))
+    status, err = run_converter(capsys, src, tmp_path / "out.zarr", "--z_start", 3,
+                                "--z_end", 8)
+    assert status == 0, err
+    np.testing.assert_array_equal(
+        zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["volume"][:], stack[3:8])
+
+
+def test_converter_defaults_to_the_slices_present(tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack[:5], [f"{i:02d}.tif" for i in range(3, 8)])
+    status, err = run_converter(capsys, src, tmp_path / "out.zarr")
+    assert status == 0, err
+    group = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    np.testing.assert_array_equal(group["volume"][:], stack[:5])
+    assert group.attrs["vesuvius_converter"]["offset"] == [3, 0, 0]
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+@pytest.mark.parametrize("compressor", converter.COMPRESSORS)
+def test_converter_formats_and_compressors_round_trip(tmp_path, capsys, stack, zarr_format,
+                                                      compressor):
+    src = write_stack(tmp_path / "slices", stack[:4])
+    dest = tmp_path / "out.zarr"
+    status, err = run_converter(capsys, src, dest, "--zarr_format", zarr_format,
+                                "--compressor", compressor)
+    assert status == 0, err
+    group = zarr.open_group(str(dest), mode="r")
+    assert group.metadata.zarr_format == zarr_format
+    np.testing.assert_array_equal(group["volume"][:], stack[:4])
+
+
+def test_converter_uint8_by_shift_or_window(tmp_path, capsys):
+    stack = np.array([[[0, 255, 256, 1000, 40000, 65535]]] * 2, np.uint16)
+    src = write_stack(tmp_path / "slices", stack)
+    status, _ = run_converter(capsys, src, tmp_path / "a.zarr", "--dtype", "uint8")
+    assert status == 0
+    shifted = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")["volume"]
+    assert shifted.dtype == np.uint8
+    assert shifted[0, 0].tolist() == [0, 0, 1, 3, 156, 255]
+    status, _ = run_converter(capsys, src, tmp_path / "b.zarr", "--dtype", "uint8",
+                              "--window", 256, 1276)
+    assert status == 0
+    windowed = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["volume"]
+    assert windowed[0, 0].tolist() == [0, 0, 0, 186, 255, 255]
+
+
+def test_converter_skips_all_zero_chunks(tmp_path, capsys):
+    stack = np.zeros((4, 32, 32), np.uint16)
+    stack[:, :16, :16] = 7                           # one chunk of four has data
+    src = write_stack(tmp_path / "slices", stack)
+    status, _ = run_converter(capsys, src, tmp_path / "out.zarr", "--z_chunksize", 4,
+                              "--y_chunksize", 16, "--x_chunksize", 16)
+    assert status == 0
+    chunk_files = [f for _, _, files in os.walk(tmp_path / "out.zarr" / "volume" / "c")
+                   for f in files]
+    assert len(chunk_files) == 1
+    np.testing.assert_array_equal(
+        zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["volume"][:], stack)
+
+
+def test_converter_imports_labels_and_mask_cropped(tmp_path, capsys, stack):
+    pil = pytest.importorskip("PIL.Image")
+    src = write_stack(tmp_path / "slices", stack[:3])
+    labels = volume((40, 50), np.uint8, seed=1)
+    mask = (volume((40, 50), np.uint8, seed=2) > 100).astype(np.uint8) * 255
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    pil.fromarray(mask).save(tmp_path / "mask.png")
+    status, err = run_converter(capsys, src, tmp_path / "out.zarr", "--y_start", 4,
+                                "--x_end", 30, "--labels", tmp_path / "labels.tif",
+                                "--mask", tmp_path / "mask.png")
+    assert status == 0, err
+    group = zarr.open_group(str(tmp_path / "out.zarr"), mode="r")
+    assert group["labels"].dtype == group["mask"].dtype == np.uint8
+    np.testing.assert_array_equal(group["labels"][:], labels[4:, :30])
+    np.testing.assert_array_equal(group["mask"][:], mask[4:, :30])
+
+
+def test_converter_then_streamer_round_trip(tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack)
+    status, _ = run_converter(capsys, src, tmp_path / "out.zarr", "--y_start", 5,
+                              "--z_chunksize", 4, "--y_chunksize", 16, "--x_chunksize", 16)
+    assert status == 0
+    ds = VesuviusStream([str(tmp_path / "out.zarr")], 4, 8, 8, 500, return_coords=True,
+                        region_mb=0.05)
+    assert check_blocks(ds, [stack[:, 5:]]) == 500
+
+
+def one_error_line(status, err):
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith("converter.py: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--z_start", 3, "--z_end", 13], "--z_start/--z_end [3, 13) is out of range: z must "
+                                      "lie within [0, 12)"),
+    (["--y_start", -1], "--y_start/--y_end [-1, 40) is out of range: y must lie within "
+                        "[0, 40)"),
+    (["--x_end", 51], "--x_start/--x_end [0, 51) is out of range: x must lie within [0, 50)"),
+    (["--x_start", 9, "--x_end", 9], "--x_start/--x_end [9, 9) is empty"),
+    (["--y_chunksize", 0], "--y_chunksize must be >= 1, got 0"),
+    (["--z_chunksize", "four"], "argument --z_chunksize: invalid int value: 'four'"),
+    (["--window", 1, 2], "--window applies to --dtype uint8 only"),
+])
+def test_converter_rejects_bad_options_with_one_line(tmp_path, capsys, stack, args, message):
+    src = write_stack(tmp_path / "slices", stack)
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "out.zarr", *args))
+    assert message in line
+    assert not os.path.exists(tmp_path / "out.zarr")
+
+
+def test_converter_names_missing_folder_and_missing_slices(tmp_path, capsys, stack):
+    line = one_error_line(*run_converter(capsys, tmp_path / "nope", tmp_path / "o.zarr"))
+    assert "source folder" in line and "does not exist" in line
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    line = one_error_line(*run_converter(capsys, tmp_path / "empty", tmp_path / "o.zarr"))
+    assert "no slices in" in line
+    src = write_stack(tmp_path / "slices", stack)
+    os.remove(os.path.join(src, "05.tif"))
+    os.remove(os.path.join(src, "07.tif"))
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr"))
+    assert "missing slices in z range [0, 12): 05.tif, 07.tif" in line
+
+
+def test_converter_names_a_slice_of_another_shape_or_dtype(tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack)
+    tifffile.imwrite(os.path.join(src, "04.tif"), stack[4, :30])
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr"))
+    assert "04.tif has shape (30, 50) and dtype uint16, but 00.tif has shape (40, 50)" in line
+    tifffile.imwrite(os.path.join(src, "04.tif"), stack[4].astype(np.uint8))
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr"))
+    assert "04.tif has shape (40, 50) and dtype uint8" in line
+
+
+def test_converter_names_unreadable_files_and_the_missing_codec_package(tmp_path, capsys,
+                                                                        stack):
+    src = write_stack(tmp_path / "slices", stack[:3], compression="zlib")
+    with tifffile.TiffFile(os.path.join(src, "01.tif"), mode="r+b") as tif:
+        tif.pages[0].tags["Compression"].overwrite(50000)       # now claims ZSTD
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr"))
+    assert "01.tif" in line and "ZSTD" in line and "'imagecodecs' package" in line
+    assert not os.path.exists(tmp_path / "o.zarr")
+    with open(os.path.join(src, "01.tif"), "wb") as garbage:
+        garbage.write(b"not a tiff at all")
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr"))
+    assert "cannot read" in line and "01.tif" in line
+
+
+def test_converter_rejects_bad_labels(tmp_path, capsys, stack, monkeypatch):
+    src = write_stack(tmp_path / "slices", stack[:2])
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((39, 50), np.uint8))
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr", "--labels",
+                                         tmp_path / "small.tif"))
+    assert "has shape (39, 50), but the slices are (40, 50)" in line
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr", "--mask",
+                                         tmp_path / "nope.png"))
+    assert "mask file" in line and "does not exist" in line
+    (tmp_path / "labels.png").write_bytes(b"png")
+    monkeypatch.setitem(sys.modules, "PIL", None)              # as if not installed
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr", "--labels",
+                                         tmp_path / "labels.png"))
+    assert "needs the 'Pillow' package (pip install Pillow)" in line
+
+
+def test_converter_refuses_existing_dest_unless_overwrite(tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack[:2])
+    (tmp_path / "o.zarr").mkdir()
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr"))
+    assert "exists; pass --overwrite" in line
+    status, _ = run_converter(capsys, src, tmp_path / "o.zarr", "--overwrite")
+    assert status == 0
+    np.testing.assert_array_equal(
+        zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["volume"][:], stack[:2])
+
+
+def test_failed_conversion_leaves_nothing_at_dest_and_keeps_the_old_one(tmp_path, capsys,
+                                                                       stack):
+    src = write_stack(tmp_path / "slices", stack)
+    status, _ = run_converter(capsys, src, tmp_path / "o.zarr")
+    assert status == 0
+    # Header intact, pixel data cut: the failure comes mid-conversion.
+    last = os.path.join(src, "11.tif")
+    with open(last, "r+b") as tiff:
+        tiff.truncate(os.path.getsize(last) - 3000)
+    for dest, extra in ((tmp_path / "new.zarr", []), (tmp_path / "o.zarr", ["--overwrite"])):
+        line = one_error_line(*run_converter(capsys, src, dest, "--z_chunksize", 1, *extra))
+        assert "11.tif" in line
+    assert not os.path.exists(tmp_path / "new.zarr")
+    np.testing.assert_array_equal(
+        zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["volume"][:], stack)
+    assert sorted(os.listdir(tmp_path)) == ["o.zarr", "slices"]     # no partial output
+
+
+def test_converter_script_exits_2_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "converter.py"),
+                             str(tmp_path / "nope"), str(tmp_path / "o.zarr")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

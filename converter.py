@@ -1,0 +1,450 @@
+"""Convert a folder of numbered TIFF slices into the Zarr layout VesuviusStream reads.
+
+    python converter.py SRC_DIR DEST.zarr [options]
+
+Slices are the files ``*.tif`` / ``*.tiff`` whose names are numbers (``00.tif``,
+``000.tif``, ``0001.tiff``), ordered numerically: slice i is the file numbered i.
+All slices of the requested z range must exist and share shape and dtype.
+
+The output is a Zarr group: ``DEST/volume`` (z, y, x), and optionally
+``DEST/labels`` and ``DEST/mask`` (uint8, (y, x)). The group's attributes record
+the source folder, the region of interest (its start is the offset of
+``volume[0, 0, 0]`` in the original scan) and the options used.
+
+Every range is half-open, [start, end), as in Python slicing:
+``--z_start 17 --z_end 43`` keeps slices 17 to 42 (26 slices).
+
+Guarantees: the whole stack is never held in memory (slabs of a few chunks are
+read as bands of rows, decoded and encoded in parallel threads); the output is
+written to a hidden sibling and renamed into place at the end, so an
+interrupted or failed run leaves nothing at DEST; bad input ends with exit
+status 2 and one line on stderr.
+
+Example (Python)::
+
+    from converter import convert
+    convert("segment/layers", "segment.zarr", z_range=(17, 43), labels="inklabels.png")
+"""
+
+import argparse
+import concurrent.futures
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+
+import numpy as np
+import tifffile
+import zarr
+
+SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
+DEFAULT_CHUNKS = (16, 256, 256)
+COMPRESSORS = ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "gzip", "none")
+# Largest slab of input (bytes) one thread holds at a time.
+SLAB_BYTES = 64 * 2**20
+
+
+class ConversionError(Exception):
+    """Bad input or an unreadable file; the message is one line for the user."""
+
+
+def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
+            chunks=DEFAULT_CHUNKS, zarr_format=3, compressor="zstd", dtype=None,
+            window=None, labels=None, mask=None, overwrite=False, threads=None,
+            progress=False):
+    """Convert the TIFF slices in ``src_dir`` into a Zarr group at ``dest``.
+
+    Args:
+        src_dir: folder of numbered slices.
+        dest: path of the Zarr group to create.
+        z_range, y_range, x_range: ``(start, end)``, half-open; ``None`` (or a
+            ``None`` end) means the whole extent. z counts slice numbers.
+        chunks: ``(z, y, x)`` chunk shape of the volume.
+        zarr_format: 2 or 3.
+        compressor: one of ``COMPRESSORS``.
+        dtype: ``None`` keeps the slices' dtype; ``'uint8'`` converts uint16 by
+            ``value >> 8``, or by ``window``.
+        window: ``(low, high)``: map [low, high] linearly onto 0..255, clipping.
+        labels, mask: 2D PNG or TIFF files at the slices' resolution.
+        overwrite: replace an existing ``dest``.
+        threads: decoding/encoding threads (default: the number of CPUs).
+        progress: print progress on stderr.
+
+    Returns:
+        The written group, opened read-only.
+
+    Raises:
+        ConversionError: bad input; nothing is left at ``dest``.
+    """
+    if zarr_format not in (2, 3):
+        raise ConversionError(f"zarr_format must be 2 or 3, got {zarr_format}")
+    if compressor not in COMPRESSORS:
+        raise ConversionError(f"unknown compressor {compressor!r}; choose one of "
+                              f"{', '.join(COMPRESSORS)}")
+    for axis, size in zip("zyx", chunks):
+        if not isinstance(size, int) or size < 1:
+            raise ConversionError(f"--{axis}_chunksize must be >= 1, got {size}")
+    if dtype not in (None, "uint8", "uint16"):
+        raise ConversionError(f"--dtype must be uint8 or uint16, got {dtype}")
+    if window is not None and dtype != "uint8":
+        raise ConversionError("--window applies to --dtype uint8 only")
+    if window is not None and not window[0] < window[1]:
+        raise ConversionError(f"--window needs LOW < HIGH, got {window[0]} {window[1]}")
+    if not os.path.isdir(src_dir):
+        raise ConversionError(f"source folder {src_dir} does not exist or is not a folder")
+    if os.path.lexists(dest) and not overwrite:
+        raise ConversionError(f"{dest} exists; pass --overwrite to replace it")
+
+    slices = find_slices(src_dir)
+    numbers = sorted(slices)
+    z0, z1 = _check_range("z", z_range, numbers[0], numbers[-1] + 1)
+    missing = [n for n in range(z0, z1) if n not in slices]
+    if missing:
+        name = os.path.basename(slices[numbers[0]])
+        width, ext = len(SLICE_NAME.match(name).group(1)), os.path.splitext(name)[1]
+        listed = ", ".join(f"{n:0{width}d}{ext}" for n in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ConversionError(f"missing slices in z range [{z0}, {z1}): {listed}{more}")
+    paths = [slices[n] for n in range(z0, z1)]
+    height, width, source_dtype = _check_slices(paths)
+    y0, y1 = _check_range("y", y_range, 0, height)
+    x0, x1 = _check_range("x", x_range, 0, width)
+    out_dtype = np.dtype(dtype or source_dtype)
+    if out_dtype != source_dtype and not (source_dtype == np.uint16 and out_dtype == np.uint8):
+        raise ConversionError(f"cannot convert {source_dtype} slices to {out_dtype}; "
+                              f"only uint16 -> uint8 is supported")
+    images = {name: _read_image(path, name, (height, width))[y0:y1, x0:x1]
+              for name, path in (("labels", labels), ("mask", mask)) if path is not None}
+
+    shape = (z1 - z0, y1 - y0, x1 - x0)
+    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+    attributes = {
+        "source": os.fspath(src_dir),
+        "slices": [os.path.basename(paths[0]), os.path.basename(paths[-1])],
+        "source_shape": [numbers[-1] + 1, height, width],
+        "roi": {"z": [z0, z1], "y": [y0, y1], "x": [x0, x1]},
+        "offset": [z0, y0, x0],
+        "source_dtype": str(source_dtype),
+        "dtype": str(out_dtype),
+        "uint8_rule": (None if out_dtype == source_dtype else
+                       f"window {window[0]}..{window[1]} -> 0..255" if window else
+                       "value >> 8"),
+        "chunks": list(chunks),
+        "compressor": compressor,
+        "zarr_format": zarr_format,
+        "labels": None if labels is None else os.fspath(labels),
+        "mask": None if mask is None else os.fspath(mask),
+    }
+
+    dest = os.path.normpath(os.fspath(dest))
+    partial = os.path.join(os.path.dirname(dest) or ".",
+                           f".{os.path.basename(dest)}.partial-{os.getpid()}")
+    try:
+        group = zarr.open_group(partial, mode="w", zarr_format=zarr_format)
+        group.attrs["vesuvius_converter"] = attributes
+        volume = group.create_array("volume", shape=shape, chunks=chunks, dtype=out_dtype,
+                                    fill_value=0, config={"write_empty_chunks": False},
+                                    **_codecs(compressor, zarr_format, out_dtype))
+        _copy_slabs(paths, volume, (y0, x0), source_dtype, window, threads, progress)
+        for name, image in images.items():
+            array = group.create_array(name, shape=image.shape, chunks=chunks[1:],
+                                       dtype="uint8", fill_value=0,
+                                       config={"write_empty_chunks": False},
+                                       **_codecs(compressor, zarr_format, np.uint8))
+            array[:] = image
+        _replace(partial, dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return zarr.open_group(dest, mode="r")
+
+
+def find_slices(src_dir):
+    """``{number: path}`` of the numbered TIFF files in ``src_dir``."""
+    slices = {}
+    for name in os.listdir(src_dir):
+        match = SLICE_NAME.match(name)
+        if not match:
+            continue
+        number = int(match.group(1))
+        if number in slices:
+            raise ConversionError(f"two files for slice {number}: "
+                                  f"{os.path.basename(slices[number])} and {name}")
+        slices[number] = os.path.join(src_dir, name)
+    if not slices:
+        raise ConversionError(f"no slices in {src_dir}: expected files named like "
+                              f"00.tif, 000.tif or 0001.tiff")
+    return slices
+
+
+def _check_range(axis, given, low, high):
+    """Validate a half-open [start, end) range within [low, high)."""
+    start, end = given if given is not None else (None, None)
+    start = low if start is None else start
+    end = high if end is None else end
+    if not (low <= start < high and low < end <= high):
+        raise ConversionError(f"--{axis}_start/--{axis}_end [{start}, {end}) is out of "
+                              f"range: {axis} must lie within [{low}, {high})")
+    if start >= end:
+        raise ConversionError(f"--{axis}_start/--{axis}_end [{start}, {end}) is empty")
+    return start, end
+
+
+def _check_slices(paths):
+    """Shape (height, width) and dtype shared by all slices, read from their headers."""
+    expected = None
+    for path in paths:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                found = (tuple(series.shape), np.dtype(series.dtype))
+        except Exception as error:
+            raise ConversionError(f"cannot read {path}: {error}") from error
+        if len(found[0]) != 2:
+            raise ConversionError(f"{path} holds an image of shape {found[0]}; "
+                                  f"each slice must be one 2D image")
+        if expected is None:
+            expected, first = found, path
+        elif found != expected:
+            raise ConversionError(
+                f"{path} has shape {found[0]} and dtype {found[1]}, but "
+                f"{os.path.basename(first)} has shape {expected[0]} and dtype {expected[1]}")
+    return expected[0][0], expected[0][1], expected[1]
+
+
+def _read_band(path, rows, cols):
+    """Rows and columns of one slice, decoding no more than the strips/tiles needed."""
+    try:
+        try:
+            # Uncompressed, contiguous data (scroll slices): map it, copy the band.
+            mapped = tifffile.memmap(path, mode="r")
+        except ValueError:
+            return tifffile.imread(path, selection=(rows, cols))
+        band = np.array(mapped[rows, cols])
+        del mapped
+        return band.astype(band.dtype.newbyteorder("="), copy=False)
+    except Exception as error:
+        raise ConversionError(_decode_message(path, error)) from error
+
+
+def _decode_message(path, error):
+    """One line saying why a TIFF could not be decoded, and what to install."""
+    text = str(error)
+    if isinstance(error, ImportError) or "imagecodecs" in text:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                codec = tif.pages[0].compression.name
+        except Exception:
+            codec = "its"
+        return (f"cannot decode {path}: {codec} compression needs the 'imagecodecs' "
+                f"package (pip install imagecodecs)")
+    return f"cannot read {path}: {text}"
+
+
+def _slab_units(shape, chunks, itemsize):
+    """Chunk-aligned boxes (z0, z1, y0, y1, x0, x1) of at most ``SLAB_BYTES`` each.
+
+    A unit is one row of chunks in z and y (a band of rows of every slice in a
+    z chunk), split along x when too wide. Units never share a chunk, so they
+    can be written in parallel.
+    """
+    depth, height, width = shape
+    cz, cy, cx = chunks
+    row_bytes = cz * cy * cx * itemsize
+    x_step = cx * max(1, SLAB_BYTES // row_bytes)
+    for z in range(0, depth, cz):
+        for y in range(0, height, cy):
+            for x in range(0, width, x_step):
+                yield z, min(z + cz, depth), y, min(y + cy, height), x, min(x + x_step, width)
+
+
+def _copy_slabs(paths, volume, origin, source_dtype, window, threads, progress):
+    """Read every unit from the slices and write it into ``volume``, in parallel."""
+    y_origin, x_origin = origin
+    out_dtype = np.dtype(volume.dtype)
+    units = list(_slab_units(volume.shape, volume.chunks, source_dtype.itemsize))
+
+    def copy(unit):
+        z0, z1, y0, y1, x0, x1 = unit
+        rows = slice(y_origin + y0, y_origin + y1)
+        cols = slice(x_origin + x0, x_origin + x1)
+        slab = np.stack([_read_band(paths[z], rows, cols) for z in range(z0, z1)])
+        volume[z0:z1, y0:y1, x0:x1] = _to_dtype(slab, out_dtype, window)
+        return slab.nbytes
+
+    threads = threads or os.cpu_count() or 1
+    meter = _Progress(len(units), progress)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending = set()
+        for unit in units:
+            if len(pending) >= 2 * threads:       # bounded: memory stays flat
+                done, pending = concurrent.futures.wait(
+                    pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    meter.update(future.result())
+            pending.add(pool.submit(copy, unit))
+        for future in concurrent.futures.as_completed(pending):
+            meter.update(future.result())
+    meter.finish()
+
+
+def _to_dtype(slab, out_dtype, window):
+    """uint16 -> uint8 by ``>> 8`` or a linear window; other dtypes unchanged."""
+    if slab.dtype == out_dtype:
+        return slab
+    if window is None:
+        return (slab >> 8).astype(np.uint8)
+    low, high = window
+    scaled = (slab.astype(np.float32) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _codecs(compressor, zarr_format, dtype):
+    """Keyword arguments of ``create_array`` for a compressor name."""
+    if compressor == "none":
+        return {"compressors": None}
+    if zarr_format == 2:
+        import numcodecs
+        codec = {"zstd": numcodecs.Zstd(level=3), "lz4": numcodecs.LZ4(),
+                 "gzip": numcodecs.GZip(level=5),
+                 "blosc-zstd": numcodecs.Blosc("zstd", 5, numcodecs.Blosc.BITSHUFFLE),
+                 "blosc-lz4": numcodecs.Blosc("lz4", 5, numcodecs.Blosc.BITSHUFFLE)}
+        return {"compressors": codec[compressor]}
+    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+    typesize = np.dtype(dtype).itemsize
+    codec = {"zstd": ZstdCodec(level=3), "gzip": GzipCodec(level=5),
+             # Zarr 3 has no plain lz4 codec; Blosc's lz4 is the standard one.
+             "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=typesize),
+             "blosc-zstd": BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle",
+                                      typesize=typesize),
+             "blosc-lz4": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle",
+                                     typesize=typesize)}
+    return {"compressors": codec[compressor]}
+
+
+def _read_image(path, name, shape):
+    """A 2D uint8 labels/mask image (PNG or TIFF) of the slices' shape."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"{name} file {path} does not exist")
+    try:
+        if path.lower().endswith(".png"):
+            try:
+                from PIL import Image
+            except ImportError:
+                raise ConversionError(f"reading {name} {path} needs the 'Pillow' package "
+                                      f"(pip install Pillow)") from None
+            with Image.open(path) as opened:
+                image = np.asarray(opened if opened.mode in ("1", "L") else opened.convert("L"))
+        else:
+            image = tifffile.imread(path)
+    except ConversionError:
+        raise
+    except Exception as error:
+        raise ConversionError(f"cannot read {name} {path}: {error}") from error
+    if image.ndim != 2:
+        raise ConversionError(f"{name} {path} has shape {image.shape}; it must be 2D (y, x)")
+    if image.shape != shape:
+        raise ConversionError(f"{name} {path} has shape {image.shape}, but the slices are "
+                              f"{shape}; it must match them")
+    if image.dtype not in (np.bool_, np.uint8):
+        raise ConversionError(f"{name} {path} is {image.dtype}; it must be 8-bit")
+    return image.astype(np.uint8)
+
+
+def _replace(partial, dest):
+    """Move the finished output into place, replacing ``dest`` if it exists."""
+    if os.path.lexists(dest):
+        old = f"{partial}.old"
+        os.rename(dest, old)
+        os.rename(partial, dest)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        else:
+            os.remove(old)
+    else:
+        os.rename(partial, dest)
+
+
+class _Progress:
+    """Units done, MB/s and ETA on stderr, rewritten in place."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled = total, enabled
+        self.done = self.bytes = 0
+        self.start = time.perf_counter()
+
+    def update(self, nbytes):
+        self.done += 1
+        self.bytes += nbytes
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            rate = self.bytes / max(elapsed, 1e-9)
+            eta = elapsed * (self.total - self.done) / self.done
+            print(f"\r{self.done}/{self.total} slabs  {rate / 2**20:6.0f} MB/s  "
+                  f"ETA {eta:5.0f} s", end="", file=sys.stderr, flush=True)
+
+    def finish(self):
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad arguments: one line and exit status 2, as for bad input."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv=None):
+    parser = _Parser(prog="converter.py", description=__doc__.split("\n\n")[0],
+                     epilog="Ranges are half-open [start, end), as in Python slicing.")
+    parser.add_argument("src_dir", help="folder of numbered TIFF slices (00.tif, 01.tif, ...)")
+    parser.add_argument("dest", help="Zarr group to create (e.g. segment.zarr)")
+    for axis in "zyx":
+        parser.add_argument(f"--{axis}_start", type=int, help=f"first {axis} kept "
+                            f"(default: the first{' slice' if axis == 'z' else ''})")
+        parser.add_argument(f"--{axis}_end", type=int, help=f"one past the last {axis} kept "
+                            f"(default: the end)")
+    for axis, default in zip("zyx", DEFAULT_CHUNKS):
+        parser.add_argument(f"--{axis}_chunksize", type=int, default=default,
+                            help=f"chunk size along {axis} (default {default})")
+    parser.add_argument("--zarr_format", type=int, choices=(2, 3), default=3,
+                        help="Zarr format (default 3)")
+    parser.add_argument("--compressor", choices=COMPRESSORS, default="zstd",
+                        help="chunk compression (default zstd)")
+    parser.add_argument("--dtype", choices=("uint8", "uint16"),
+                        help="output dtype (default: the slices'); uint8 from uint16 is "
+                             "value >> 8 unless --window is given")
+    parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="with --dtype uint8: map [LOW, HIGH] onto 0..255, clipping")
+    parser.add_argument("--labels", help="2D ink labels (PNG or TIFF), stored as DEST/labels")
+    parser.add_argument("--mask", help="2D papyrus mask (PNG or TIFF), stored as DEST/mask")
+    parser.add_argument("--threads", type=int, help="threads (default: number of CPUs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        convert(args.src_dir, args.dest,
+                z_range=(args.z_start, args.z_end), y_range=(args.y_start, args.y_end),
+                x_range=(args.x_start, args.x_end),
+                chunks=(args.z_chunksize, args.y_chunksize, args.x_chunksize),
+                zarr_format=args.zarr_format, compressor=args.compressor, dtype=args.dtype,
+                window=args.window, labels=args.labels, mask=args.mask,
+                overwrite=args.overwrite, threads=args.threads,
+                progress=not args.quiet and sys.stderr.isatty())
+    except ConversionError as error:
+        print(f"converter.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("converter.py: interrupted; nothing was written at the destination",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    # A polite kill cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.exit(main())
