@@ -315,8 +315,9 @@ def stream_decoded_bytes(stream, array, workers):
     for shard in range(shards):
         first = stream.samples_per_epoch * shard // shards
         stop = stream.samples_per_epoch * (shard + 1) // shards
-        for _, origin, shape, _ in _slice_visits(stream._epoch_visits(0), first, stop):
-            total += decoded_bytes(array, origin, shape)
+        for _, corners in _slice_visits(stream._epoch_visits(0), first, stop):
+            origin = corners.min(axis=0)
+            total += decoded_bytes(array, origin, corners.max(axis=0) - origin + stream.block)
     return total
 
 

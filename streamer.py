@@ -1,4 +1,4 @@
-"""Stream random 3D blocks from Zarr volumes into PyTorch, chunk-aware and exact.
+"""Stream 3D blocks from Zarr volumes into PyTorch: chunk-aware, exact, sharded.
 
 One file, one class: copy ``streamer.py`` into your project (it needs torch,
 zarr>=3 and numpy) and use :class:`VesuviusStream` as the dataset of a
@@ -12,7 +12,7 @@ zarr>=3 and numpy) and use :class:`VesuviusStream` as the dataset of a
     loader = DataLoader(ds, batch_size=32, num_workers=2)
     for epoch in range(10):
         ds.set_epoch(epoch)
-        for blocks in loader:          # (32, 26, 64, 64) torch.uint16
+        for blocks, labels in loader:   # (32, 26, 64, 64) uint16, (32, 64, 64) uint8
             ...
 
 See the class docstring for the guarantees and every argument.
@@ -29,99 +29,144 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 _MASK64 = (1 << 64) - 1
 _FEISTEL_ROUNDS = 6
+_METHODS = ('uniform', 'proportional', 'grid')
 
 
 class VesuviusStream(IterableDataset):
-    """Random (or raster-ordered) 3D blocks from one or more 3D arrays.
+    """Random (or raster, or grid) 3D blocks, with labels, from 3D volumes.
 
-    Each item is a tensor of shape ``(z_size, y_size, x_size)`` cut from one of
-    the sources, in the source's own dtype (uint8 -> ``torch.uint8``, uint16 ->
-    ``torch.uint16``; convert in your training step, e.g. ``x.float() / 65535``).
-    With ``return_coords=True`` an item is ``(block, coords)`` where ``coords``
-    is an int64 tensor ``(file_index, z, y, x)``: the block's start corner in
-    that array's own index space.
+    An item is a tensor ``block`` of shape ``(z_size, y_size, x_size)`` in the
+    source's own dtype (uint8 -> ``torch.uint8``, uint16 -> ``torch.uint16``),
+    so that workers pass no more bytes than the data has. torch supports few
+    operations on uint16 (conversion, indexing, stacking, not ``flip`` or
+    ``max``): convert before computing, e.g. ``x.float() / 65535``, or
+    ``x.to(torch.int32)`` (lossless) in a ``transform``. When the
+    sources have labels an item is ``(block, label)``. With
+    ``return_coords=True`` the item is a tuple whose last element is an int64
+    tensor ``(file_index, z, y, x)``: the block's start corner in that volume's
+    own index space.
 
     Guarantees:
 
-    * A *position* is a start corner at which the block fits inside the array.
-      An epoch yields exactly ``samples_per_epoch`` items in total over all
-      DataLoader workers and all DDP ranks, never the same position twice.
+    * A *position* is a start corner at which the block fits inside the volume
+      (inside ``z_range``, and touching the mask by the rule below). An epoch
+      yields exactly ``samples_per_epoch`` items in total over all DataLoader
+      workers and all DDP ranks, never the same position twice.
     * Workers and ranks split the epoch into disjoint, contiguous shares whose
-      sizes differ by at most one sample. The *set* of positions of an epoch is
-      a function of (sources, block size, samples_per_epoch, sampling_method,
+      sizes differ by at most one. The *set* of positions of an epoch is a
+      function of (sources, block size, samples_per_epoch, sampling_method,
       shuffle, seed, epoch) alone: the same for any number of workers or ranks.
     * ``set_epoch(e)`` selects another epoch; the same ``(seed, e)`` always
       gives the same set. It reaches persistent DataLoader workers too.
-    * Memory and start-up time do not grow with the number of positions:
-      epochs are drawn with keyed bijections (Feistel networks), never from an
-      index array. Decoded data is bounded per worker (``region_mb``).
+    * Every position of a volume has the same chance to be in an epoch.
+    * Memory and start-up time do not grow with the number of positions: the
+      epoch is drawn with keyed bijections (Feistel networks), never from an
+      index array. Decoded data is bounded per worker by ``region_mb`` (plus
+      zarr's buffers for the chunks being decoded); a mask costs one integer
+      per region.
 
-    How an epoch is drawn (``shuffle=True``): the positions of each array are
-    partitioned into *regions* aligned to its chunk grid. Each region holds its
-    positions in its own random order; the epoch visits regions in a random
-    order, taking the next ``samples_per_region`` positions of a region per
-    visit (round after round when an epoch needs more). A worker decodes a
-    visited region once (region plus the block's halo), cuts all of that
-    visit's blocks from it, and interleaves ``open_regions`` such regions so
-    that consecutive items come from different places. Every position of an
-    array has the same chance to be drawn; positions drawn in one epoch are
-    clustered by region, which is what makes reading fast. Lower
-    ``samples_per_region`` for more spread (and more decoding per sample).
+    How it reads: the positions of each volume are partitioned into *regions*
+    aligned to its chunk grid, each small enough that ``open_regions`` of them
+    (plus the block's halo) fit in ``region_mb``. An epoch visits regions in
+    random order, each visit taking its next ``samples_per_region`` positions
+    (fewer for a smaller border region) from the region's own random order;
+    more rounds follow if the epoch needs them. A worker decodes a visit's
+    region once, cuts all its blocks from it, and interleaves ``open_regions``
+    visits so that consecutive items come from different places. Positions of
+    one epoch are therefore clustered by region, which is what makes reading
+    fast: lower ``samples_per_region`` for more spread, at more decoding per
+    sample.
+
+    Sources and their layout: a source is a path or URL (str or
+    ``os.PathLike``) to a Zarr array (format 2 or 3), or to a Zarr group with
+    the arrays ``volume`` (z, y, x) and optionally ``labels`` and ``mask``
+    (each (y, x) or (z, y, x)), which is what ``converter.py`` writes; an
+    opened ``zarr.Array`` or ``zarr.Group``; a 3D ``numpy.ndarray``; or a dict
+    ``{'volume': a, 'labels': b, 'mask': c}`` of numpy or zarr arrays. Either
+    all sources have labels or none. The label of a block at (z, y, x) is
+    ``labels[y:y+h, x:x+w]`` for 2D labels and ``labels[z:z+d, y:y+h, x:x+w]``
+    for 3D ones, in the labels' own dtype. The mask is nonzero where papyrus
+    is.
 
     Args:
-        file_paths (list): the sources. Each is a path or URL (str or
-            ``os.PathLike``) to a Zarr array (format 2 or 3), or to a Zarr
-            group holding the volume as its array ``volume`` (what
-            ``converter.py`` writes); an opened ``zarr.Array``; or a 3D
-            ``numpy.ndarray``.
+        file_paths (list): the sources (see above).
         z_size, y_size, x_size (int): the block shape.
-        samples_per_epoch (int): items per epoch, in total over all workers and
-            ranks; at most the number of positions of all sources.
+        samples_per_epoch (int or None): items per epoch in total over all
+            workers and ranks, at most the number of positions. ``None`` in
+            ``'grid'`` mode (every grid position), and only there.
         sampling_method (str): ``'uniform'`` (default): each sample picks a
             source uniformly at random (among those with positions left), then
             a position in it. ``'proportional'``: sources are picked with
             probability proportional to their number of positions, i.e. one
-            permutation over the positions of all sources.
+            permutation over the positions of all sources. ``'grid'``: every
+            block of a regular grid with steps ``stride``, the last block along
+            each axis shifted back to end at the border, so that every voxel
+            (within ``z_range``) is covered; positions off the mask are
+            skipped; region by region, for inference and stitching.
         shuffle (bool): ``True`` (default) draws random positions. ``False``
             yields positions in raster order (z, then y, then x) within each
-            source, sources in the given order, each source's share fixed by
-            ``sampling_method`` (equal shares, or proportional ones).
+            source, sources in order, each source's share fixed by
+            ``sampling_method`` (equal or proportional). Ignored by ``'grid'``.
         seed (int): the seed of every random choice. Default 0.
-        return_coords (bool): also return the block's ``(file_index, z, y,
-            x)``. Default False.
+        return_coords (bool): append the block's ``(file_index, z, y, x)``.
+        z_range (tuple, optional): ``(start, end)``: draw blocks from layers
+            [start, end) only, e.g. ``z_range=(17, 43), z_size=26`` for the 26
+            central layers of a 65-layer segment. Coordinates stay those of the
+            whole volume. Default: all layers.
+        stride (tuple, optional): ``(sz, sy, sx)`` grid steps of ``'grid'``.
+            Default: the block size (tiles that do not overlap).
+        min_mask_fraction (float): a position is drawn only if at least this
+            fraction of its block's footprint is inside the mask (the (y, x)
+            footprint for a 2D mask, the whole block for a 3D one), and always
+            at least one voxel: the default 0 means the block touches papyrus,
+            1 means it lies wholly on it.
+        transform (callable, optional): applied to each item in the worker
+            before coordinates are appended: ``transform(block)`` returns a
+            block, or ``transform(block, label)`` a ``(block, label)`` pair.
         rank, world_size (int, optional): this process's DDP rank and the
             number of ranks. Default: read from ``torch.distributed`` when it
             is initialized (when this dataset is built), else 0 and 1.
-        samples_per_region (int, optional): positions taken per region visit.
-            Default: enough that each visit delivers four times the voxels of
-            its region (region plus halo).
-        region_mb (float): the budget of decoded data per worker, in MiB,
-            shared by its ``open_regions`` regions. Default 512. Numpy sources
-            are sliced as views and take none of it.
+        samples_per_region (int, optional): positions taken per visit of a
+            whole region. Default: four times the voxels of the region's box
+            (region plus halo) divided by the block's voxels.
+        region_mb (float): decoded data per worker, in MiB, shared by its
+            ``open_regions`` regions. Default 512. Numpy sources are sliced as
+            views and take none of it.
         open_regions (int): regions a worker interleaves. Default 8.
 
     Example::
 
-        ds = VesuviusStream(["a.zarr", "b.zarr"], 26, 64, 64,
-                            samples_per_epoch=50_000, return_coords=True)
+        def augment(block, label):              # runs in the DataLoader workers
+            block = block.float() / 65535       # uint16 has few torch ops
+            if torch.rand(()) < 0.5:
+                block, label = block.flip(-1), label.flip(-1)
+            return block, label
+
+        ds = VesuviusStream(["a.zarr", "b.zarr"], 26, 64, 64, samples_per_epoch=50_000,
+                            z_range=(17, 43), transform=augment, return_coords=True)
         loader = DataLoader(ds, batch_size=32, num_workers=2)
         for epoch in range(3):
             ds.set_epoch(epoch)
-            for blocks, coords in loader:   # coords: (32, 4) int64
-                x = blocks.float() / 65535
+            for blocks, labels, coords in loader:   # coords: (32, 4) int64
+                ...                                 # blocks: float32 in [0, 1]
+
+        # Inference: every block of a grid, with coordinates for stitching.
+        grid = VesuviusStream(["a.zarr"], 26, 64, 64, None, 'grid',
+                              z_range=(17, 43), stride=(26, 32, 32), return_coords=True)
 
     .. warning::
         Call ``set_epoch(epoch)`` before each epoch, as with
         ``DistributedSampler``; otherwise every epoch repeats the same
-        positions (in the same order).
+        positions.
     """
 
     def __init__(self, file_paths, z_size, y_size, x_size, samples_per_epoch,
                  sampling_method='uniform', shuffle=True, seed=0,
-                 return_coords=False, *, rank=None, world_size=None,
+                 return_coords=False, *, z_range=None, stride=None,
+                 min_mask_fraction=0.0, transform=None, rank=None, world_size=None,
                  samples_per_region=None, region_mb=512, open_regions=8):
         super().__init__()
-        if isinstance(file_paths, (str, os.PathLike, np.ndarray, zarr.Array)):
+        if isinstance(file_paths, (str, os.PathLike, dict, np.ndarray, zarr.Array, zarr.Group)):
             raise TypeError(
                 f"file_paths must be a list of sources, got a single "
                 f"{type(file_paths).__name__}; wrap it in a list: [source]")
@@ -131,11 +176,23 @@ class VesuviusStream(IterableDataset):
                              "zarr.Array or 3D numpy array")
         block = tuple(_positive_int(name, value) for name, value in
                       (('z_size', z_size), ('y_size', y_size), ('x_size', x_size)))
-        if sampling_method not in ('uniform', 'proportional'):
-            raise ValueError(f"sampling_method must be 'uniform' or 'proportional', "
+        if sampling_method not in _METHODS:
+            raise ValueError(f"sampling_method must be one of {', '.join(map(repr, _METHODS))}, "
                              f"got {sampling_method!r}")
+        grid = sampling_method == 'grid'
+        if stride is not None:
+            if not grid:
+                raise ValueError("stride applies to sampling_method='grid' only")
+            if not (isinstance(stride, (tuple, list)) and len(stride) == 3):
+                raise TypeError(f"stride must be a tuple (sz, sy, sx), got {stride!r}")
+            stride = tuple(_positive_int('stride', s) for s in stride)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if not (isinstance(min_mask_fraction, (int, float)) and 0 <= min_mask_fraction <= 1):
+            raise ValueError(f"min_mask_fraction must be a number in [0, 1], "
+                             f"got {min_mask_fraction!r}")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         if samples_per_region is not None:
             samples_per_region = _positive_int('samples_per_region', samples_per_region)
         open_regions = _positive_int('open_regions', open_regions)
@@ -143,29 +200,38 @@ class VesuviusStream(IterableDataset):
             raise ValueError(f"region_mb must be a positive number, got {region_mb!r}")
         self.rank, self.world_size = _resolve_ranks(rank, world_size)
 
-        self.arrays = [_open_source(source) for source in file_paths]
         region_bytes = region_mb * 2**20 / open_regions
-        self._layouts = []
-        for index, array in enumerate(self.arrays):
-            if array.ndim != 3:
-                raise ValueError(f"source {index} must be 3D (z, y, x), got shape "
-                                 f"{tuple(array.shape)}")
-            if any(b > s for b, s in zip(block, array.shape)):
-                raise ValueError(f"block {block} does not fit in source {index} of "
-                                 f"shape {tuple(array.shape)}")
-            self._layouts.append(_RegionLayout(array, block, region_bytes,
-                                               samples_per_region))
-        self.capacity = sum(layout.positions for layout in self._layouts)
+        self._sources = [
+            _Source(index, source, block, z_range, stride or block if grid else (1, 1, 1),
+                    region_bytes, samples_per_region, min_mask_fraction)
+            for index, source in enumerate(file_paths)]
+        if len({source.labels is None for source in self._sources}) > 1:
+            raise ValueError("either all sources have labels or none: "
+                             + ", ".join(f"source {s.index}: "
+                                         f"{'labels' if s.labels is not None else 'none'}"
+                                         for s in self._sources))
+        self.capacity = sum(source.positions for source in self._sources)
+        if self.capacity == 0:
+            raise ValueError("the sources have no position: the mask has no block "
+                             "with enough papyrus (see min_mask_fraction)")
+        if grid:
+            if samples_per_epoch is not None:
+                raise ValueError("sampling_method='grid' yields every grid position: "
+                                 f"pass samples_per_epoch=None, not {samples_per_epoch!r}")
+            samples_per_epoch = self.capacity
+        elif samples_per_epoch is None:
+            raise ValueError("samples_per_epoch=None is for sampling_method='grid'; "
+                             "give the number of samples per epoch")
         self.samples_per_epoch = _positive_int('samples_per_epoch', samples_per_epoch)
         if self.samples_per_epoch > self.capacity:
             raise ValueError(f"samples_per_epoch={samples_per_epoch} exceeds the "
-                             f"{self.capacity} positions of the sources for block "
-                             f"{block}")
+                             f"{self.capacity} positions of the sources for block {block}")
         self.block = block
         self.sampling_method = sampling_method
-        self.shuffle = bool(shuffle)
+        self.shuffle = bool(shuffle) and not grid
         self.seed = seed
         self.return_coords = bool(return_coords)
+        self.transform = transform
         self.open_regions = open_regions
         # Shared memory, so that set_epoch reaches persistent DataLoader workers.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -189,70 +255,318 @@ class VesuviusStream(IterableDataset):
         stop = self.samples_per_epoch * (shard + 1) // shards
         visits = _slice_visits(self._epoch_visits(epoch), first, stop)
         rng = np.random.default_rng([self.seed, epoch, shard])
-        d, h, w = self.block
-        # Raster order means one region after another, not interleaved.
+        # Raster and grid order mean one region after another, not interleaved.
         open_regions = self.open_regions if self.shuffle else 1
-        for file_index, region, (z, y, x), corner in _interleave(
-                visits, self.arrays, open_regions, rng):
-            item = torch.from_numpy(np.ascontiguousarray(region[z:z + d, y:y + h, x:x + w]))
+        for file_index, boxes, corner in _interleave(visits, self._sources, open_regions, rng):
+            item = self._sources[file_index].cut(boxes, corner)
+            if self.transform is not None:
+                item = self.transform(*item)
+                item = item if isinstance(item, tuple) else (item,)
             if self.return_coords:
-                yield item, torch.tensor((file_index, *corner), dtype=torch.int64)
-            else:
-                yield item
-
-    # -- the epoch plan ---------------------------------------------------
+                item = (*item, torch.tensor((file_index, *corner), dtype=torch.int64))
+            yield item if len(item) > 1 else item[0]
 
     def _epoch_visits(self, epoch):
         """Yield the epoch's visits in global order, the same in every shard.
 
-        A visit is ``(file_index, region_origin, region_shape, positions)``
-        with ``positions`` an (n, 3) int64 array of start corners.
+        A visit is ``(file_index, corners)``: an (n, 3) int64 array of block
+        start corners, all within one region.
         """
-        rng = np.random.default_rng([self.seed, epoch])
-        capacities = [layout.positions for layout in self._layouts]
+        capacities = [source.positions for source in self._sources]
         if not self.shuffle:
-            counts = _fixed_shares(self.samples_per_epoch, capacities,
-                                   self.sampling_method)
-            for file_index, (layout, count) in enumerate(zip(self._layouts, counts)):
-                for visit in layout.raster_visits(count):
-                    yield (file_index, *visit)
+            counts = _fixed_shares(self.samples_per_epoch, capacities, self.sampling_method)
+            for source, count in zip(self._sources, counts):
+                visits = (source.grid_visits() if self.sampling_method == 'grid'
+                          else source.raster_visits(count))
+                for corners in visits:
+                    yield source.index, corners
             return
-        counts = _random_shares(self.samples_per_epoch, capacities,
-                                self.sampling_method, rng)
-        streams = [layout.shuffled_visits(count, _key(self.seed, epoch, file_index))
-                   for file_index, (layout, count) in enumerate(zip(self._layouts, counts))]
+        rng = np.random.default_rng([self.seed, epoch])
+        counts = _random_shares(self.samples_per_epoch, capacities, self.sampling_method, rng)
+        streams = [source.shuffled_visits(count, _key(self.seed, epoch, source.index))
+                   for source, count in zip(self._sources, counts)]
         left = np.array(counts, dtype=np.int64)
         # Interleave the sources' visit streams at random, in proportion to
         # what each still has to give.
         while left.any():
-            file_index = int(rng.choice(len(left), p=left / left.sum()))
-            visit = next(streams[file_index])
-            left[file_index] -= len(visit[2])
-            yield (file_index, *visit)
+            index = int(rng.choice(len(left), p=left / left.sum()))
+            corners = next(streams[index])
+            left[index] -= len(corners)
+            yield index, corners
 
 
 # -- sources ---------------------------------------------------------------
 
-def _open_source(source):
-    """Return a 3D array-like (zarr.Array or numpy.ndarray) for one source."""
+class _Source:
+    """One volume (with labels and mask): where its positions are, how to read them.
+
+    Positions live on a lattice: along each axis, position p has the start
+    coordinate ``min(lo + p * step, hi - size)``, where [lo, hi) is the usable
+    range (``z_range``) and step is 1, or the grid stride. The lattice is cut
+    into regions of ``region`` positions per axis, numbered in raster order.
+    """
+
+    def __init__(self, index, source, block, z_range, step, region_bytes,
+                 samples_per_region, min_mask_fraction):
+        self.index = index
+        self.volume, self.labels, self.mask = _open_source(source, index)
+        shape = self.shape = tuple(int(s) for s in self.volume.shape)
+        if len(shape) != 3:
+            raise ValueError(f"source {index}: the volume must be 3D (z, y, x), got shape {shape}")
+        for name, array in (('labels', self.labels), ('mask', self.mask)):
+            if array is not None and tuple(array.shape) not in (shape, shape[1:]):
+                raise ValueError(f"source {index}: {name} of shape {tuple(array.shape)} do not "
+                                 f"match the volume {shape}; expected {shape[1:]} or {shape}")
+        self.lo, self.hi = (0, 0, 0), shape
+        if z_range is not None:
+            if not (isinstance(z_range, (tuple, list)) and len(z_range) == 2
+                    and all(isinstance(z, int) for z in z_range)):
+                raise TypeError(f"z_range must be a tuple (start, end) of ints, got {z_range!r}")
+            if not 0 <= z_range[0] < z_range[1] <= shape[0]:
+                raise ValueError(f"z_range {tuple(z_range)} must satisfy 0 <= start < end <= "
+                                 f"{shape[0]} (source {index} has {shape[0]} layers)")
+            self.lo, self.hi = (z_range[0], 0, 0), (z_range[1], *shape[1:])
+        if any(b > h - l for b, l, h in zip(block, self.lo, self.hi)):
+            raise ValueError(f"block {block} does not fit in source {index} of shape {shape}"
+                             + (f" within z_range {tuple(z_range)}" if z_range else ""))
+        self.block, self.step = block, step
+        self.extent = tuple(-(-(h - l - b) // s) + 1
+                            for l, h, b, s in zip(self.lo, self.hi, block, step))
+        chunks = shape if isinstance(self.volume, np.ndarray) else tuple(self.volume.chunks)
+        self.region = self._choose_region(chunks, region_bytes, self.volume.dtype.itemsize)
+        self.grid = tuple(-(-e // r) for e, r in zip(self.extent, self.region))
+        self.regions = math.prod(self.grid)
+        self.per_visit = samples_per_region or max(
+            1, 4 * math.prod(self._box(self.region)) // math.prod(block))
+        self.threshold = None
+        if self.mask is not None:
+            footprint = math.prod(block[3 - self.mask.ndim:])
+            self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
+        self.region_counts = None if self.mask is None else self._count_valid()
+        self.positions = (math.prod(self.extent) if self.mask is None
+                          else int(self.region_counts.sum()))
+
+    # geometry
+
+    def _box(self, region):
+        """Coordinate span of the blocks of a region of ``region`` positions."""
+        return tuple(min((r - 1) * s + b, h - l)
+                     for r, s, b, l, h in zip(region, self.step, self.block, self.lo, self.hi))
+
+    def _choose_region(self, chunks, region_bytes, itemsize):
+        """Region shape (in positions) whose box is chunk multiples within the budget.
+
+        Starts from one chunk (halved while even that is over budget), then
+        grows by whole chunks, each step on the axis whose halo costs most
+        relative to its size.
+        """
+        def fits(region):
+            return math.prod(self._box(region)) * itemsize <= region_bytes
+
+        per_chunk = [max(1, c // s) for c, s in zip(chunks, self.step)]
+        region = [min(c, e) for c, e in zip(per_chunk, self.extent)]
+        while not fits(region) and max(region) > 1:
+            axis = region.index(max(region))
+            region[axis] = -(-region[axis] // 2)
+        while True:
+            growable = [a for a in range(3) if region[a] < self.extent[a]]
+            growable.sort(key=lambda a: self._box(region)[a] / (region[a] * self.step[a]),
+                          reverse=True)
+            for axis in growable:
+                bigger = list(region)
+                bigger[axis] = min(region[axis] + per_chunk[axis], self.extent[axis])
+                if fits(bigger):
+                    region = bigger
+                    break
+            else:
+                return tuple(region)
+
+    def region_bounds(self, index):
+        """Origin and shape (in positions) of region ``index``."""
+        cell = np.unravel_index(index, self.grid)
+        origin = tuple(int(c) * r for c, r in zip(cell, self.region))
+        shape = tuple(min(r, e - o) for r, e, o in zip(self.region, self.extent, origin))
+        return origin, shape
+
+    def corners(self, positions):
+        """Start coordinates (n, 3) of lattice positions (n, 3)."""
+        return np.minimum(np.asarray(self.lo) + positions * np.asarray(self.step),
+                          np.asarray(self.hi) - np.asarray(self.block))
+
+    def _axis_corners(self, origin, shape):
+        return [np.minimum(l + np.arange(o, o + n) * s, h - b)
+                for o, n, l, s, h, b in zip(origin, shape, self.lo, self.step, self.hi, self.block)]
+
+    # the mask
+
+    def _count_valid(self):
+        """Positions on the mask, per region (one pass over the mask)."""
+        counts = np.zeros(self.regions, dtype=np.int64)
+        if self.mask.ndim == 3:
+            for region in range(self.regions):
+                counts[region] = self.valid(*self.region_bounds(region)).sum()
+            return counts
+        # A 2D mask decides for all layers at once: one (y, x) cell, every z.
+        plane = self.grid[1] * self.grid[2]
+        for cell in range(plane):
+            on_mask = int(self.valid(*self.region_bounds(cell)).sum())
+            for z_cell in range(self.grid[0]):
+                region = z_cell * plane + cell
+                counts[region] = on_mask * self.region_bounds(region)[1][0]
+        return counts
+
+    def valid(self, origin, shape):
+        """Which positions of the lattice box (origin, shape) are on the mask.
+
+        A bool array of ``shape`` (of shape[1:] for a 2D mask), or None when
+        there is no mask. Counts mask voxels under each block's footprint with
+        a summed-area table of the box's mask window.
+        """
+        if self.mask is None:
+            return None
+        axes = self._axis_corners(origin, shape)[3 - self.mask.ndim:]
+        block = self.block[3 - self.mask.ndim:]
+        lo = [int(a[0]) for a in axes]
+        hi = [int(a[-1]) + b for a, b in zip(axes, block)]
+        window = np.asarray(self.mask[tuple(slice(l, h) for l, h in zip(lo, hi))]) != 0
+        table = np.pad(window.astype(np.int32), [(1, 0)] * window.ndim)
+        for axis in range(window.ndim):
+            np.cumsum(table, axis=axis, out=table)
+        # Inclusion-exclusion over the 2**ndim corners of every footprint.
+        counts = 0
+        for signs in itertools.product((0, 1), repeat=window.ndim):
+            index = np.ix_(*[a - l + (b if s else 0) for a, l, b, s in zip(axes, lo, block, signs)])
+            counts = counts + (-1) ** (window.ndim - sum(signs)) * table[index]
+        return counts >= self.threshold
+
+    def _keep_valid(self, positions, origin, valid):
+        """The rows of ``positions`` (in the lattice box at ``origin``) on the mask."""
+        if valid is None:
+            return positions
+        local = positions[:, 3 - valid.ndim:] - np.asarray(origin[3 - valid.ndim:])
+        return positions[valid[tuple(local.T)]]
+
+    # the visits of an epoch
+
+    def shuffled_visits(self, count, key):
+        """Yield the corners of random visits giving ``count`` positions in all.
+
+        Round j visits every region in a random order (its own per round) and
+        takes the next share of the region's own permutation of its positions,
+        keeping those on the mask. Shares are proportional to region size and
+        rounded at random, so that a position in a small border region is
+        exactly as likely to be drawn as any other.
+        """
+        full = math.prod(self.region)
+        for round_ in itertools.count():   # ends: count <= positions
+            order_key = _key(key, 0, round_)
+            for slot in range(self.regions):
+                if count == 0:
+                    return
+                region = int(_permute([slot], self.regions, order_key)[0])
+                if self.region_counts is not None and self.region_counts[region] == 0:
+                    continue
+                origin, shape = self.region_bounds(region)
+                size = math.prod(shape)
+                rate = self.per_visit * size / full
+                offset = _key(key, 2, region) / 2.0**64     # the random rounding
+                first = min(size, math.floor(round_ * rate + offset))
+                stop = min(size, math.floor((round_ + 1) * rate + offset))
+                if first == stop:
+                    continue
+                local = _permute(np.arange(first, stop), size, _key(key, 1, region))
+                positions = np.stack(np.unravel_index(local, shape), axis=1) + origin
+                positions = self._keep_valid(positions, origin, self.valid(origin, shape))[:count]
+                if len(positions):
+                    count -= len(positions)
+                    yield self.corners(positions)
+
+    def raster_visits(self, count):
+        """Yield the corners of the first ``count`` positions in raster order.
+
+        A visit is a run of consecutive positions within one z plane: as many
+        whole x-rows as a region's box allows, or part of a row when a single
+        row is too long for it.
+        """
+        ez, ey, ex = self.extent
+        budget = math.prod(self._box(self.region))
+        depth, _, width = self._box((1, 1, ex))
+        first_row = depth * self.block[1] * width
+        rows = (budget - first_row) // (depth * self.step[1] * width) + 1 if budget >= first_row else 0
+        limit = rows * ex if rows else self.region[2]
+        start = 0
+        while count > 0:
+            stop = min(math.prod(self.extent), start + limit, (start // (ey * ex) + 1) * ey * ex)
+            if limit < ex:
+                stop = min(stop, (start // ex + 1) * ex)
+            positions = np.stack(np.unravel_index(np.arange(start, stop), self.extent), axis=1)
+            origin = positions.min(axis=0)
+            shape = positions.max(axis=0) - origin + 1
+            positions = self._keep_valid(positions, origin, self.valid(origin, shape))[:count]
+            if len(positions):
+                count -= len(positions)
+                yield self.corners(positions)
+            start = stop
+
+    def grid_visits(self):
+        """Yield the corners of every position on the mask, region by region."""
+        for region in range(self.regions):
+            origin, shape = self.region_bounds(region)
+            positions = np.stack([a.ravel() for a in np.meshgrid(
+                *[np.arange(o, o + n) for o, n in zip(origin, shape)], indexing='ij')], axis=1)
+            positions = self._keep_valid(positions, origin, self.valid(origin, shape))
+            if len(positions):
+                yield self.corners(positions)
+
+    # reading and cutting
+
+    def read(self, corners):
+        """Decode, once, the box covering the blocks at ``corners``.
+
+        Returns ``(origin, volume_box, labels_box)``; labels_box is None
+        without labels.
+        """
+        origin = corners.min(axis=0)
+        end = corners.max(axis=0) + np.asarray(self.block)
+        box = tuple(slice(int(o), int(e)) for o, e in zip(origin, end))
+        volume = np.asarray(self.volume[box])
+        labels = None if self.labels is None else np.asarray(self.labels[box[3 - self.labels.ndim:]])
+        return origin, volume, labels
+
+    def cut(self, boxes, corner):
+        """``(block,)`` or ``(block, label)`` tensors at ``corner`` from read boxes."""
+        origin, volume, labels = boxes
+        local = [int(c - o) for c, o in zip(corner, origin)]
+        window = tuple(slice(l, l + b) for l, b in zip(local, self.block))
+        item = (torch.from_numpy(np.ascontiguousarray(volume[window])),)
+        if labels is not None:
+            item += (torch.from_numpy(np.ascontiguousarray(labels[window[3 - labels.ndim:]])),)
+        return item
+
+
+def _open_source(source, index):
+    """``(volume, labels, mask)`` of one source; labels and mask may be None."""
     if isinstance(source, (np.ndarray, zarr.Array)):
-        return source
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"a source must be a path/URL, a zarr.Array or a numpy "
-                        f"array, got {type(source).__name__}")
-    path = os.fspath(source)
-    if '://' not in path and not os.path.exists(path):
-        raise FileNotFoundError(f"no Zarr store at {path!r}")
-    try:
-        node = zarr.open(path, mode='r')
-    except Exception as error:
-        raise ValueError(f"{path!r} is not a Zarr array or group ({error})") from error
-    if isinstance(node, zarr.Group):
-        if 'volume' not in node:
-            raise ValueError(f"Zarr group {path!r} has no array 'volume'; its members "
-                             f"are {sorted(node.keys())}")
-        node = node['volume']
-    return node
+        return source, None, None
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if '://' not in path and not os.path.exists(path):
+            raise FileNotFoundError(f"source {index}: no Zarr store at {path!r}")
+        try:
+            source = zarr.open(path, mode='r')
+        except Exception as error:
+            raise ValueError(f"source {index}: {path!r} is not a Zarr array or group "
+                             f"({error})") from error
+        if isinstance(source, zarr.Array):
+            return source, None, None
+    if isinstance(source, (zarr.Group, dict)):
+        if 'volume' not in source:
+            raise ValueError(f"source {index}: a group or dict needs an array 'volume'; it "
+                             f"has {sorted(source.keys())}")
+        return tuple(source[name] if name in source else None
+                     for name in ('volume', 'labels', 'mask'))
+    raise TypeError(f"source {index}: a source must be a path/URL, a zarr.Array or "
+                    f"zarr.Group, a numpy array or a dict of them, got {type(source).__name__}")
 
 
 def _positive_int(name, value):
@@ -356,12 +670,12 @@ def _random_shares(total, capacities, method, rng):
 
 
 def _fixed_shares(total, capacities, method):
-    """Deterministic per-source counts: equal (uniform) or proportional shares."""
+    """Deterministic per-source counts: equal, or proportional to capacity."""
     counts = [0] * len(capacities)
     left = total
     while left:
         open_ = [i for i, c in enumerate(capacities) if counts[i] < c]
-        weights = [capacities[i] if method == 'proportional' else 1 for i in open_]
+        weights = [capacities[i] if method != 'uniform' else 1 for i in open_]
         quota = [left * w // sum(weights) for w in weights]
         for j in range(left - sum(quota)):  # remainders go to the first sources
             quota[j] += 1
@@ -372,160 +686,42 @@ def _fixed_shares(total, capacities, method):
     return counts
 
 
-# -- regions: where positions are, and in which order they are visited ----
-
-class _RegionLayout:
-    """The positions of one array, partitioned into chunk-aligned regions."""
-
-    def __init__(self, array, block, region_bytes, samples_per_region):
-        self.shape = tuple(int(s) for s in array.shape)
-        self.block = block
-        self.extent = tuple(s - b + 1 for s, b in zip(self.shape, block))
-        self.positions = math.prod(self.extent)
-        self.itemsize = array.dtype.itemsize
-        if isinstance(array, np.ndarray):
-            # A view costs nothing: one region, i.e. plain uniform sampling.
-            self.region = self.extent
-        else:
-            self.region = self._grow_region(tuple(array.chunks), region_bytes)
-        self.grid = tuple(-(-e // r) for e, r in zip(self.extent, self.region))
-        self.regions = math.prod(self.grid)
-        if samples_per_region is None:
-            box_voxels = math.prod(self._box(self.region))
-            samples_per_region = max(1, 4 * box_voxels // math.prod(block))
-        self.per_visit = samples_per_region
-
-    def _box(self, region):
-        """Shape of the data a region's blocks cover: the region plus the halo."""
-        return tuple(min(r + b - 1, s) for r, b, s in zip(region, self.block, self.shape))
-
-    def _grow_region(self, chunks, region_bytes):
-        """Region shape (in positions): chunk multiples whose box fits the budget.
-
-        Starts from one chunk (halved while even that is over budget), then
-        grows by whole chunks, each step on the axis whose halo costs most
-        relative to its size.
-        """
-        def fits(region):
-            return math.prod(self._box(region)) * self.itemsize <= region_bytes
-
-        region = [min(c, e) for c, e in zip(chunks, self.extent)]
-        while not fits(region) and max(region) > 1:
-            axis = region.index(max(region))
-            region[axis] = -(-region[axis] // 2)
-        while True:
-            growable = [a for a in range(3) if region[a] < self.extent[a]]
-            growable.sort(key=lambda a: (region[a] + self.block[a] - 1) / region[a],
-                          reverse=True)
-            for axis in growable:
-                bigger = list(region)
-                bigger[axis] = min(region[axis] + chunks[axis], self.extent[axis])
-                if fits(bigger):
-                    region = bigger
-                    break
-            else:
-                return tuple(region)
-
-    def _region_bounds(self, index):
-        """Origin and shape (in positions) of region ``index`` (raster order)."""
-        cell = np.unravel_index(index, self.grid)
-        origin = tuple(int(c) * r for c, r in zip(cell, self.region))
-        shape = tuple(min(r, e - o) for r, e, o in zip(self.region, self.extent, origin))
-        return origin, shape
-
-    def shuffled_visits(self, count, key):
-        """Yield visits ``(origin, box_shape, positions)`` giving ``count`` positions.
-
-        Round j visits every region in a random order (its own per round) and
-        takes the next share of the region's own permutation. Shares are
-        proportional to region size (``per_visit`` for a whole region) and
-        rounded at random, so that a position in a small border region is
-        exactly as likely to be drawn as any other.
-        """
-        full = math.prod(self.region)
-        for round_ in itertools.count():   # ends: count <= positions
-            order_key = _key(key, 0, round_)
-            for slot in range(self.regions):
-                if count == 0:
-                    return
-                region = int(_permute([slot], self.regions, order_key)[0])
-                origin, shape = self._region_bounds(region)
-                size = math.prod(shape)
-                rate = self.per_visit * size / full
-                offset = _key(key, 2, region) / 2.0**64     # the random rounding
-                first = min(size, math.floor(round_ * rate + offset))
-                taken = min(math.floor((round_ + 1) * rate + offset), size) - first
-                taken = min(taken, count)
-                if taken == 0:
-                    continue
-                local = _permute(np.arange(first, first + taken), size, _key(key, 1, region))
-                positions = np.stack(np.unravel_index(local, shape), axis=1) + origin
-                count -= taken
-                yield origin, self._box(shape), positions
-
-    def raster_visits(self, count):
-        """Yield visits for the first ``count`` positions in raster order.
-
-        A visit is a run of consecutive positions within one z plane: as many
-        whole x-rows as the region budget allows, or part of a row when a
-        single row is too long for it.
-        """
-        ez, ey, ex = self.extent
-        d, h, w = self.block
-        budget = math.prod(self._box(self.region))
-        rows = budget // (d * self.shape[2]) - h + 1
-        limit = rows * ex if rows >= 1 else max(1, budget // (d * h) - w + 1)
-        start = 0
-        while start < count:
-            stop = min(count, start + limit, (start // (ey * ex) + 1) * ey * ex)
-            if limit < ex:
-                stop = min(stop, (start // ex + 1) * ex)
-            positions = np.stack(np.unravel_index(np.arange(start, stop), self.extent), axis=1)
-            origin = positions.min(axis=0)
-            shape = positions.max(axis=0) - origin + self.block
-            yield tuple(origin.tolist()), tuple(shape.tolist()), positions
-            start = stop
-
-
 # -- cutting blocks from regions -------------------------------------------
 
 def _slice_visits(visits, first, stop):
     """The visits restricted to global samples [first, stop), trimmed at the ends."""
     seen = 0
-    for file_index, origin, shape, positions in visits:
-        n = len(positions)
+    for file_index, corners in visits:
+        n = len(corners)
         lo, hi = max(first - seen, 0), min(stop - seen, n)
         seen += n
         if lo < hi:
-            yield file_index, origin, shape, positions[lo:hi]
+            yield file_index, corners[lo:hi]
         if seen >= stop:
             return
 
 
-def _interleave(visits, arrays, open_regions, rng):
-    """Yield ``(file_index, region, corner_in_region, corner)`` per sample.
+def _interleave(visits, sources, open_regions, rng):
+    """Yield ``(file_index, boxes, corner)`` per sample.
 
-    Reads each visit's region once (region plus halo) and keeps
-    ``open_regions`` of them open, taking each next sample from one of them
-    at random.
+    Reads each visit's box once and keeps ``open_regions`` visits open,
+    taking each next sample from one of them at random.
     """
     visits = iter(visits)
-    open_ = []    # [file_index, region data, corners, corners in region, next]
+    open_ = []    # [file_index, boxes, corners, next]
     while True:
         while len(open_) < open_regions:
             visit = next(visits, None)
             if visit is None:
                 break
-            file_index, origin, shape, corners = visit
-            box = tuple(slice(o, o + s) for o, s in zip(origin, shape))
-            open_.append([file_index, np.asarray(arrays[file_index][box]),
-                          corners, corners - np.asarray(origin), 0])
+            file_index, corners = visit
+            open_.append([file_index, sources[file_index].read(corners), corners, 0])
         if not open_:
             return
         i = int(rng.integers(len(open_)))
-        file_index, region, corners, local, cursor = entry = open_[i]
-        entry[4] += 1
-        if entry[4] == len(corners):
+        file_index, boxes, corners, cursor = entry = open_[i]
+        entry[3] += 1
+        if entry[3] == len(corners):
             open_[i] = open_[-1]
             open_.pop()
-        yield file_index, region, local[cursor], corners[cursor].tolist()
+        yield file_index, boxes, corners[cursor].tolist()

@@ -131,7 +131,7 @@ def test_chunk_aware_reading_is_exact_with_classic_4x512x512_chunks(tmp_path):
     data = volume((30, 600, 560), np.uint8, seed=3)
     path = zarr_v3(tmp_path / "classic.zarr", data, chunks=(4, 512, 512))
     ds = VesuviusStream([path], 26, 64, 64, 600, return_coords=True, region_mb=64)
-    assert ds._layouts[0].regions > 1       # really several regions
+    assert ds._sources[0].regions > 1       # really several regions
     coords = epoch(ds, num_workers=2, batch_size=32)
     assert len(coords) == len(set(coords)) == 600
     assert check_blocks(ds, [data]) == 600
@@ -245,7 +245,7 @@ def test_every_position_is_equally_likely_including_border_regions(tmp_path):
     path = zarr_v3(tmp_path / "u.zarr", data, chunks=(2, 4, 4))
     ds = VesuviusStream([path], 1, 1, 1, 231, return_coords=True, region_mb=40 / 2**20,
                         open_regions=1, samples_per_region=8)
-    assert ds._layouts[0].region == (2, 4, 4)
+    assert ds._sources[0].region == (2, 4, 4)
     hits = np.zeros(data.shape)
     epochs = 300
     for e in range(epochs):
@@ -263,7 +263,7 @@ def test_batches_mix_several_regions(tmp_path):
     data = volume((8, 256, 256), np.uint8)
     path = zarr_v3(tmp_path / "mix.zarr", data, chunks=(8, 64, 64))
     ds = VesuviusStream([path], 4, 16, 16, 4096, return_coords=True, region_mb=0.5)
-    assert ds._layouts[0].region == (5, 64, 64) and ds._layouts[0].regions == 16
+    assert ds._sources[0].region == (5, 64, 64) and ds._sources[0].regions == 16
     regions_per_batch = [len({(y // 64, x // 64) for _, _, y, x in batch[-1].tolist()})
                          for batch in DataLoader(ds, batch_size=32, num_workers=2)]
     assert np.mean(regions_per_batch) >= 6
@@ -301,13 +301,13 @@ def test_huge_unwritten_array_starts_at_once_with_tiny_memory(tmp_path):
     ds = VesuviusStream([path], 26, 64, 64, samples_per_epoch=10**9, return_coords=True,
                         region_mb=16)
     assert ds.capacity == 40 * 13937 * 39937          # 2.2e10 positions
-    plan = [visit for visit, _ in zip(ds._epoch_visits(0), range(1000))]
+    plan = [corners for (_, corners), _ in zip(ds._epoch_visits(0), range(1000))]
     _, plan_peak = tracemalloc.get_traced_memory()
     items = [item for item, _ in zip(ds, range(64))]
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(plan) == 1000
-    assert plan_peak < 2**20 + sum(visit[3].nbytes for visit in plan)
+    assert plan_peak < 2**20 + sum(corners.nbytes for corners in plan)
     # At most 16 MiB of regions, plus zarr's buffers for the chunks being
     # decoded (2 MiB each here) and a few MB for everything else.
     assert peak < 16 * 2**20 + 8 * 2 * 2**20 + 4 * 2**20
@@ -324,7 +324,7 @@ def test_huge_unwritten_array_starts_at_once_with_tiny_memory(tmp_path):
     (dict(z_size=0), ValueError, "z_size must be >= 1"),
     (dict(x_size=2.5), TypeError, "x_size must be an int"),
     (dict(y_size=11), ValueError, "does not fit"),
-    (dict(sampling_method="random"), ValueError, "'uniform' or 'proportional'"),
+    (dict(sampling_method="random"), ValueError, "one of 'uniform', 'proportional', 'grid'"),
     (dict(samples_per_epoch=0), ValueError, "samples_per_epoch must be >= 1"),
     (dict(samples_per_epoch=2 * 8 * 8 + 1), ValueError, "exceeds the 128 positions"),
     (dict(rank=2, world_size=2), ValueError, "rank must be an int in [0, 2)"),
@@ -351,7 +351,8 @@ def test_folder_that_is_not_zarr_and_group_without_volume_raise(tmp_path):
         VesuviusStream([str(tmp_path / "plain")], 1, 1, 1, 1)
     zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array(
         "other", shape=(2, 2, 2), dtype="uint8")
-    with pytest.raises(ValueError, match="has no array 'volume'"):
+    with pytest.raises(ValueError, match=re.escape(
+            "a group or dict needs an array 'volume'; it has ['other']")):
         VesuviusStream([str(tmp_path / "g.zarr")], 1, 1, 1, 1)
 
 
@@ -360,6 +361,202 @@ def test_set_epoch_rejects_negative_or_non_int():
     for bad in (-1, 1.5, "2"):
         with pytest.raises(ValueError, match="epoch must be an int >= 0"):
             ds.set_epoch(bad)
+
+
+# -- labels, masks, layer range, grid, transforms --------------------------------
+
+def segment_group(path, shape=(10, 60, 70), labels_3d=False, mask=None, chunks=(5, 16, 16)):
+    """A converter-style group: volume, labels ((y, x) or (z, y, x)), optional mask."""
+    data = volume(shape, np.uint16, seed=4)
+    labels = volume(shape if labels_3d else shape[1:], np.uint8, seed=5)
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("volume", shape=shape, chunks=chunks, dtype="uint16")[:] = data
+    group.create_array("labels", shape=labels.shape, chunks=chunks[3 - labels.ndim:],
+                       dtype="uint8")[:] = labels
+    if mask is not None:
+        group.create_array("mask", shape=mask.shape, chunks=chunks[3 - mask.ndim:],
+                           dtype="uint8")[:] = mask
+    return str(path), data, labels
+
+
+def disk_mask(shape, centre, radius):
+    y, x = np.ogrid[:shape[0], :shape[1]]
+    return (((y - centre[0]) ** 2 + (x - centre[1]) ** 2) <= radius ** 2).astype(np.uint8)
+
+
+@pytest.mark.parametrize("labels_3d", [False, True], ids=["2d-labels", "3d-labels"])
+def test_labels_equal_their_slices(tmp_path, labels_3d):
+    path, data, labels = segment_group(tmp_path / "s.zarr", labels_3d=labels_3d)
+    ds = VesuviusStream([path], 4, 9, 11, 400, return_coords=True, region_mb=0.1)
+    count = 0
+    for block, label, coords in DataLoader(ds, batch_size=None, num_workers=2):
+        f, z, y, x = coords.tolist()
+        expected = labels[z:z + 4, y:y + 9, x:x + 11] if labels_3d else labels[y:y + 9, x:x + 11]
+        assert label.dtype == torch.uint8
+        assert torch.equal(label, torch.from_numpy(expected))
+        assert torch.equal(block, torch.from_numpy(data[z:z + 4, y:y + 9, x:x + 11]))
+        count += 1
+    assert count == 400
+
+
+def test_items_are_block_then_label_without_coords_and_dict_sources_work():
+    data, labels = volume((4, 20, 20)), volume((20, 20), np.uint8)
+    ds = VesuviusStream([{"volume": data, "labels": labels}], 2, 5, 5, 10)
+    block, label = next(iter(ds))
+    assert block.shape == (2, 5, 5) and label.shape == (5, 5)
+
+
+def test_labels_or_mask_of_another_shape_and_mixed_labels_are_errors(tmp_path):
+    data = volume((4, 20, 20))
+    with pytest.raises(ValueError, match=re.escape(
+            "source 0: labels of shape (20, 19) do not match the volume (4, 20, 20)")):
+        VesuviusStream([{"volume": data, "labels": np.zeros((20, 19), np.uint8)}], 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=re.escape("mask of shape (3, 20, 20) do not match")):
+        VesuviusStream([{"volume": data, "mask": np.ones((3, 20, 20), np.uint8)}], 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="either all sources have labels or none"):
+        VesuviusStream([{"volume": data, "labels": np.zeros((20, 20), np.uint8)}, data],
+                       1, 1, 1, 1)
+
+
+def brute_force_valid(mask, block, extent, fraction):
+    """Start corners whose footprint has enough mask voxels, by direct counting."""
+    d, h, w = block
+    footprint = h * w if mask.ndim == 2 else d * h * w
+    need = max(1, math.ceil(fraction * footprint))
+    valid = set()
+    for z in range(extent[0]):
+        for y in range(extent[1]):
+            for x in range(extent[2]):
+                window = (mask[y:y + h, x:x + w] if mask.ndim == 2
+                          else mask[z:z + d, y:y + h, x:x + w])
+                if np.count_nonzero(window) >= need:
+                    valid.add((0, z, y, x))
+    return valid
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_mask_positions_are_exactly_those_touching_papyrus(tmp_path, fraction):
+    mask = disk_mask((60, 70), (30, 40), 18)
+    path, _, _ = segment_group(tmp_path / "s.zarr", mask=mask)
+    expected = brute_force_valid(mask, (4, 9, 11), (7, 52, 60), fraction)
+    ds = VesuviusStream([path], 4, 9, 11, len(expected), return_coords=True,
+                        min_mask_fraction=fraction, region_mb=0.1)
+    assert ds.capacity == len(expected) and ds._sources[0].regions > 4
+    coords = epoch(ds, num_workers=2, batch_size=50)
+    assert len(coords) == len(expected) and set(coords) == expected
+
+
+def test_mask_3d_and_no_block_lies_wholly_outside(tmp_path):
+    mask = np.zeros((10, 60, 70), np.uint8)
+    mask[3:6, 10:30, 20:50] = 1
+    path, _, _ = segment_group(tmp_path / "s.zarr", mask=mask)
+    expected = brute_force_valid(mask, (4, 9, 11), (7, 52, 60), 0.0)
+    ds = VesuviusStream([path], 4, 9, 11, 300, return_coords=True, region_mb=0.1)
+    assert ds.capacity == len(expected)
+    sets = [epoch(ds, num_workers=w) for w in (0, 3)]
+    assert len(sets[0]) == len(set(sets[0])) == 300 and set(sets[0]) == set(sets[1])
+    assert set(sets[0]) <= expected
+
+
+def test_proportional_weighs_files_by_positions_on_the_mask():
+    data = volume((3, 40, 40), np.uint8)
+    small = {"volume": data, "mask": disk_mask((40, 40), (20, 20), 3)}
+    big = {"volume": data, "mask": np.ones((40, 40), np.uint8)}
+    ds = VesuviusStream([small, big], 1, 3, 3, 500, "proportional", return_coords=True)
+    share = ds._sources[0].positions / ds.capacity
+    drawn = []
+    for e in range(4):
+        ds.set_epoch(e)
+        drawn.append(sum(1 for *_, c in ds if c[0] == 0) / 500)
+    assert abs(np.mean(drawn) - share) < 0.02
+
+
+def test_z_range_keeps_blocks_inside_the_layers(tmp_path):
+    path, data, _ = segment_group(tmp_path / "s.zarr", shape=(12, 30, 30))
+    ds = VesuviusStream([path], 4, 5, 5, 3 * 26 * 26, return_coords=True, z_range=(5, 11))
+    coords = epoch(ds, num_workers=2)
+    assert {c[1] for c in coords} == {5, 6, 7}                 # starts 5..7, blocks end <= 11
+    assert len(set(coords)) == ds.capacity == 3 * 26 * 26
+    for bad, error in (((8, 11), ValueError), ((0, 13), ValueError), ((5,), TypeError)):
+        with pytest.raises(error, match="z_range|does not fit"):
+            VesuviusStream([path], 4, 5, 5, 1, z_range=bad)
+
+
+def covered(coords, shape, block):
+    hits = np.zeros(shape, np.int32)
+    d, h, w = block
+    for _, z, y, x in coords:
+        hits[z:z + d, y:y + h, x:x + w] += 1
+    return hits
+
+
+@pytest.mark.parametrize("stride", [None, (2, 4, 5)])
+def test_grid_covers_every_voxel_with_each_position_once(tmp_path, stride):
+    path, data, _ = segment_group(tmp_path / "s.zarr", shape=(10, 37, 41))
+    sources = [zarr.open_group(path, mode="r")["volume"], data]
+    ds = VesuviusStream(sources, 4, 8, 9, None, "grid", stride=stride,
+                        return_coords=True, region_mb=0.05)
+    runs = [epoch(ds, num_workers=w) for w in (0, 2, 3)]
+    assert len(runs[0]) == len(ds) == len(set(runs[0]))
+    assert set(runs[0]) == set(runs[1]) == set(runs[2])
+    for f in (0, 1):
+        hits = covered([c for c in runs[0] if c[0] == f], data.shape, (4, 8, 9))
+        assert hits.min() >= 1
+    starts = {c[1:] for c in runs[0] if c[0] == 0}
+    steps = stride or (4, 8, 9)
+    axes = [sorted({s[a] for s in starts}) for a in range(3)]
+    for axis, size, limit, step in zip(axes, (4, 8, 9), data.shape, steps):
+        assert axis[-1] == limit - size                      # shifted back to the border
+        assert all(b - a == step for a, b in zip(axis, axis[1:-1]))
+    grid = VesuviusStream(sources[:1], 4, 8, 9, None, "grid", stride=stride, return_coords=True)
+    assert check_blocks(grid, [data]) == len(starts)
+
+
+def test_grid_skips_positions_off_the_mask_but_covers_the_mask(tmp_path):
+    mask = disk_mask((60, 70), (30, 40), 12)
+    path, data, _ = segment_group(tmp_path / "s.zarr", mask=mask)
+    ds = VesuviusStream([path], 5, 8, 8, None, "grid", return_coords=True, z_range=(2, 10))
+    coords = epoch(ds, num_workers=2)
+    hits = covered(coords, data.shape, (5, 8, 8))
+    assert hits[2:10][:, mask.astype(bool)].min() >= 1      # every papyrus voxel in range
+    for _, z, y, x in coords:
+        assert mask[y:y + 8, x:x + 8].any()
+    assert len(coords) < 2 * 8 * 9                           # the full grid would be 144
+
+
+def test_grid_and_random_modes_reject_the_other_ones_arguments():
+    data = volume((4, 10, 10))
+    with pytest.raises(ValueError, match="samples_per_epoch=None"):
+        VesuviusStream([data], 2, 2, 2, 10, "grid")
+    with pytest.raises(ValueError, match="samples_per_epoch=None is for"):
+        VesuviusStream([data], 2, 2, 2, None)
+    with pytest.raises(ValueError, match="stride applies to"):
+        VesuviusStream([data], 2, 2, 2, 10, stride=(1, 1, 1))
+    with pytest.raises(ValueError, match="min_mask_fraction must be"):
+        VesuviusStream([data], 2, 2, 2, 10, min_mask_fraction=1.5)
+    with pytest.raises(ValueError, match="the mask has no block"):
+        VesuviusStream([{"volume": data, "mask": np.zeros((10, 10), np.uint8)}], 2, 2, 2, 1)
+
+
+def test_transform_is_applied_to_each_item_in_the_workers(tmp_path):
+    path, data, labels = segment_group(tmp_path / "s.zarr")
+
+    ds = VesuviusStream([path], 2, 6, 6, 60, return_coords=True, transform=flip_both)
+    seen = 0
+    for block, label, coords in DataLoader(ds, batch_size=None, num_workers=2):
+        _, z, y, x = coords.tolist()
+        expected = torch.from_numpy(data[z:z + 2, y:y + 6, x:x + 6]).to(torch.int32).flip(-1)
+        assert torch.equal(block, expected)
+        assert torch.equal(label, torch.from_numpy(labels[y:y + 6, x:x + 6]).flip(-1))
+        seen += 1
+    assert seen == 60
+    single = VesuviusStream([data], 2, 6, 6, 5, transform=lambda b: b.float() / 65535)
+    assert all(b.dtype == torch.float32 and b.max() <= 1 for b in single)
+
+
+def flip_both(block, label):
+    """A picklable augmentation (DataLoader workers may be spawned)."""
+    return block.to(torch.int32).flip(-1), label.flip(-1)
 
 
 # -- benchmark ----------------------------------------------------------------
