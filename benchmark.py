@@ -13,14 +13,20 @@ of the limit, read amplification (bytes decoded / bytes delivered), distinct
 
     python benchmark.py                       # synthetic 65x2048x2048 uint16 store
     python benchmark.py segment.zarr --block 26 64 64 --workers 2 --batch-size 32
+    python benchmark.py https://host/scroll.zarr/0 --block 64 64 64   # a remote store
+    python benchmark.py --latency 20          # the synthetic store over HTTP, +20 ms a request
     python benchmark.py --converter           # converter.py vs tifffile + zarr
 
 With no store given it builds, once, a synthetic CT-like store (smooth field
 plus noise; chunks 16x256x256, zstd) in the system's temporary directory and
-reuses it. Peak RSS needs the optional package psutil (``pip install psutil``).
+reuses it. Peak RSS needs the optional package psutil (``pip install psutil``);
+URLs and ``--latency`` need fsspec and aiohttp.
 """
 
 import argparse
+import contextlib
+import functools
+import http.server
 import math
 import os
 import shutil
@@ -73,6 +79,36 @@ def synthetic_store(shape=SYNTHETIC_SHAPE, chunks=SYNTHETIC_CHUNKS, directory=No
         array[z0:z0 + len(z)] = np.clip(slab, 0, 65535).astype(np.uint16)
     os.replace(partial, path)
     return path
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files over HTTP/1.1 (keep-alive), ``latency`` seconds late, without logging."""
+
+    protocol_version = "HTTP/1.1"
+    latency = 0.0
+
+    def do_GET(self):
+        # Each request waits in its own thread, like a network round trip.
+        time.sleep(self.latency)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve(directory, latency=0.0, handler=QuietHandler):
+    """Serve ``directory`` over HTTP on 127.0.0.1 from a thread; yield the root URL."""
+    handler = functools.partial(type("Handler", (handler,), {"latency": latency}),
+                                directory=directory)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class NaiveBlocks(IterableDataset):
@@ -245,8 +281,11 @@ def tiles_per_batch(coords, block):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("store", nargs="?", help="Zarr array or converter group "
+    parser.add_argument("store", nargs="?", help="Zarr array or converter group, path or URL "
                         "(default: a cached synthetic 65x2048x2048 store)")
+    parser.add_argument("--latency", type=float, metavar="MS",
+                        help="serve the (local) store over HTTP on 127.0.0.1 with MS "
+                        "milliseconds added to each request, and read it from there")
     parser.add_argument("--chunks", type=int, nargs=3, default=SYNTHETIC_CHUNKS,
                         metavar=("Z", "Y", "X"),
                         help="chunks of the synthetic store (default 16 256 256)")
@@ -271,6 +310,18 @@ def main():
         return benchmark_converter()
 
     path = args.store or synthetic_store(chunks=tuple(args.chunks))
+    if args.latency is None:
+        return benchmark_stream(path, args)
+    if "://" in path:
+        parser.error("--latency serves a local store; give a path, not a URL")
+    path = os.path.abspath(path)
+    with serve(os.path.dirname(path), args.latency / 1000) as root:
+        print(f"serving {path} on {root} with {args.latency:g} ms per request")
+        benchmark_stream(f"{root}/{os.path.basename(path)}", args)
+
+
+def benchmark_stream(path, args):
+    """The three measurements of the module docstring, printed as a table."""
     array = open_volume(path)
     block = tuple(args.block)
     block_bytes = math.prod(block) * array.dtype.itemsize

@@ -18,9 +18,16 @@ zarr>=3 and numpy) and use :class:`VesuviusStream` as the dataset of a
 See the class docstring for the guarantees and every argument.
 """
 
+import asyncio
+import email.utils
+import hashlib
 import itertools
 import math
 import os
+import pickle
+import random
+import sys
+import time
 
 import numpy as np
 import torch
@@ -30,6 +37,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 _MASK64 = (1 << 64) - 1
 _FEISTEL_ROUNDS = 6
 _METHODS = ('uniform', 'proportional', 'grid')
+# Remote stores: attempts per request, first backoff and longest wait (s).
+_ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
+# What fsspec needs, per URL scheme, beyond fsspec itself.
+_URL_PACKAGES = {'http': 'aiohttp', 'https': 'aiohttp', 's3': 's3fs', 'gs': 'gcsfs',
+                 'gcs': 'gcsfs'}
+_METADATA_KEYS = ('zarr.json', '.zarray', '.zgroup', '.zattrs', '.zmetadata')
 
 
 class VesuviusStream(IterableDataset):
@@ -164,7 +177,8 @@ class VesuviusStream(IterableDataset):
                  sampling_method='uniform', shuffle=True, seed=0,
                  return_coords=False, *, z_range=None, stride=None,
                  min_mask_fraction=0.0, transform=None, rank=None, world_size=None,
-                 samples_per_region=None, region_mb=512, open_regions=8):
+                 samples_per_region=None, region_mb=512, open_regions=8,
+                 storage_options=None, cache_dir=None):
         super().__init__()
         if isinstance(file_paths, (str, os.PathLike, dict, np.ndarray, zarr.Array, zarr.Group)):
             raise TypeError(
@@ -199,11 +213,17 @@ class VesuviusStream(IterableDataset):
         if not (isinstance(region_mb, (int, float)) and region_mb > 0):
             raise ValueError(f"region_mb must be a positive number, got {region_mb!r}")
         self.rank, self.world_size = _resolve_ranks(rank, world_size)
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError(f"storage_options must be a dict of fsspec options, "
+                            f"got {type(storage_options).__name__}")
+        remote = {'storage_options': storage_options,
+                  'cache_dir': None if cache_dir is None else os.fspath(cache_dir)}
 
         region_bytes = region_mb * 2**20 / open_regions
         self._sources = [
-            _Source(index, source, block, z_range, stride or block if grid else (1, 1, 1),
-                    region_bytes, samples_per_region, min_mask_fraction)
+            _Source(_open_source(source, index, **remote), index, block, z_range,
+                    stride or block if grid else (1, 1, 1), region_bytes, samples_per_region,
+                    min_mask_fraction)
             for index, source in enumerate(file_paths)]
         if len({source.labels is None for source in self._sources}) > 1:
             raise ValueError("either all sources have labels or none: "
@@ -255,6 +275,8 @@ class VesuviusStream(IterableDataset):
         stop = self.samples_per_epoch * (shard + 1) // shards
         visits = _slice_visits(self._epoch_visits(epoch), first, stop)
         rng = np.random.default_rng([self.seed, epoch, shard])
+        for source in self._sources:
+            source.attach()
         # Raster and grid order mean one region after another, not interleaved.
         open_regions = self.open_regions if self.shuffle else 1
         for file_index, boxes, corner in _interleave(visits, self._sources, open_regions, rng):
@@ -306,10 +328,11 @@ class _Source:
     into regions of ``region`` positions per axis, numbered in raster order.
     """
 
-    def __init__(self, index, source, block, z_range, step, region_bytes,
+    def __init__(self, arrays, index, block, z_range, step, region_bytes,
                  samples_per_region, min_mask_fraction):
         self.index = index
-        self.volume, self.labels, self.mask = _open_source(source, index)
+        self.volume, self.labels, self.mask = arrays
+        self._process = os.getpid()
         shape = self.shape = tuple(int(s) for s in self.volume.shape)
         if len(shape) != 3:
             raise ValueError(f"source {index}: the volume must be 3D (z, y, x), got shape {shape}")
@@ -520,6 +543,24 @@ class _Source:
 
     # reading and cutting
 
+    def attach(self):
+        """Reopen remote arrays once in a new process (a DataLoader worker).
+
+        fsspec's HTTP sessions belong to the event loop of the process that
+        opened them and fail after a fork; a pickle round trip opens new ones.
+        """
+        if self._process == os.getpid():
+            return
+        self._process = os.getpid()
+        # The parent's arrays are kept, not collected: collecting them would
+        # make aiohttp warn of sessions that cannot be closed from here.
+        self._parents_arrays = (self.volume, self.labels, self.mask)
+        self.volume, self.labels, self.mask = (
+            pickle.loads(pickle.dumps(array))
+            if isinstance(array, zarr.Array)
+            and not isinstance(array.store, (zarr.storage.LocalStore, zarr.storage.MemoryStore))
+            else array for array in (self.volume, self.labels, self.mask))
+
     def read(self, corners):
         """Decode, once, the box covering the blocks at ``corners``.
 
@@ -544,29 +585,146 @@ class _Source:
         return item
 
 
-def _open_source(source, index):
+def _open_source(source, index, storage_options=None, cache_dir=None):
     """``(volume, labels, mask)`` of one source; labels and mask may be None."""
     if isinstance(source, (np.ndarray, zarr.Array)):
         return source, None, None
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if '://' not in path and not os.path.exists(path):
+        remote = '://' in path
+        if not remote and not os.path.exists(path):
             raise FileNotFoundError(f"source {index}: no Zarr store at {path!r}")
+        store = _RemoteStore.from_url(path, index, storage_options, cache_dir) if remote else path
         try:
-            source = zarr.open(path, mode='r')
+            source = zarr.open(store, mode='r')
+        except (PermissionError, _GaveUp):
+            raise
+        except FileNotFoundError as error:
+            if remote:
+                raise FileNotFoundError(f"source {index}: no Zarr array or group at {path!r} "
+                                        f"(no metadata found there)") from error
+            raise ValueError(f"source {index}: {path!r} is not a Zarr array or group") from error
         except Exception as error:
             raise ValueError(f"source {index}: {path!r} is not a Zarr array or group "
                              f"({error})") from error
         if isinstance(source, zarr.Array):
             return source, None, None
+    if isinstance(source, zarr.Group):
+        level = _multiscale_level(source)
+        if level is not None and 'volume' not in source:
+            return source[level], None, None
     if isinstance(source, (zarr.Group, dict)):
         if 'volume' not in source:
-            raise ValueError(f"source {index}: a group or dict needs an array 'volume'; it "
-                             f"has {sorted(source.keys())}")
+            raise ValueError(f"source {index}: a group or dict needs an array 'volume' (or "
+                             f"OME-Zarr 'multiscales'); it has {sorted(source.keys())}")
         return tuple(source[name] if name in source else None
                      for name in ('volume', 'labels', 'mask'))
     raise TypeError(f"source {index}: a source must be a path/URL, a zarr.Array or "
                     f"zarr.Group, a numpy array or a dict of them, got {type(source).__name__}")
+
+
+def _multiscale_level(group):
+    """Path of the full-resolution level of an OME-Zarr multiscale group, else None.
+
+    NGFF 0.4 keeps ``multiscales`` in the group's attributes, 0.5 under ``ome``;
+    the first dataset of the first multiscale is level 0.
+    """
+    attributes = group.attrs.asdict()
+    multiscales = attributes.get('multiscales') or attributes.get('ome', {}).get('multiscales')
+    if not multiscales:
+        return None
+    return multiscales[0]['datasets'][0]['path']
+
+
+class _GaveUp(OSError):
+    """A remote read that kept failing with transient errors."""
+
+
+class _RemoteStore(zarr.storage.WrapperStore):
+    """An fsspec store that retries transient failures and may cache chunks on disk.
+
+    429, 5xx, dropped connections and timeouts are retried with exponential
+    backoff (waiting what Retry-After asks, when the server says); 401 and 403
+    fail at once. With ``cache_dir``, every chunk fetched whole is kept in
+    ``cache_dir/<hash of the URL>/<key>`` and read from there afterwards.
+    """
+
+    def __init__(self, store, url, cache_dir=None):
+        super().__init__(store)
+        self.url, self.cache_dir = url, cache_dir
+
+    def _with_store(self, store):
+        return type(self)(store, self.url, self.cache_dir)
+
+    @classmethod
+    def from_url(cls, url, index, storage_options, cache_dir):
+        scheme = url.split('://', 1)[0]
+        try:
+            store = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options,
+                                                      read_only=True)
+        except ImportError as error:
+            packages = ' '.join(['fsspec', *filter(None, [_URL_PACKAGES.get(scheme)])])
+            raise ImportError(f"source {index}: reading {scheme}:// URLs needs the optional "
+                              f"packages {packages} (pip install {packages}); "
+                              f"{error}") from error
+        return cls(store, url, cache_dir)
+
+    async def get(self, key, prototype, byte_range=None):
+        cached = None
+        if self.cache_dir and byte_range is None and key.rsplit('/', 1)[-1] not in _METADATA_KEYS:
+            digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+            cached = os.path.join(self.cache_dir, digest, *key.split('/'))
+            if os.path.exists(cached):
+                with open(cached, 'rb') as file:
+                    return prototype.buffer.from_bytes(file.read())
+        value = await self._get_with_retries(key, prototype, byte_range)
+        if cached and value is not None:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            partial = f"{cached}.{os.getpid()}.partial"
+            with open(partial, 'wb') as file:
+                file.write(value.to_bytes())
+            os.replace(partial, cached)   # atomic: workers may fetch the same chunk
+        return value
+
+    async def _get_with_retries(self, key, prototype, byte_range):
+        for attempt in range(_ATTEMPTS):
+            try:
+                return await self._store.get(key, prototype, byte_range)
+            except Exception as error:
+                status = getattr(error, 'status', None)
+                if status in (401, 403):
+                    raise PermissionError(f"{self.url}/{key}: HTTP {status}, access denied; "
+                                          f"check the URL and the credentials in "
+                                          f"storage_options") from error
+                if not _transient(error, status):
+                    raise
+                if attempt == _ATTEMPTS - 1:
+                    raise _GaveUp(f"{self.url}/{key}: still failing after {_ATTEMPTS} "
+                                  f"attempts: {error!r}") from error
+                await asyncio.sleep(_retry_wait(error, attempt))
+
+
+def _transient(error, status):
+    """Whether a failed request may succeed if tried again."""
+    if status is not None:
+        return status == 429 or status >= 500
+    aiohttp = sys.modules.get('aiohttp')     # loaded if fsspec's HTTP is in use
+    kinds = (ConnectionError, TimeoutError)
+    if aiohttp is not None:
+        kinds += (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+    return isinstance(error, kinds)
+
+
+def _retry_wait(error, attempt):
+    """Seconds to wait before the next attempt: Retry-After, else backoff with jitter."""
+    retry_after = (getattr(error, 'headers', None) or {}).get('Retry-After')
+    if retry_after is not None:
+        try:
+            return min(float(retry_after), _LONGEST_WAIT)
+        except ValueError:        # an HTTP date
+            moment = email.utils.parsedate_to_datetime(retry_after).timestamp()
+            return min(max(moment - time.time(), 0.0), _LONGEST_WAIT)
+    return min(_FIRST_BACKOFF * 2**attempt, _LONGEST_WAIT) * random.uniform(0.5, 1.0)
 
 
 def _positive_int(name, value):

@@ -1,18 +1,24 @@
 """The specification of the project: streamer, converter, benchmark and notebook."""
 
+import collections
 import math
 import os
 import re
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 import zarr
 from torch.utils.data import DataLoader
 
+import benchmark
+import converter
 from streamer import VesuviusStream
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -352,7 +358,8 @@ def test_folder_that_is_not_zarr_and_group_without_volume_raise(tmp_path):
     zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array(
         "other", shape=(2, 2, 2), dtype="uint8")
     with pytest.raises(ValueError, match=re.escape(
-            "a group or dict needs an array 'volume'; it has ['other']")):
+            "a group or dict needs an array 'volume' (or OME-Zarr 'multiscales'); "
+            "it has ['other']")):
         VesuviusStream([str(tmp_path / "g.zarr")], 1, 1, 1, 1)
 
 
@@ -559,6 +566,192 @@ def flip_both(block, label):
     return block.to(torch.int32).flip(-1), label.flip(-1)
 
 
+# -- remote stores, OME-Zarr, DDP ----------------------------------------------
+
+METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+
+
+def ome_zarr(path, data):
+    """An NGFF 0.4 multiscale group as the scrolls are served: format 2, '/' keys, uint8."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    for level in range(2):
+        scaled = data[::2**level, ::2**level, ::2**level]
+        array = group.create_array(str(level), shape=scaled.shape, chunks=(8, 16, 16),
+                                   dtype=scaled.dtype,
+                                   chunk_key_encoding={"name": "v2", "separator": "/"})
+        array[:] = scaled
+    group.attrs["multiscales"] = [{"version": "0.4", "name": "scroll",
+                                   "axes": [{"name": a, "type": "space"} for a in "zyx"],
+                                   "datasets": [{"path": str(level)} for level in range(2)]}]
+    return str(path)
+
+
+def answering(failure=None, every=3):
+    """A handler class failing every ``every``-th chunk request, and its request log.
+
+    ``failure``: an HTTP status (429 comes with Retry-After: 0), 'reset' (the
+    connection is dropped without an answer), or None. The log counts requests,
+    chunk requests, failures, and records the times of the requests of each path.
+    """
+    log = {"requests": 0, "chunks": 0, "failures": 0,
+           "times": collections.defaultdict(list)}
+    lock = threading.Lock()
+
+    class Handler(benchmark.QuietHandler):
+        def do_GET(self):
+            with lock:
+                log["requests"] += 1
+                log["times"][self.path].append(time.monotonic())
+                chunk = self.path.rsplit("/", 1)[-1] not in METADATA
+                log["chunks"] += chunk
+                fail = failure is not None and (chunk or failure in (401, 403)) and (
+                    log["requests"] % every == 0)
+                log["failures"] += fail
+            if not fail:
+                return super().do_GET()
+            if failure == "reset":
+                self.close_connection = True
+                return
+            self.send_response(failure)
+            if failure == 429:
+                self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    return Handler, log
+
+
+@pytest.fixture
+def scroll(tmp_path):
+    """A small OME-Zarr scroll in tmp_path, and its full-resolution data."""
+    data = volume((24, 48, 64), np.uint8, seed=7)
+    ome_zarr(tmp_path / "scroll.zarr", data)
+    return tmp_path, data
+
+
+@pytest.mark.parametrize("failure", [None, 429, 503, "reset"])
+def test_http_store_streams_exact_blocks_through_transient_failures(scroll, failure):
+    root, data = scroll
+    handler, log = answering(failure)
+    with benchmark.serve(str(root), handler=handler) as url:
+        ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 120, return_coords=True,
+                            region_mb=0.05)
+        blocks = coords = 0
+        for block, batch in DataLoader(ds, batch_size=8, num_workers=2):
+            for b, (f, z, y, x) in zip(block, batch.tolist()):
+                assert torch.equal(b, torch.from_numpy(data[z:z + 6, y:y + 10, x:x + 12]))
+                coords += 1
+            blocks += len(block)
+    assert blocks == coords == 120
+    assert (log["failures"] > 0) == (failure is not None)
+
+
+def test_retries_wait_as_long_as_retry_after_says(scroll):
+    root, data = scroll
+    handler, log = answering()
+    first = {}
+
+    class SlowDown(handler):
+        def do_GET(self):
+            if self.path.endswith("/0/0/0/0") and not first:
+                first[self.path] = time.monotonic()
+                self.send_response(429)
+                self.send_header("Retry-After", "1")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            super().do_GET()
+
+    with benchmark.serve(str(root), handler=SlowDown) as url:
+        block = next(iter(VesuviusStream([f"{url}/scroll.zarr/0"], 8, 16, 16, 1,
+                                         shuffle=False)))
+    assert torch.equal(block, torch.from_numpy(data[:8, :16, :16]))
+    (path, refused_at), = first.items()
+    assert log["times"][path][0] - refused_at >= 1.0
+
+
+@pytest.mark.parametrize("status, error", [(401, PermissionError), (403, PermissionError)])
+def test_denied_access_fails_at_once(scroll, status, error):
+    root, _ = scroll
+    handler, log = answering(status, every=1)
+    with benchmark.serve(str(root), handler=handler) as url:
+        with pytest.raises(error, match=f"HTTP {status}.*storage_options"):
+            VesuviusStream([f"{url}/scroll.zarr"], 4, 4, 4, 1)
+    assert log["requests"] <= len(METADATA) + 1      # no retries
+
+
+def test_missing_remote_store_is_file_not_found(scroll):
+    root, _ = scroll
+    handler, log = answering()
+    with benchmark.serve(str(root), handler=handler) as url:
+        with pytest.raises(FileNotFoundError, match="no Zarr array or group at .*nothing.zarr"):
+            VesuviusStream([f"{url}/nothing.zarr"], 4, 4, 4, 1)
+
+
+def test_chunk_cache_serves_the_second_read_from_disk(scroll):
+    root, data = scroll
+    handler, log = answering()
+    cache = root / "cache"
+    fetched = []
+    with benchmark.serve(str(root), handler=handler) as url:
+        for _ in range(2):
+            ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 50, return_coords=True,
+                                cache_dir=cache)
+            before = log["chunks"]
+            assert check_blocks(ds, [data]) == 50
+            fetched.append(log["chunks"] - before)
+    assert fetched[0] > 0 and fetched[1] == 0
+    assert sum(len(files) for _, _, files in os.walk(cache)) == fetched[0]
+
+
+def test_missing_fsspec_packages_are_named(monkeypatch):
+    import fsspec
+    known = sys.modules["fsspec.registry"]._registry     # the implementations loaded
+    for scheme in ("http", "https", "s3"):
+        monkeypatch.delitem(known, scheme, raising=False)
+    for module in ("aiohttp", "fsspec.implementations.http", "s3fs"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match="needs the optional packages fsspec aiohttp"):
+        VesuviusStream(["https://example.org/scroll.zarr"], 4, 4, 4, 1)
+    with pytest.raises(ImportError, match="needs the optional packages fsspec s3fs"):
+        VesuviusStream(["s3://bucket/scroll.zarr"], 4, 4, 4, 1)
+
+
+def test_ome_zarr_group_reads_level_0_and_a_level_path_reads_that_level(scroll):
+    root, data = scroll
+    path = str(root / "scroll.zarr")
+    full = VesuviusStream([path], 4, 8, 8, 30, return_coords=True)
+    assert full._sources[0].shape == data.shape
+    assert check_blocks(full, [data]) == 30
+    half = VesuviusStream([path + "/1"], 4, 8, 8, 30, return_coords=True)
+    assert check_blocks(half, [data[::2, ::2, ::2]]) == 30
+
+
+def ddp_rank(rank, world_size, init_file, path, out):
+    """One DDP process: its rank's epoch through a DataLoader with 2 workers."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}",
+                                         rank=rank, world_size=world_size)
+    try:
+        ds = multi_region_stream(path, 301)
+        ds.set_epoch(3)
+        np.save(os.path.join(out, f"rank{rank}.npy"),
+                np.array(epoch(ds, num_workers=2), dtype=np.int64))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_split_the_epoch_disjointly(multi_region, tmp_path):
+    path, _ = multi_region
+    torch.multiprocessing.spawn(ddp_rank, nprocs=2,
+                                args=(2, str(tmp_path / "init"), path, str(tmp_path)))
+    ranks = [{tuple(c) for c in np.load(tmp_path / f"rank{r}.npy").tolist()} for r in range(2)]
+    assert not ranks[0] & ranks[1]
+    assert sorted(map(len, ranks)) == [150, 151]
+    single = multi_region_stream(path, 301)
+    single.set_epoch(3)
+    assert ranks[0] | ranks[1] == set(epoch(single))
+
+
 # -- benchmark ----------------------------------------------------------------
 
 def test_benchmark_runs_on_a_small_store(tmp_path):
@@ -576,11 +769,6 @@ def test_benchmark_runs_on_a_small_store(tmp_path):
 
 
 # -- converter ----------------------------------------------------------------
-
-import tifffile  # noqa: E402  (the converter's section of the specification)
-
-import converter  # noqa: E402
-
 
 def write_stack(folder, stack, names=None, **tiff_options):
     """Write each z slice of ``stack`` as a numbered TIFF (two digits by default)."""
