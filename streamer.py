@@ -96,7 +96,17 @@ class VesuviusStream(IterableDataset):
     (each (y, x) or (z, y, x)), which is what ``converter.py`` writes; an
     opened ``zarr.Array`` or ``zarr.Group``; a 3D ``numpy.ndarray``; or a dict
     ``{'volume': a, 'labels': b, 'mask': c}`` of numpy or zarr arrays. Either
-    all sources have labels or none. The label of a block at (z, y, x) is
+    all sources have labels or none. An OME-Zarr multiscale group (one with
+    ``multiscales`` metadata) stands for its full-resolution level; a path to
+    one level (``scroll.zarr/2``) reads that level.
+
+    Remote sources: ``http(s)://``, ``s3://`` and other fsspec URLs are read
+    through zarr's fsspec store (install ``fsspec aiohttp``, plus ``s3fs`` for
+    S3). Transient failures (HTTP 429 and 5xx, dropped connections, timeouts)
+    are retried up to 10 times with exponential backoff from 0.2 s, waiting
+    what a Retry-After header asks (at most 30 s); 401 and 403 raise
+    ``PermissionError`` at once, and a URL without Zarr metadata raises
+    ``FileNotFoundError``. Each DataLoader worker opens its own connections. The label of a block at (z, y, x) is
     ``labels[y:y+h, x:x+w]`` for 2D labels and ``labels[z:z+d, y:y+h, x:x+w]``
     for 3D ones, in the labels' own dtype. The mask is nonzero where papyrus
     is.
@@ -146,6 +156,12 @@ class VesuviusStream(IterableDataset):
             ``open_regions`` regions. Default 512. Numpy sources are sliced as
             views and take none of it.
         open_regions (int): regions a worker interleaves. Default 8.
+        storage_options (dict, optional): fsspec options for URL sources, e.g.
+            ``{'anon': True}`` for a public S3 bucket, or
+            ``{'client_kwargs': {'headers': {...}}}`` for HTTP.
+        cache_dir (str, optional): a local folder keeping every chunk fetched
+            from URL sources (shared by workers, kept across runs; delete it
+            yourself). Chunks read in parts (sharded stores) are not cached.
 
     Example::
 
@@ -720,10 +736,14 @@ def _retry_wait(error, attempt):
     retry_after = (getattr(error, 'headers', None) or {}).get('Retry-After')
     if retry_after is not None:
         try:
-            return min(float(retry_after), _LONGEST_WAIT)
-        except ValueError:        # an HTTP date
-            moment = email.utils.parsedate_to_datetime(retry_after).timestamp()
-            return min(max(moment - time.time(), 0.0), _LONGEST_WAIT)
+            seconds = float(retry_after)
+        except ValueError:        # an HTTP date, or garbage
+            try:
+                seconds = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+            except (TypeError, ValueError):
+                seconds = None
+        if seconds is not None:
+            return min(max(seconds, 0.0), _LONGEST_WAIT)
     return min(_FIRST_BACKOFF * 2**attempt, _LONGEST_WAIT) * random.uniform(0.5, 1.0)
 
 

@@ -1,6 +1,7 @@
 """The specification of the project: streamer, converter, benchmark and notebook."""
 
 import collections
+import email.utils
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 
 import benchmark
 import converter
+import streamer
 from streamer import VesuviusStream
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -668,6 +670,19 @@ def test_retries_wait_as_long_as_retry_after_says(scroll):
     assert torch.equal(block, torch.from_numpy(data[:8, :16, :16]))
     (path, refused_at), = first.items()
     assert log["times"][path][0] - refused_at >= 1.0
+
+
+def test_retry_wait_reads_seconds_or_an_http_date_and_backs_off_otherwise():
+    error = OSError("429")
+    error.headers = {"Retry-After": "7"}
+    assert streamer._retry_wait(error, 0) == 7.0
+    error.headers = {"Retry-After": "3600"}
+    assert streamer._retry_wait(error, 0) == 30.0                  # the longest wait
+    error.headers = {"Retry-After": email.utils.formatdate(time.time() + 20, usegmt=True)}
+    assert 10 < streamer._retry_wait(error, 0) <= 20
+    error.headers = {}
+    assert 0.1 <= streamer._retry_wait(error, 0) <= 0.2             # backoff with jitter
+    assert 0.8 <= streamer._retry_wait(error, 3) <= 1.6
 
 
 @pytest.mark.parametrize("status, error", [(401, PermissionError), (403, PermissionError)])
