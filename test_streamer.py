@@ -827,6 +827,20 @@ def test_converter_crops_exactly_on_every_axis(tmp_path, capsys, stack, tiff_opt
     assert info["source"] == src and info["chunks"] == [3, 8, 16]
 
 
+def test_converter_shows_progress_on_a_terminal_only(tmp_path, capsys, stack, monkeypatch):
+    write_stack(tmp_path / "in", stack)
+    converter.convert(tmp_path / "in", tmp_path / "a.zarr", chunks=(4, 40, 50), progress=True)
+    shown = capsys.readouterr().err
+    assert re.search(r"\r3/3 slabs +\d+ MB/s +ETA +0 s\n$", shown), shown
+    # A redirected stderr gets nothing; neither does a terminal with --quiet.
+    for terminal, quiet, shows in ((False, [], False), (True, ["--quiet"], False),
+                                   (True, [], True)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+        status = converter.main([str(tmp_path / "in"), str(tmp_path / f"{terminal}{quiet}.zarr"),
+                                 "--z_chunksize", "4", *quiet])
+        assert status == 0 and ("slabs" in capsys.readouterr().err) == shows
+
+
 def test_converter_orders_slices_numerically_with_any_padding(tmp_path, capsys):
     stack = np.arange(12, dtype=np.uint16)[:, None, None] * np.ones((1, 4, 5), np.uint16)
     names = [f"{i}.tif" for i in range(10)] + ["010.tif", "0011.tiff"]
