@@ -1056,3 +1056,39 @@ def test_converter_script_exits_2_without_traceback(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# -- the notebook --------------------------------------------------------------
+
+NOTEBOOK = os.path.join(HERE, "training_example.ipynb")
+
+
+def notebook_results(notebook):
+    """(number of pictures, IoU printed) of an executed notebook; fails on errors."""
+    pictures, text = 0, ""
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            assert output.output_type != "error", output.get("evalue")
+            pictures += "image/png" in output.get("data", {})
+            text += output.get("text", "")
+    iou = re.search(r"IoU of ink at 0.5: ([\d.]+)", text)
+    return pictures, float(iou.group(1)) if iou else None
+
+
+def test_committed_notebook_shows_its_pictures_and_results():
+    import nbformat
+    pictures, iou = notebook_results(nbformat.read(NOTEBOOK, as_version=4))
+    # the data, sample blocks with labels, the loss curve, prediction beside truth
+    assert pictures == 4
+    assert iou >= 0.4
+
+
+def test_notebook_runs_top_to_bottom_and_learns_the_letters():
+    import nbformat
+    from nbclient import NotebookClient
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": HERE}}).execute()
+    pictures, iou = notebook_results(notebook)
+    assert pictures == 4
+    assert iou >= 0.4
