@@ -1058,6 +1058,25 @@ def test_converter_script_exits_2_without_traceback(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+# -- the example segment ---------------------------------------------------------
+
+def test_example_segment_is_made_reproducibly_by_its_script(tmp_path):
+    subprocess.run([sys.executable, os.path.join(HERE, "example_zarr", "make_example.py"),
+                    str(tmp_path / "example.zarr")], check=True, timeout=120)
+    committed = os.path.join(HERE, "example_zarr", "example.zarr")
+
+    def files(root):
+        return {os.path.relpath(os.path.join(folder, name), root):
+                open(os.path.join(folder, name), "rb").read()
+                for folder, _, names in os.walk(root) for name in names}
+
+    assert files(tmp_path / "example.zarr") == files(committed)     # byte for byte
+    segment = zarr.open_group(committed, mode="r")
+    assert (segment["volume"].shape, segment["volume"].dtype) == ((65, 192, 512), np.uint16)
+    ink = (segment["labels"][:] > 127).mean()
+    assert 0.03 < ink < 0.10 and segment["mask"][:].any()      # ~5 % ink, like real segments
+
+
 # -- the notebook --------------------------------------------------------------
 
 NOTEBOOK = os.path.join(HERE, "training_example.ipynb")

@@ -11,6 +11,7 @@ It writes those files into a temporary folder and runs ``converter.py`` on
 them, as a user would:
 
     python example_zarr/make_example.py            # rewrites example_zarr/example.zarr
+    python example_zarr/make_example.py other.zarr # or writes it elsewhere
 
 Needs numpy, tifffile, zarr and Pillow.
 """
@@ -96,7 +97,8 @@ def layers(labels, mask, rng):
         yield np.where(inside, value, 0).astype(np.uint16)
 
 
-def main():
+def main(dest=os.path.join(HERE, "example.zarr")):
+    dest = os.path.abspath(dest)
     rng = np.random.default_rng(2023)
     labels = ink_labels()
     mask = papyrus_mask(rng)
@@ -112,9 +114,9 @@ def main():
         # record them, and no path of this machine.
         subprocess.run(
             [sys.executable, os.path.join(HERE, "..", "converter.py"), "layers",
-             os.path.join(HERE, "example.zarr"), "--labels", "inklabels.png",
+             dest, "--labels", "inklabels.png",
              "--mask", "mask.png", "--overwrite", "--quiet"], cwd=folder, check=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])
