@@ -4,6 +4,7 @@ import collections
 import email.utils
 import math
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -1066,9 +1067,8 @@ def test_example_segment_is_made_reproducibly_by_its_script(tmp_path):
     committed = os.path.join(HERE, "example_zarr", "example.zarr")
 
     def files(root):
-        return {os.path.relpath(os.path.join(folder, name), root):
-                open(os.path.join(folder, name), "rb").read()
-                for folder, _, names in os.walk(root) for name in names}
+        return {path.relative_to(root): path.read_bytes()
+                for path in pathlib.Path(root).rglob("*") if path.is_file()}
 
     assert files(tmp_path / "example.zarr") == files(committed)     # byte for byte
     segment = zarr.open_group(committed, mode="r")
