@@ -96,9 +96,12 @@ class VesuviusStream(IterableDataset):
     (each (y, x) or (z, y, x)), which is what ``converter.py`` writes; an
     opened ``zarr.Array`` or ``zarr.Group``; a 3D ``numpy.ndarray``; or a dict
     ``{'volume': a, 'labels': b, 'mask': c}`` of numpy or zarr arrays. Either
-    all sources have labels or none. An OME-Zarr multiscale group (one with
-    ``multiscales`` metadata) stands for its full-resolution level; a path to
-    one level (``scroll.zarr/2``) reads that level.
+    all sources have labels or none. The label of a block at (z, y, x) is
+    ``labels[y:y+h, x:x+w]`` for 2D labels and ``labels[z:z+d, y:y+h, x:x+w]``
+    for 3D ones, in the labels' own dtype. The mask is nonzero where papyrus
+    is. An OME-Zarr multiscale group (one with ``multiscales`` metadata)
+    stands for its full-resolution level; a path to one level
+    (``scroll.zarr/2``) reads that level.
 
     Remote sources: ``http(s)://``, ``s3://`` and other fsspec URLs are read
     through zarr's fsspec store (install ``fsspec aiohttp``, plus ``s3fs`` for
@@ -106,10 +109,7 @@ class VesuviusStream(IterableDataset):
     are retried up to 10 times with exponential backoff from 0.2 s, waiting
     what a Retry-After header asks (at most 30 s); 401 and 403 raise
     ``PermissionError`` at once, and a URL without Zarr metadata raises
-    ``FileNotFoundError``. Each DataLoader worker opens its own connections. The label of a block at (z, y, x) is
-    ``labels[y:y+h, x:x+w]`` for 2D labels and ``labels[z:z+d, y:y+h, x:x+w]``
-    for 3D ones, in the labels' own dtype. The mask is nonzero where papyrus
-    is.
+    ``FileNotFoundError``. Each DataLoader worker opens its own connections.
 
     Args:
         file_paths (list): the sources (see above).
