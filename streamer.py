@@ -216,8 +216,9 @@ class VesuviusStream(IterableDataset):
             if not (isinstance(stride, (tuple, list)) and len(stride) == 3):
                 raise TypeError(f"stride must be a tuple (sz, sy, sx), got {stride!r}")
             stride = tuple(_positive_int('stride', s) for s in stride)
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        if not _is_int(seed):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        seed = int(seed)
         if not (isinstance(min_mask_fraction, (int, float)) and 0 <= min_mask_fraction <= 1):
             raise ValueError(f"min_mask_fraction must be a number in [0, 1], "
                              f"got {min_mask_fraction!r}")
@@ -277,9 +278,9 @@ class VesuviusStream(IterableDataset):
 
     def set_epoch(self, epoch):
         """Select the epoch whose positions the next iteration yields."""
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        if not _is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self._epoch.fill_(epoch)
+        self._epoch.fill_(int(epoch))
 
     def __iter__(self):
         epoch = int(self._epoch)
@@ -359,8 +360,9 @@ class _Source:
         self.lo, self.hi = (0, 0, 0), shape
         if z_range is not None:
             if not (isinstance(z_range, (tuple, list)) and len(z_range) == 2
-                    and all(isinstance(z, int) for z in z_range)):
+                    and all(map(_is_int, z_range))):
                 raise TypeError(f"z_range must be a tuple (start, end) of ints, got {z_range!r}")
+            z_range = tuple(map(int, z_range))
             if not 0 <= z_range[0] < z_range[1] <= shape[0]:
                 raise ValueError(f"z_range {tuple(z_range)} must satisfy 0 <= start < end <= "
                                  f"{shape[0]} (source {index} has {shape[0]} layers)")
@@ -747,8 +749,13 @@ def _retry_wait(error, attempt):
     return min(_FIRST_BACKOFF * 2**attempt, _LONGEST_WAIT) * random.uniform(0.5, 1.0)
 
 
+def _is_int(value):
+    """True for Python and numpy integers (not bools): sizes often come from array shapes."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _positive_int(name, value):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+    if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
@@ -764,9 +771,9 @@ def _resolve_ranks(rank, world_size):
     if rank is None or world_size is None:
         raise ValueError("give both rank and world_size, or neither")
     world_size = _positive_int('world_size', world_size)
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
+    if not _is_int(rank) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-    return rank, world_size
+    return int(rank), world_size
 
 
 # -- keyed bijections ------------------------------------------------------

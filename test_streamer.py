@@ -349,6 +349,21 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, message):
         VesuviusStream(**args)
 
 
+def test_numpy_integers_are_accepted_wherever_ints_are():
+    # Sizes and ranges often come from array shapes or np.random: np.int64 works like int.
+    data = np.arange(6 * 10 * 10, dtype=np.uint8).reshape(6, 10, 10)
+    args = dict(z_size=3, y_size=3, x_size=3, samples_per_epoch=20, seed=7,
+                z_range=(1, 5), rank=1, world_size=2)
+    as_numpy = {k: tuple(map(np.int64, v)) if isinstance(v, tuple) else np.int64(v)
+                for k, v in args.items()}
+    runs = []
+    for kwargs in (args, as_numpy):
+        ds = VesuviusStream([data], return_coords=True, **kwargs)
+        ds.set_epoch(kwargs['seed'] - 6)
+        runs.append(epoch(ds))
+    assert len(runs[0]) == 10 and runs[0] == runs[1]
+
+
 def test_missing_path_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Zarr store at"):
         VesuviusStream([str(tmp_path / "nope.zarr")], 1, 1, 1, 1)
