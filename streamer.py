@@ -216,6 +216,11 @@ class VesuviusStream(IterableDataset):
             if not (isinstance(stride, (tuple, list)) and len(stride) == 3):
                 raise TypeError(f"stride must be a tuple (sz, sy, sx), got {stride!r}")
             stride = tuple(_positive_int('stride', s) for s in stride)
+        if z_range is not None:
+            if not (isinstance(z_range, (tuple, list)) and len(z_range) == 2
+                    and all(map(_is_int, z_range))):
+                raise TypeError(f"z_range must be a tuple (start, end) of ints, got {z_range!r}")
+            z_range = tuple(map(int, z_range))
         if not _is_int(seed):
             raise TypeError(f"seed must be an int, got {seed!r}")
         seed = int(seed)
@@ -359,17 +364,13 @@ class _Source:
                                  f"match the volume {shape}; expected {shape[1:]} or {shape}")
         self.lo, self.hi = (0, 0, 0), shape
         if z_range is not None:
-            if not (isinstance(z_range, (tuple, list)) and len(z_range) == 2
-                    and all(map(_is_int, z_range))):
-                raise TypeError(f"z_range must be a tuple (start, end) of ints, got {z_range!r}")
-            z_range = tuple(map(int, z_range))
             if not 0 <= z_range[0] < z_range[1] <= shape[0]:
-                raise ValueError(f"z_range {tuple(z_range)} must satisfy 0 <= start < end <= "
+                raise ValueError(f"z_range {z_range} must satisfy 0 <= start < end <= "
                                  f"{shape[0]} (source {index} has {shape[0]} layers)")
             self.lo, self.hi = (z_range[0], 0, 0), (z_range[1], *shape[1:])
         if any(b > h - l for b, l, h in zip(block, self.lo, self.hi)):
             raise ValueError(f"block {block} does not fit in source {index} of shape {shape}"
-                             + (f" within z_range {tuple(z_range)}" if z_range else ""))
+                             + (f" within z_range {z_range}" if z_range else ""))
         self.block, self.step = block, step
         self.extent = tuple(-(-(h - l - b) // s) + 1
                             for l, h, b, s in zip(self.lo, self.hi, block, step))
