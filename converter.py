@@ -68,7 +68,8 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
             ``value >> 8``, or by ``window``.
         window: ``(low, high)``: map [low, high] linearly onto 0..255, clipping.
         labels, mask: 2D PNG or TIFF files at the slices' resolution.
-        overwrite: replace an existing ``dest``.
+        overwrite: replace an existing Zarr store at ``dest`` (nothing else: a
+            destination that is, holds or lies in ``src_dir`` is always refused).
         threads: decoding/encoding threads (default: the number of CPUs).
         progress: print progress on stderr.
 
@@ -94,8 +95,7 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
         raise ConversionError(f"--window needs LOW < HIGH, got {window[0]} {window[1]}")
     if not os.path.isdir(src_dir):
         raise ConversionError(f"source folder {src_dir} does not exist or is not a folder")
-    if os.path.lexists(dest) and not overwrite:
-        raise ConversionError(f"{dest} exists; pass --overwrite to replace it")
+    _check_dest(src_dir, dest, (("labels", labels), ("mask", mask)), overwrite)
 
     slices = find_slices(src_dir)
     numbers = sorted(slices)
@@ -158,6 +158,43 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return zarr.open_group(dest, mode="r")
+
+
+def _check_dest(src_dir, dest, images, overwrite):
+    """Refuse a ``dest`` whose replacement would touch the input, or is not ours to replace.
+
+    The converter deletes only what it could have made: DEST may not be, hold,
+    or lie inside the source folder, nor hold the labels or mask file, and
+    ``overwrite`` replaces an existing Zarr store only.
+    """
+    source, target = os.path.realpath(src_dir), os.path.realpath(dest)
+    if target == source or _within(target, source) or _within(source, target):
+        relation = ("is" if target == source else
+                    "is inside" if _within(target, source) else "contains")
+        raise ConversionError(f"destination {dest} {relation} the source folder {src_dir}; "
+                              f"choose a destination outside it")
+    for name, path in images:
+        if path is not None and _within(os.path.realpath(path), target):
+            raise ConversionError(f"destination {dest} contains the {name} file {path}; "
+                                  f"choose another destination")
+    if not os.path.lexists(dest):
+        return
+    if not overwrite:
+        raise ConversionError(f"{dest} exists; pass --overwrite to replace it")
+    if not _is_zarr_store(dest):
+        raise ConversionError(f"{dest} exists and is not a Zarr store; --overwrite replaces "
+                              f"only a Zarr store: move or delete it yourself")
+
+
+def _within(path, folder):
+    """Whether ``path`` lies strictly inside ``folder`` (both real, absolute paths)."""
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _is_zarr_store(path):
+    """A folder with Zarr metadata at its top (format 2 or 3)."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("zarr.json", ".zgroup", ".zarray"))
 
 
 def find_slices(src_dir):
@@ -420,7 +457,8 @@ def main(argv=None):
     parser.add_argument("--labels", help="2D ink labels (PNG or TIFF), stored as DEST/labels")
     parser.add_argument("--mask", help="2D papyrus mask (PNG or TIFF), stored as DEST/mask")
     parser.add_argument("--threads", type=int, help="threads (default: number of CPUs)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    parser.add_argument("--overwrite", action="store_true", help="replace DEST if it is an existing Zarr store "
+                        "(never the slices' folder, a folder holding it, or another file)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:

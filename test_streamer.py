@@ -1037,9 +1037,39 @@ def test_converter_rejects_bad_labels(tmp_path, capsys, stack, monkeypatch):
     assert "needs the 'Pillow' package (pip install Pillow)" in line
 
 
+def tree(folder):
+    """{relative path: bytes} of every file below ``folder``."""
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in pathlib.Path(folder).rglob("*") if p.is_file()}
+
+
+def test_converter_never_overwrites_its_input_or_anything_but_a_zarr_store(tmp_path, capsys,
+                                                                          stack):
+    segment = tmp_path / "seg"
+    src = write_stack(segment / "layers", stack[:2])
+    (segment / "inklabels.png").write_bytes(b"not overwritten")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    before = tree(tmp_path)
+    for dest, message in [
+            (src, "is the source folder"),
+            (segment, "contains the source folder"),
+            (tmp_path, "contains the source folder"),
+            (os.path.join(src, "00.tif"), "is inside the source folder"),
+            (os.path.join(src, "new.zarr"), "is inside the source folder"),
+            (tmp_path / "notes", "is not a Zarr store; --overwrite replaces only a Zarr store"),
+            (tmp_path / "notes" / "keep.txt", "is not a Zarr store")]:
+        line = one_error_line(*run_converter(capsys, src, dest, "--overwrite"))
+        assert message in line, (dest, line)
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "notes", "--overwrite",
+                                         "--labels", tmp_path / "notes" / "keep.txt"))
+    assert "contains the labels file" in line
+    assert tree(tmp_path) == before
+
+
 def test_converter_refuses_existing_dest_unless_overwrite(tmp_path, capsys, stack):
     src = write_stack(tmp_path / "slices", stack[:2])
-    (tmp_path / "o.zarr").mkdir()
+    zarr.open_group(str(tmp_path / "o.zarr"), mode="w")
     line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr"))
     assert "exists; pass --overwrite" in line
     status, _ = run_converter(capsys, src, tmp_path / "o.zarr", "--overwrite")
