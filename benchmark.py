@@ -42,7 +42,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from streamer import VesuviusStream, _slice_visits
+from streamer import VesuviusStream, _shard_bounds
 
 SYNTHETIC_SHAPE = (65, 2048, 2048)
 SYNTHETIC_CHUNKS = (16, 256, 256)
@@ -360,15 +360,17 @@ def benchmark_stream(path, args):
 
 
 def stream_decoded_bytes(stream, array, workers):
-    """Bytes the workers decode for one epoch: each region each of them reads."""
+    """Bytes the workers decode for one epoch: each box each of them reads."""
     shards = max(workers, 1)
+    plan, source = stream._plan(0), stream._sources[0]
     total = 0
     for shard in range(shards):
-        first = stream.samples_per_epoch * shard // shards
-        stop = stream.samples_per_epoch * (shard + 1) // shards
-        for _, corners in _slice_visits(stream._epoch_visits(0), first, stop):
-            origin = corners.min(axis=0)
-            total += decoded_bytes(array, origin, corners.max(axis=0) - origin + stream.block)
+        for group in plan.groups(*_shard_bounds(stream.samples_per_epoch, shards, shard)):
+            for visit in group.visits:
+                corners = source.lattice.corners(source.positions_of(visit))
+                origin = corners.min(axis=0)
+                total += decoded_bytes(array, origin,
+                                       corners.max(axis=0) - origin + stream.block)
     return total
 
 

@@ -28,6 +28,7 @@ import pickle
 import random
 import sys
 import time
+import typing
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 _MASK64 = (1 << 64) - 1
 _FEISTEL_ROUNDS = 6
+# Independent random streams of an epoch, derived from its key.
+_REGION_ORDER, _POSITION_ORDER, _ROUNDING = range(3)
 _METHODS = ('uniform', 'proportional', 'grid')
 # Remote stores: attempts per request, first backoff and longest wait (s).
 _ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
@@ -275,79 +278,574 @@ class VesuviusStream(IterableDataset):
         self.return_coords = bool(return_coords)
         self.transform = transform
         self.open_regions = open_regions
-        # Shared memory, so that set_epoch reaches persistent DataLoader workers.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._z_range, self._step = z_range, stride or block if grid else (1, 1, 1)
+        self._min_mask_fraction = min_mask_fraction
+        # (epoch, skip_batches, batch_size) in shared memory, so that
+        # set_epoch reaches persistent DataLoader workers.
+        self._epoch = torch.zeros(3, dtype=torch.int64).share_memory_()
+        self._resume = None                   # a loaded state, for the next iteration
+        # (epoch, shard, shards, items yielded) of the running iteration.
+        self._position = [None, None, None, 0]
 
     def __len__(self):
-        return self.samples_per_epoch
+        """Items this rank yields per epoch (``samples_per_epoch`` over all ranks)."""
+        first, stop = _shard_bounds(self.samples_per_epoch, self.world_size, self.rank)
+        return stop - first
 
-    def set_epoch(self, epoch):
-        """Select the epoch whose positions the next iteration yields."""
+    def set_epoch(self, epoch, skip_batches=0, batch_size=None):
+        """Select the epoch whose positions the next iterations yield.
+
+        ``skip_batches=B, batch_size=S`` resumes that epoch with a plain
+        ``DataLoader`` after its first B batches of S items, for the same
+        number of workers (and ranks): each worker skips what it delivered in
+        those batches. Until the next ``set_epoch``, every iteration skips
+        them. (``torchdata``'s ``StatefulDataLoader`` needs none of this: it
+        saves and restores the position through ``state_dict``.)
+        """
         if not _is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self._epoch.fill_(int(epoch))
+        if not _is_int(skip_batches) or skip_batches < 0:
+            raise ValueError(f"skip_batches must be an int >= 0, got {skip_batches!r}")
+        if skip_batches and batch_size is None:
+            raise ValueError("skip_batches needs the DataLoader's batch_size")
+        batch_size = 0 if batch_size is None else _positive_int('batch_size', batch_size)
+        self._epoch[:] = torch.tensor((int(epoch), int(skip_batches), batch_size))
+
+    def state_dict(self):
+        """Where this worker is in its epoch, for ``StatefulDataLoader`` (torchdata).
+
+        A dict of plain values: the epoch, this shard, the items it yielded,
+        and the configuration it belongs to.
+        """
+        return {'epoch': self._position[0], 'shard': self._position[1],
+                'shards': self._position[2], 'yielded': self._position[3],
+                'config': self._config()}
+
+    def load_state_dict(self, state):
+        """Continue from a ``state_dict()``: the next iteration resumes its epoch.
+
+        Raises ValueError when the state comes from another configuration
+        (sources, block, seed, samples_per_epoch, ...), naming what differs.
+        """
+        if not isinstance(state, dict) or not {'epoch', 'shard', 'shards', 'yielded',
+                                               'config'} <= state.keys():
+            raise ValueError(f"not a VesuviusStream state: {state!r}")
+        mine = self._config()
+        differ = [f"{key}: saved {state['config'].get(key)!r}, here {value!r}"
+                  for key, value in mine.items() if state['config'].get(key) != value]
+        if differ:
+            raise ValueError("this state was saved by a VesuviusStream with another "
+                             "configuration: " + "; ".join(differ))
+        self._resume = dict(state)
 
     def __iter__(self):
-        epoch = int(self._epoch)
+        epoch, skip_batches, batch_size = self._epoch.tolist()
         worker = get_worker_info()
         workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        shards = self.world_size * workers
-        shard = self.rank * workers + worker_id
-        first = self.samples_per_epoch * shard // shards
-        stop = self.samples_per_epoch * (shard + 1) // shards
-        visits = _slice_visits(self._epoch_visits(epoch), first, stop)
-        rng = np.random.default_rng([self.seed, epoch, shard])
+        # A DataLoader asks its workers for batches in turn from worker 0: after
+        # skip_batches, worker 0 takes over the share whose turn came next.
+        worker_id = (worker_id + skip_batches) % workers
+        shards, shard = self.world_size * workers, self.rank * workers + worker_id
+        # This shard's share of the epoch, minus what it already delivered.
+        first, stop = _shard_bounds(self.samples_per_epoch, shards, shard)
+        done = (self._resumed(epoch, shard, shards) if self._resume is not None else
+                _delivered(self.samples_per_epoch, shards, shard, workers, skip_batches,
+                           batch_size))
+        self._position = [epoch, shard, shards, done]
         for source in self._sources:
             source.attach()
-        # Raster and grid order mean one region after another, not interleaved.
-        open_regions = self.open_regions if self.shuffle else 1
-        for file_index, boxes, corner in _interleave(visits, self._sources, open_regions, rng):
-            item = self._sources[file_index].cut(boxes, corner)
-            if self.transform is not None:
-                item = self.transform(*item)
-                item = item if isinstance(item, tuple) else (item,)
-            if self.return_coords:
-                item = (*item, torch.tensor((file_index, *corner), dtype=torch.int64))
-            yield item if len(item) > 1 else item[0]
+        plan = self._plan(epoch)
+        for group in plan.groups(first + done, stop):
+            # Read: decode each visit's box once; then cut its blocks in the
+            # group's interleaved order.
+            boxes = [self._sources[visit.source].read(visit) for visit in group.visits]
+            for lane, index in group.order:
+                visit, box = group.visits[lane], boxes[lane]
+                corner = box.corners[index]
+                item = self._sources[visit.source].cut(box, corner)
+                if self.transform is not None:
+                    item = self.transform(*item)
+                    item = item if isinstance(item, tuple) else (item,)
+                if self.return_coords:
+                    item = (*item, torch.tensor((visit.source, *corner), dtype=torch.int64))
+                self._position[3] += 1
+                yield item if len(item) > 1 else item[0]
 
-    def _epoch_visits(self, epoch):
-        """Yield the epoch's visits in global order, the same in every shard.
+    def _resumed(self, epoch, shard, shards):
+        """Items this shard delivered before the saved state (used once)."""
+        state, self._resume = self._resume, None
+        if state['shard'] is None:          # saved before this worker yielded anything
+            return 0
+        if (state['shard'], state['shards']) != (shard, shards):
+            raise ValueError(f"the state was saved by shard {state['shard']} of "
+                             f"{state['shards']} (rank x worker), this is shard {shard} of "
+                             f"{shards}: resume with the same num_workers and ranks")
+        if state['epoch'] != epoch:
+            raise ValueError(f"the state was saved in epoch {state['epoch']}; call "
+                             f"set_epoch({state['epoch']}) before resuming it")
+        return state['yielded']
 
-        A visit is ``(file_index, corners)``: an (n, 3) int64 array of block
-        start corners, all within one region.
-        """
+    def _config(self):
+        """What an epoch's order depends on, to check a saved state against."""
+        return {'sources': [[list(s.shape), str(s.volume.dtype), s.positions]
+                            for s in self._sources],
+                'block': list(self.block), 'samples_per_epoch': self.samples_per_epoch,
+                'sampling_method': self.sampling_method, 'shuffle': self.shuffle,
+                'seed': self.seed, 'z_range': self._z_range, 'stride': list(self._step),
+                'min_mask_fraction': self._min_mask_fraction,
+                'regions': [list(s.lattice.region) for s in self._sources],
+                'samples_per_region': [s.per_visit for s in self._sources],
+                'open_regions': self.open_regions,
+                'rank': self.rank, 'world_size': self.world_size}
+
+    def _plan(self, epoch):
+        """The epoch's order (a pure computation: no array is read)."""
         capacities = [source.positions for source in self._sources]
-        if not self.shuffle:
+        if self.sampling_method == 'grid':
+            streams = [_GridVisits(s.lattice, s.region_counts, s.positions)
+                       for s in self._sources]
+        elif not self.shuffle:
             counts = _fixed_shares(self.samples_per_epoch, capacities, self.sampling_method)
-            for source, count in zip(self._sources, counts):
-                visits = (source.grid_visits() if self.sampling_method == 'grid'
-                          else source.raster_visits(count))
-                for corners in visits:
-                    yield source.index, corners
+            streams = [_RasterVisits(s.lattice, count,
+                                     None if s.mask is None else s.count_on_mask)
+                       for s, count in zip(self._sources, counts)]
+        else:
+            rng = np.random.default_rng([self.seed, epoch])
+            counts = _random_shares(self.samples_per_epoch, capacities, self.sampling_method,
+                                    rng)
+            streams = [_ShuffledVisits(s.lattice, s.region_counts, s.per_visit, count,
+                                       _key(self.seed, epoch, s.index))
+                       for s, count in zip(self._sources, counts)]
+        # Raster and grid order mean one region after another, not interleaved.
+        return _EpochPlan(streams, self.open_regions if self.shuffle else 1,
+                          interleave=self.shuffle)
+
+
+def _shard_bounds(total, shards, shard):
+    """``[first, stop)`` of shard ``shard`` of ``shards``: contiguous, sizes at most one apart."""
+    return total * shard // shards, total * (shard + 1) // shards
+
+
+def _delivered(total, shards, shard, workers, batches, batch_size):
+    """Items shard ``shard`` gave to the first ``batches`` batches of its rank's DataLoader.
+
+    A DataLoader takes batches from its workers in turn (worker 0, 1, ...),
+    skipping workers that have none left; shares differ by at most one item,
+    so batch counts per worker differ by at most one.
+    """
+    if not batches:
+        return 0
+    rank_first = shard - shard % workers
+    shares = [_shard_bounds(total, shards, s) for s in range(rank_first, rank_first + workers)]
+    counts = [-(-(stop - first) // batch_size) for first, stop in shares]
+    fewest = min(counts)
+    mine = shard - rank_first
+    if batches <= fewest * workers:
+        taken = batches // workers + (mine < batches % workers)
+    else:
+        more = [w for w, c in enumerate(counts) if c > fewest][:batches - fewest * workers]
+        taken = fewest + (mine in more)
+    first, stop = shares[mine]
+    return min(taken * batch_size, stop - first)
+
+
+# -- the plan of an epoch: which positions, in which visits, in which order ----
+#
+# A *visit* is a lattice box of one source (a region, or a run of raster rows)
+# and a range [a, b) of its positions on the mask, counted in the box's own
+# (permuted or raster) order. Each source gives a stream of visits whose
+# lengths are known from per-region counts alone, so that any sample of the
+# epoch is found by arithmetic; the plan merges the streams and groups the
+# visits that a worker reads together.
+
+class _Visit(typing.NamedTuple):
+    source: int
+    origin: tuple       # lattice box (in positions)
+    shape: tuple
+    first: int          # [first, stop) of the box's positions on the mask
+    stop: int
+    key: int            # the permutation of the box's positions, or None: raster
+
+
+class _ShuffledVisits:
+    """The visits of one source in a random epoch, giving ``total`` positions.
+
+    Round j visits every region with positions in a random order of its own
+    and takes, from the region's own random permutation of its N positions on
+    the mask, those numbered [floor(j r + u), floor((j + 1) r + u)) (capped at
+    N), where r = samples_per_region * N / (positions of a whole region) and u
+    is a random offset of the region. So each position has the same chance per
+    round wherever it is, border regions included, and a visit's length
+    follows from N: the plan never reads the mask.
+    """
+
+    def __init__(self, lattice, region_counts, per_visit, total, key):
+        self.lattice, self.total, self.key = lattice, total, key
+        self.regions = np.flatnonzero(region_counts)
+        self.sizes = region_counts[self.regions]
+        self.rate = per_visit * self.sizes / math.prod(lattice.region)
+        self.offset = _uniform(_key(key, _ROUNDING), self.regions)
+        # After this many rounds every region has given all its positions.
+        self.rounds = int(np.max(np.ceil((self.sizes - self.offset) / self.rate))) + 1
+        self._cached = None
+        self.count = self.locate(total - 1) + 1
+
+    def _taken(self, round_):
+        """Positions each region gave in rounds before ``round_``."""
+        return np.minimum(self.sizes, np.floor(round_ * self.rate + self.offset).astype(np.int64))
+
+    def _round(self, round_):
+        """(regions in visiting order, their [first, stop), the visits' starts) of a round."""
+        if self._cached is None or self._cached[0] != round_:
+            order = _permute(np.arange(len(self.regions)), len(self.regions),
+                             _key(self.key, _REGION_ORDER, round_))
+            before, after = self._taken(round_)[order], self._taken(round_ + 1)[order]
+            starts = int(self._taken(round_).sum()) + np.cumsum(after - before) - (after - before)
+            self._cached = round_, order, before, after, starts
+        return self._cached[1:]
+
+    def locate(self, sample):
+        """Index of the visit that gives the stream's ``sample``-th position."""
+        low, high = 0, self.rounds      # the round: last one starting at or before sample
+        while low < high:
+            mid = (low + high + 1) // 2
+            if int(self._taken(mid).sum()) <= sample:
+                low = mid
+            else:
+                high = mid - 1
+        _, before, after, starts = self._round(low)
+        slot = int(np.searchsorted(starts + (after - before), sample, side='right'))
+        return low * len(self.regions) + slot
+
+    def start(self, visit):
+        """Positions the stream gives before ``visit``."""
+        if visit >= self.count:
+            return self.total
+        round_, slot = divmod(visit, len(self.regions))
+        return int(self._round(round_)[3][slot])
+
+    def visit(self, index, source):
+        """The ``index``-th visit, trimmed to the stream's total."""
+        round_, slot = divmod(index, len(self.regions))
+        order, before, after, starts = self._round(round_)
+        region = int(self.regions[order[slot]])
+        origin, shape = self.lattice.region_bounds(region)
+        first = int(before[slot])
+        stop = first + min(int(after[slot] - before[slot]), self.total - int(starts[slot]))
+        return _Visit(source, origin, shape, first, stop, _key(self.key, _POSITION_ORDER, region))
+
+
+class _GridVisits:
+    """Every position on the mask, region by region, raster order within each."""
+
+    def __init__(self, lattice, region_counts, total):
+        self.lattice, self.total = lattice, total
+        self.regions = np.flatnonzero(region_counts)
+        self.ends = np.cumsum(region_counts[self.regions])
+        self.count = len(self.regions)
+
+    def locate(self, sample):
+        return int(np.searchsorted(self.ends, sample, side='right'))
+
+    def start(self, visit):
+        return 0 if visit == 0 else int(self.ends[min(visit, self.count) - 1])
+
+    def visit(self, index, source):
+        origin, shape = self.lattice.region_bounds(int(self.regions[index]))
+        return _Visit(source, origin, shape, 0, self.start(index + 1) - self.start(index), None)
+
+
+class _RasterVisits:
+    """The first ``total`` positions of a source in raster order, in runs.
+
+    A run is a box of consecutive positions within one z plane: as many whole
+    x-rows as a region's box allows, or part of a row when one row is too long
+    for it. With a mask, a run's length is its count on the mask, which needs
+    the mask: raster order is for inspection, and a shard counts the runs
+    before its share.
+    """
+
+    def __init__(self, lattice, total, count_on_mask):
+        self.lattice, self.total, self.count_on_mask = lattice, total, count_on_mask
+        ez, ey, ex = lattice.extent
+        budget = math.prod(lattice.box(lattice.region))
+        depth, _, width = lattice.box((1, 1, ex))
+        first_row = depth * lattice.block[1] * width
+        rows = ((budget - first_row) // (depth * lattice.step[1] * width) + 1
+                if budget >= first_row else 0)
+        # A run: `rows` whole rows, or `piece` positions of one row.
+        self.rows, self.piece = (min(rows, ey), ex) if rows else (1, lattice.region[2])
+        self.pieces = -(-ex // self.piece)
+        self.per_plane = -(-ey // self.rows) * self.pieces
+        self._cursor = (0, 0)          # (run, start): how far a masked stream was counted
+
+    def run(self, index):
+        """Lattice box (origin, shape) of run ``index``."""
+        z, rest = divmod(index, self.per_plane)
+        band, piece = divmod(rest, self.pieces)
+        origin = (z, band * self.rows, piece * self.piece)
+        shape = (1, min(self.rows, self.lattice.extent[1] - origin[1]),
+                 min(self.piece, self.lattice.extent[2] - origin[2]))
+        return origin, shape
+
+    def start(self, index):
+        """Positions before run ``index``."""
+        if self.count_on_mask is None:
+            (z, y, x), _ = self.run(index)
+            _, ey, ex = self.lattice.extent
+            return min(self.total, (z * ey + y) * ex + x)
+        run, start = self._cursor if self._cursor[0] <= index else (0, 0)
+        while run < index and start < self.total:
+            start += self.count_on_mask(*self.run(run))
+            run += 1
+        self._cursor = run, start
+        return min(start, self.total)
+
+    def locate(self, sample):
+        """Index of the run that gives the ``sample``-th position."""
+        if self.count_on_mask is None:
+            _, ey, ex = self.lattice.extent
+            z, rest = divmod(sample, ey * ex)
+            band, rest = divmod(rest, self.rows * ex)
+            return z * self.per_plane + band * self.pieces + rest // self.piece * (self.pieces > 1)
+        index = 0
+        while self.start(index + 1) <= sample:
+            index += 1
+        return index
+
+    def visit(self, index, source):
+        origin, shape = self.run(index)
+        return _Visit(source, origin, shape, 0, self.start(index + 1) - self.start(index), None)
+
+
+class _EpochPlan:
+    """The epoch as one sequence: the sources' visit streams merged, in groups.
+
+    Interleaved (random epochs), the streams are merged by how far through its
+    own stream each visit ends (ties: lower source first), so that every
+    source is spread over the whole epoch, and ``group_size`` consecutive
+    visits form a group whose positions alternate between its visits (round
+    robin), so that consecutive items come from different places. Otherwise
+    sources follow each other and a group is one visit. Either way sample s of
+    the epoch is found by arithmetic on visit lengths: a shard starts at once.
+    """
+
+    def __init__(self, streams, group_size, interleave):
+        self.streams, self.group_size, self.interleave = streams, group_size, interleave
+        self.counts = [s.count for s in streams] if interleave else None
+        self.totals = np.cumsum([0] + [s.total for s in streams])
+
+    def groups(self, first, stop):
+        """Yield the groups of samples [first, stop), trimmed to that range."""
+        if first >= stop:
             return
-        rng = np.random.default_rng([self.seed, epoch])
-        counts = _random_shares(self.samples_per_epoch, capacities, self.sampling_method, rng)
-        streams = [source.shuffled_visits(count, _key(self.seed, epoch, source.index))
-                   for source, count in zip(self._sources, counts)]
-        left = np.array(counts, dtype=np.int64)
-        # Interleave the sources' visit streams at random, in proportion to
-        # what each still has to give.
-        while left.any():
-            index = int(rng.choice(len(left), p=left / left.sum()))
-            corners = next(streams[index])
-            left[index] -= len(corners)
-            yield index, corners
+        if not self.interleave:
+            source = int(np.searchsorted(self.totals, first, side='right')) - 1
+            index = self.streams[source].locate(first - int(self.totals[source]))
+            while first < stop:
+                stream = self.streams[source]
+                begin = int(self.totals[source]) + stream.start(index)
+                if begin >= self.totals[source + 1]:
+                    source, index = source + 1, 0
+                    continue
+                visit = stream.visit(index, source)
+                if visit.stop > visit.first:
+                    yield _Group.of([visit], first - begin, stop - begin)
+                first, index = max(first, begin + visit.stop - visit.first), index + 1
+            return
+        group = self._group_at(first)
+        while first < stop:
+            begin = self._start(group * self.group_size)
+            visits = [self._visit(o) for o in range(group * self.group_size, min(
+                (group + 1) * self.group_size, sum(self.counts)))]
+            end = begin + sum(v.stop - v.first for v in visits)
+            if end > first:
+                yield _Group.of(visits, first - begin, stop - begin)
+            first, group = max(first, end), group + 1
+
+    # Ordinal arithmetic of the merge: visit v of source i ends at fraction
+    # (v + 1) / count_i of its stream.
+
+    def _ordinal(self, source, visit):
+        """Place of visit ``visit`` of ``source`` in the merged sequence."""
+        ordinal = visit
+        for other, count in enumerate(self.counts):
+            if other != source:
+                numerator, denominator = (visit + 1) * count, self.counts[source]
+                before = (numerator // denominator if other < source
+                          else -(-numerator // denominator) - 1)
+                ordinal += min(max(before, 0), count)
+        return ordinal
+
+    def _before(self, source, ordinal):
+        """Visits of ``source`` among the first ``ordinal`` of the merge."""
+        low, high = 0, self.counts[source]
+        while low < high:
+            mid = (low + high) // 2
+            if self._ordinal(source, mid) < ordinal:
+                low = mid + 1
+            else:
+                high = mid
+        return low
+
+    def _visit(self, ordinal):
+        for source, stream in enumerate(self.streams):
+            index = self._before(source, ordinal)
+            if index < stream.count and self._ordinal(source, index) == ordinal:
+                return stream.visit(index, source)
+        raise AssertionError(f"no visit at ordinal {ordinal}")   # unreachable
+
+    def _start(self, ordinal):
+        """Samples of the epoch before the visit at ``ordinal``."""
+        return sum(stream.start(self._before(source, ordinal))
+                   for source, stream in enumerate(self.streams))
+
+    def _group_at(self, sample):
+        """The group holding ``sample``: the last whose start is at or before it."""
+        low, high = 0, -(-sum(self.counts) // self.group_size) - 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self._start(mid * self.group_size) <= sample:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
 
-# -- sources ---------------------------------------------------------------
+class _Group(typing.NamedTuple):
+    """Visits read together, and the order of their samples: (visit, index)."""
+    visits: list
+    order: np.ndarray      # (n, 2): the lane (visit) and the index of the visit's position
+
+    @classmethod
+    def of(cls, visits, first, stop):
+        """The round-robin order of ``visits``, restricted to its samples [first, stop).
+
+        Each visit keeps only the positions the range uses, so that nothing
+        outside the shard's share is read.
+        """
+        lengths = np.array([v.stop - v.first for v in visits])
+        lanes = np.repeat(np.arange(len(visits)), lengths)
+        index = np.arange(len(lanes)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        order = np.argsort(index, kind='stable')[max(first, 0):stop]   # round by round
+        lanes, index = lanes[order], index[order]
+        kept, low = np.full(len(visits), -1), np.zeros(len(visits), dtype=np.int64)
+        trimmed = []
+        for lane in np.unique(lanes):
+            mine = index[lanes == lane]          # increasing: one run of the visit
+            kept[lane], low[lane] = len(trimmed), mine[0]
+            visit = visits[lane]
+            trimmed.append(visit._replace(first=visit.first + int(mine[0]),
+                                          stop=visit.first + int(mine[-1]) + 1))
+        return cls(trimmed, np.stack([kept[lanes], index - low[lanes]], axis=1))
+
+
+# -- geometry: where the positions of a volume are ---------------------------
+
+class _Lattice:
+    """The positions of one volume, and their regions: pure geometry, no data.
+
+    Along each axis, position p has the start coordinate
+    ``min(lo + p * step, hi - size)``, where [lo, hi) is the usable range
+    (``z_range``) and step is 1, or the grid stride: ``extent`` positions in
+    all. The lattice is cut into regions of ``region`` positions per axis
+    (``regions_per_axis`` of them per axis, ``regions`` in all, numbered in
+    raster order), chosen so that a region's box of voxels is made of whole
+    chunks and fits ``region_bytes``.
+
+    Example: shape (65, 300, 300), block (26, 64, 64), step 1, chunks (16, 128,
+    128): extent (40, 237, 237); a region of (40, 128, 128) positions reads a
+    box of (65, 191, 191) voxels.
+    """
+
+    def __init__(self, shape, block, lo, hi, step, chunks, region_bytes, itemsize):
+        self.block, self.lo, self.hi, self.step = block, lo, hi, step
+        self.extent = tuple(-(-(h - l - b) // s) + 1 for l, h, b, s in zip(lo, hi, block, step))
+        self.region = self._choose_region(chunks, region_bytes, itemsize)
+        self.regions_per_axis = tuple(-(-e // r) for e, r in zip(self.extent, self.region))
+        self.regions = math.prod(self.regions_per_axis)
+        self.positions = math.prod(self.extent)
+
+    def box(self, region):
+        """Voxel span of the blocks of ``region`` positions per axis."""
+        return tuple(min((r - 1) * s + b, h - l)
+                     for r, s, b, l, h in zip(region, self.step, self.block, self.lo, self.hi))
+
+    def _choose_region(self, chunks, region_bytes, itemsize):
+        """Region shape (in positions) whose box is chunk multiples within the budget.
+
+        Starts from one chunk (halved while even that is over budget), then
+        grows by whole chunks, each step on the axis whose halo costs most
+        relative to its size.
+        """
+        def fits(region):
+            return math.prod(self.box(region)) * itemsize <= region_bytes
+
+        per_chunk = [max(1, c // s) for c, s in zip(chunks, self.step)]
+        region = [min(c, e) for c, e in zip(per_chunk, self.extent)]
+        while not fits(region) and max(region) > 1:
+            axis = region.index(max(region))
+            region[axis] = -(-region[axis] // 2)
+        while True:
+            growable = [a for a in range(3) if region[a] < self.extent[a]]
+            growable.sort(key=lambda a: self.box(region)[a] / (region[a] * self.step[a]),
+                          reverse=True)
+            for axis in growable:
+                bigger = list(region)
+                bigger[axis] = min(region[axis] + per_chunk[axis], self.extent[axis])
+                if fits(bigger):
+                    region = bigger
+                    break
+            else:
+                return tuple(region)
+
+    def region_bounds(self, index):
+        """Origin and shape (in positions) of region ``index``."""
+        cell = np.unravel_index(index, self.regions_per_axis)
+        origin = tuple(int(c) * r for c, r in zip(cell, self.region))
+        shape = tuple(min(r, e - o) for r, e, o in zip(self.region, self.extent, origin))
+        return origin, shape
+
+    def region_sizes(self):
+        """Positions per region, in region order (border regions are smaller)."""
+        per_axis = [np.minimum(r, e - np.arange(0, e, r))
+                    for r, e in zip(self.region, self.extent)]
+        return np.einsum('i,j,k->ijk', *per_axis).ravel().astype(np.int64)
+
+    def corners(self, positions):
+        """Start coordinates (n, 3) of lattice positions (n, 3)."""
+        return np.minimum(np.asarray(self.lo) + positions * np.asarray(self.step),
+                          np.asarray(self.hi) - np.asarray(self.block))
+
+    def axis_corners(self, origin, shape):
+        """Start coordinates along each axis of the lattice box (origin, shape)."""
+        return [np.minimum(l + np.arange(o, o + n) * s, h - b)
+                for o, n, l, s, h, b in zip(origin, shape, self.lo, self.step, self.hi,
+                                            self.block)]
+
+
+def _count(valid, shape):
+    """Positions of a lattice box of ``shape`` given its ``on_mask`` (None: all)."""
+    if valid is None:
+        return math.prod(shape)
+    return int(valid.sum()) * (shape[0] if valid.ndim == 2 else 1)
+
+
+# -- reading: one volume's arrays ---------------------------------------------
+
+class _Box(typing.NamedTuple):
+    """Decoded voxels covering one visit's blocks."""
+    origin: np.ndarray    # (3,) voxel coordinates of volume[0, 0, 0]
+    volume: np.ndarray
+    labels: np.ndarray    # or None
+    corners: np.ndarray   # (n, 3) the visit's block corners, in its order
+
 
 class _Source:
-    """One volume (with labels and mask): where its positions are, how to read them.
+    """One volume with its labels and mask: checks, the mask's counts, reading.
 
-    Positions live on a lattice: along each axis, position p has the start
-    coordinate ``min(lo + p * step, hi - size)``, where [lo, hi) is the usable
-    range (``z_range``) and step is 1, or the grid stride. The lattice is cut
-    into regions of ``region`` positions per axis, numbered in raster order.
+    ``region_counts`` holds the positions of each region on the mask (all of
+    them without a mask): one integer per region, counted once.
     """
 
     def __init__(self, arrays, index, block, z_range, step, region_bytes,
@@ -362,111 +860,57 @@ class _Source:
             if array is not None and tuple(array.shape) not in (shape, shape[1:]):
                 raise ValueError(f"source {index}: {name} of shape {tuple(array.shape)} do not "
                                  f"match the volume {shape}; expected {shape[1:]} or {shape}")
-        self.lo, self.hi = (0, 0, 0), shape
+        lo, hi = (0, 0, 0), shape
         if z_range is not None:
             if not 0 <= z_range[0] < z_range[1] <= shape[0]:
                 raise ValueError(f"z_range {z_range} must satisfy 0 <= start < end <= "
                                  f"{shape[0]} (source {index} has {shape[0]} layers)")
-            self.lo, self.hi = (z_range[0], 0, 0), (z_range[1], *shape[1:])
-        if any(b > h - l for b, l, h in zip(block, self.lo, self.hi)):
+            lo, hi = (z_range[0], 0, 0), (z_range[1], *shape[1:])
+        if any(b > h - l for b, l, h in zip(block, lo, hi)):
             raise ValueError(f"block {block} does not fit in source {index} of shape {shape}"
                              + (f" within z_range {z_range}" if z_range else ""))
-        self.block, self.step = block, step
-        self.extent = tuple(-(-(h - l - b) // s) + 1
-                            for l, h, b, s in zip(self.lo, self.hi, block, step))
+        self.block = block
         chunks = shape if isinstance(self.volume, np.ndarray) else tuple(self.volume.chunks)
-        self.region = self._choose_region(chunks, region_bytes, self.volume.dtype.itemsize)
-        self.grid = tuple(-(-e // r) for e, r in zip(self.extent, self.region))
-        self.regions = math.prod(self.grid)
+        lattice = self.lattice = _Lattice(shape, block, lo, hi, step, chunks, region_bytes,
+                                          self.volume.dtype.itemsize)
         self.per_visit = samples_per_region or max(
-            1, 4 * math.prod(self._box(self.region)) // math.prod(block))
+            1, 4 * math.prod(lattice.box(lattice.region)) // math.prod(block))
         self.threshold = None
         if self.mask is not None:
             footprint = math.prod(block[3 - self.mask.ndim:])
             self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
-        self.region_counts = None if self.mask is None else self._count_valid()
-        self.positions = (math.prod(self.extent) if self.mask is None
-                          else int(self.region_counts.sum()))
-
-    # geometry
-
-    def _box(self, region):
-        """Coordinate span of the blocks of a region of ``region`` positions."""
-        return tuple(min((r - 1) * s + b, h - l)
-                     for r, s, b, l, h in zip(region, self.step, self.block, self.lo, self.hi))
-
-    def _choose_region(self, chunks, region_bytes, itemsize):
-        """Region shape (in positions) whose box is chunk multiples within the budget.
-
-        Starts from one chunk (halved while even that is over budget), then
-        grows by whole chunks, each step on the axis whose halo costs most
-        relative to its size.
-        """
-        def fits(region):
-            return math.prod(self._box(region)) * itemsize <= region_bytes
-
-        per_chunk = [max(1, c // s) for c, s in zip(chunks, self.step)]
-        region = [min(c, e) for c, e in zip(per_chunk, self.extent)]
-        while not fits(region) and max(region) > 1:
-            axis = region.index(max(region))
-            region[axis] = -(-region[axis] // 2)
-        while True:
-            growable = [a for a in range(3) if region[a] < self.extent[a]]
-            growable.sort(key=lambda a: self._box(region)[a] / (region[a] * self.step[a]),
-                          reverse=True)
-            for axis in growable:
-                bigger = list(region)
-                bigger[axis] = min(region[axis] + per_chunk[axis], self.extent[axis])
-                if fits(bigger):
-                    region = bigger
-                    break
-            else:
-                return tuple(region)
-
-    def region_bounds(self, index):
-        """Origin and shape (in positions) of region ``index``."""
-        cell = np.unravel_index(index, self.grid)
-        origin = tuple(int(c) * r for c, r in zip(cell, self.region))
-        shape = tuple(min(r, e - o) for r, e, o in zip(self.region, self.extent, origin))
-        return origin, shape
-
-    def corners(self, positions):
-        """Start coordinates (n, 3) of lattice positions (n, 3)."""
-        return np.minimum(np.asarray(self.lo) + positions * np.asarray(self.step),
-                          np.asarray(self.hi) - np.asarray(self.block))
-
-    def _axis_corners(self, origin, shape):
-        return [np.minimum(l + np.arange(o, o + n) * s, h - b)
-                for o, n, l, s, h, b in zip(origin, shape, self.lo, self.step, self.hi, self.block)]
+        self.region_counts = (lattice.region_sizes() if self.mask is None
+                              else self._count_on_mask())
+        self.positions = int(self.region_counts.sum())
 
     # the mask
 
-    def _count_valid(self):
+    def _count_on_mask(self):
         """Positions on the mask, per region (one pass over the mask)."""
-        counts = np.zeros(self.regions, dtype=np.int64)
+        counts = np.zeros(self.lattice.regions, dtype=np.int64)
         if self.mask.ndim == 3:
-            for region in range(self.regions):
-                counts[region] = self.valid(*self.region_bounds(region)).sum()
+            for region in range(self.lattice.regions):
+                counts[region] = self.count_on_mask(*self.lattice.region_bounds(region))
             return counts
         # A 2D mask decides for all layers at once: one (y, x) cell, every z.
-        plane = self.grid[1] * self.grid[2]
+        plane = math.prod(self.lattice.regions_per_axis[1:])
         for cell in range(plane):
-            on_mask = int(self.valid(*self.region_bounds(cell)).sum())
-            for z_cell in range(self.grid[0]):
+            on_mask = int(self.on_mask(*self.lattice.region_bounds(cell)).sum())
+            for z_cell in range(self.lattice.regions_per_axis[0]):
                 region = z_cell * plane + cell
-                counts[region] = on_mask * self.region_bounds(region)[1][0]
+                counts[region] = on_mask * self.lattice.region_bounds(region)[1][0]
         return counts
 
-    def valid(self, origin, shape):
+    def on_mask(self, origin, shape):
         """Which positions of the lattice box (origin, shape) are on the mask.
 
-        A bool array of ``shape`` (of shape[1:] for a 2D mask), or None when
-        there is no mask. Counts mask voxels under each block's footprint with
-        a summed-area table of the box's mask window.
+        A bool array of ``shape`` (of shape[1:] for a 2D mask, which holds for
+        every layer), or None when there is no mask. Counts mask voxels under
+        each block's footprint with a summed-area table of the box's mask window.
         """
         if self.mask is None:
             return None
-        axes = self._axis_corners(origin, shape)[3 - self.mask.ndim:]
+        axes = self.lattice.axis_corners(origin, shape)[3 - self.mask.ndim:]
         block = self.block[3 - self.mask.ndim:]
         lo = [int(a[0]) for a in axes]
         hi = [int(a[-1]) + b for a, b in zip(axes, block)]
@@ -481,84 +925,30 @@ class _Source:
             counts = counts + (-1) ** (window.ndim - sum(signs)) * table[index]
         return counts >= self.threshold
 
-    def _keep_valid(self, positions, origin, valid):
-        """The rows of ``positions`` (in the lattice box at ``origin``) on the mask."""
+    def count_on_mask(self, origin, shape):
+        """Positions of the lattice box (origin, shape) on the mask."""
+        return _count(self.on_mask(origin, shape), shape)
+
+    def positions_of(self, visit):
+        """Lattice positions (n, 3) of a visit, in its order.
+
+        The box's positions on the mask are numbered in raster order (for a 2D
+        mask: layer by layer); a shuffled visit takes them through its
+        permutation.
+        """
+        index = np.arange(visit.first, visit.stop)
+        valid = self.on_mask(visit.origin, visit.shape)
+        if visit.key is not None:
+            index = _permute(index, _count(valid, visit.shape), visit.key)
         if valid is None:
-            return positions
-        local = positions[:, 3 - valid.ndim:] - np.asarray(origin[3 - valid.ndim:])
-        return positions[valid[tuple(local.T)]]
-
-    # the visits of an epoch
-
-    def shuffled_visits(self, count, key):
-        """Yield the corners of random visits giving ``count`` positions in all.
-
-        Round j visits every region in a random order (its own per round) and
-        takes the next share of the region's own permutation of its positions,
-        keeping those on the mask. Shares are proportional to region size and
-        rounded at random, so that a position in a small border region is
-        exactly as likely to be drawn as any other.
-        """
-        full = math.prod(self.region)
-        for round_ in itertools.count():   # ends: count <= positions
-            order_key = _key(key, 0, round_)
-            for slot in range(self.regions):
-                if count == 0:
-                    return
-                region = int(_permute([slot], self.regions, order_key)[0])
-                if self.region_counts is not None and self.region_counts[region] == 0:
-                    continue
-                origin, shape = self.region_bounds(region)
-                size = math.prod(shape)
-                rate = self.per_visit * size / full
-                offset = _key(key, 2, region) / 2.0**64     # the random rounding
-                first = min(size, math.floor(round_ * rate + offset))
-                stop = min(size, math.floor((round_ + 1) * rate + offset))
-                if first == stop:
-                    continue
-                local = _permute(np.arange(first, stop), size, _key(key, 1, region))
-                positions = np.stack(np.unravel_index(local, shape), axis=1) + origin
-                positions = self._keep_valid(positions, origin, self.valid(origin, shape))[:count]
-                if len(positions):
-                    count -= len(positions)
-                    yield self.corners(positions)
-
-    def raster_visits(self, count):
-        """Yield the corners of the first ``count`` positions in raster order.
-
-        A visit is a run of consecutive positions within one z plane: as many
-        whole x-rows as a region's box allows, or part of a row when a single
-        row is too long for it.
-        """
-        ez, ey, ex = self.extent
-        budget = math.prod(self._box(self.region))
-        depth, _, width = self._box((1, 1, ex))
-        first_row = depth * self.block[1] * width
-        rows = (budget - first_row) // (depth * self.step[1] * width) + 1 if budget >= first_row else 0
-        limit = rows * ex if rows else self.region[2]
-        start = 0
-        while count > 0:
-            stop = min(math.prod(self.extent), start + limit, (start // (ey * ex) + 1) * ey * ex)
-            if limit < ex:
-                stop = min(stop, (start // ex + 1) * ex)
-            positions = np.stack(np.unravel_index(np.arange(start, stop), self.extent), axis=1)
-            origin = positions.min(axis=0)
-            shape = positions.max(axis=0) - origin + 1
-            positions = self._keep_valid(positions, origin, self.valid(origin, shape))[:count]
-            if len(positions):
-                count -= len(positions)
-                yield self.corners(positions)
-            start = stop
-
-    def grid_visits(self):
-        """Yield the corners of every position on the mask, region by region."""
-        for region in range(self.regions):
-            origin, shape = self.region_bounds(region)
-            positions = np.stack([a.ravel() for a in np.meshgrid(
-                *[np.arange(o, o + n) for o, n in zip(origin, shape)], indexing='ij')], axis=1)
-            positions = self._keep_valid(positions, origin, self.valid(origin, shape))
-            if len(positions):
-                yield self.corners(positions)
+            local = np.unravel_index(index, visit.shape)
+        elif valid.ndim == 2:
+            cells = np.flatnonzero(valid)
+            z, cell = np.divmod(index, len(cells))
+            local = (z, *np.unravel_index(cells[cell], visit.shape[1:]))
+        else:
+            local = np.unravel_index(np.flatnonzero(valid)[index], visit.shape)
+        return np.stack(local, axis=1) + np.asarray(visit.origin)
 
     # reading and cutting
 
@@ -580,27 +970,24 @@ class _Source:
             and not isinstance(array.store, (zarr.storage.LocalStore, zarr.storage.MemoryStore))
             else array for array in (self.volume, self.labels, self.mask))
 
-    def read(self, corners):
-        """Decode, once, the box covering the blocks at ``corners``.
-
-        Returns ``(origin, volume_box, labels_box)``; labels_box is None
-        without labels.
-        """
+    def read(self, visit):
+        """Decode, once, the box covering the blocks of ``visit``."""
+        corners = self.lattice.corners(self.positions_of(visit))
         origin = corners.min(axis=0)
         end = corners.max(axis=0) + np.asarray(self.block)
         box = tuple(slice(int(o), int(e)) for o, e in zip(origin, end))
         volume = np.asarray(self.volume[box])
         labels = None if self.labels is None else np.asarray(self.labels[box[3 - self.labels.ndim:]])
-        return origin, volume, labels
+        return _Box(origin, volume, labels, corners)
 
-    def cut(self, boxes, corner):
-        """``(block,)`` or ``(block, label)`` tensors at ``corner`` from read boxes."""
-        origin, volume, labels = boxes
-        local = [int(c - o) for c, o in zip(corner, origin)]
-        window = tuple(slice(l, l + b) for l, b in zip(local, self.block))
-        item = (torch.from_numpy(np.ascontiguousarray(volume[window])),)
-        if labels is not None:
-            item += (torch.from_numpy(np.ascontiguousarray(labels[window[3 - labels.ndim:]])),)
+    def cut(self, box, corner):
+        """``(block,)`` or ``(block, label)`` tensors at ``corner`` from a read box."""
+        local = corner - box.origin
+        window = tuple(slice(int(l), int(l) + b) for l, b in zip(local, self.block))
+        item = (torch.from_numpy(np.ascontiguousarray(box.volume[window])),)
+        if box.labels is not None:
+            item += (torch.from_numpy(np.ascontiguousarray(
+                box.labels[window[3 - box.labels.ndim:]])),)
         return item
 
 
@@ -794,6 +1181,12 @@ def _key(*parts):
     return int(state[0])
 
 
+def _uniform(key, ids):
+    """A float in [0, 1) for each of the integer ``ids``, fixed by ``key``."""
+    state = _mix64(np.asarray(ids, dtype=np.uint64) ^ np.uint64(key))
+    return (_mix64(state ^ np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)) / 2.0**53
+
+
 def _permute(index, n, key):
     """Map ``index`` (int array in [0, n)) through a keyed bijection of [0, n).
 
@@ -870,44 +1263,3 @@ def _fixed_shares(total, capacities, method):
             counts[i] += taken
             left -= taken
     return counts
-
-
-# -- cutting blocks from regions -------------------------------------------
-
-def _slice_visits(visits, first, stop):
-    """The visits restricted to global samples [first, stop), trimmed at the ends."""
-    seen = 0
-    for file_index, corners in visits:
-        n = len(corners)
-        lo, hi = max(first - seen, 0), min(stop - seen, n)
-        seen += n
-        if lo < hi:
-            yield file_index, corners[lo:hi]
-        if seen >= stop:
-            return
-
-
-def _interleave(visits, sources, open_regions, rng):
-    """Yield ``(file_index, boxes, corner)`` per sample.
-
-    Reads each visit's box once and keeps ``open_regions`` visits open,
-    taking each next sample from one of them at random.
-    """
-    visits = iter(visits)
-    open_ = []    # [file_index, boxes, corners, next]
-    while True:
-        while len(open_) < open_regions:
-            visit = next(visits, None)
-            if visit is None:
-                break
-            file_index, corners = visit
-            open_.append([file_index, sources[file_index].read(corners), corners, 0])
-        if not open_:
-            return
-        i = int(rng.integers(len(open_)))
-        file_index, boxes, corners, cursor = entry = open_[i]
-        entry[3] += 1
-        if entry[3] == len(corners):
-            open_[i] = open_[-1]
-            open_.pop()
-        yield file_index, boxes, corners[cursor].tolist()
