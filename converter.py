@@ -7,18 +7,20 @@ Slices are the files ``*.tif`` / ``*.tiff`` whose names are numbers (``00.tif``,
 All slices of the requested z range must exist and share shape and dtype.
 
 The output is a Zarr group: ``DEST/volume`` (z, y, x), and optionally
-``DEST/labels`` and ``DEST/mask`` (uint8, (y, x)). The group's attributes record
-the source folder, the region of interest (its start is the offset of
-``volume[0, 0, 0]`` in the original scan) and the options used.
+``DEST/labels`` and ``DEST/mask`` ((y, x), their values as stored in the file:
+uint8, or uint16 when a 16-bit image holds values above 255). The group's
+attributes record the source folder, the region of interest (its start is the
+offset of ``volume[0, 0, 0]`` in the original scan) and the options used.
 
 Every range is half-open, [start, end), as in Python slicing:
 ``--z_start 17 --z_end 43`` keeps slices 17 to 42 (26 slices).
 
 Guarantees: the whole stack is never held in memory (slabs of a few chunks are
 read as bands of rows, decoded and encoded in parallel threads); the output is
-written to a hidden sibling and renamed into place at the end, so an
-interrupted or failed run leaves nothing at DEST; bad input ends with exit
-status 2 and one line on stderr.
+written to a hidden sibling ``.DEST.partial-PID`` and renamed into place at the
+end, so an interrupted or failed run leaves DEST as it was; bad input, an
+unwritable destination or a full disk end with exit status 2 and one line on
+stderr; on success one summary line goes to stdout (unless ``--quiet``).
 
 Example (Python)::
 
@@ -28,11 +30,15 @@ Example (Python)::
 
 import argparse
 import concurrent.futures
+import contextlib
+import errno
+import math
 import os
 import re
 import shutil
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -46,8 +52,24 @@ COMPRESSORS = ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "gzip", "none")
 SLAB_BYTES = 64 * 2**20
 
 
+class Parameter(str):
+    """The name of an argument of ``convert()`` inside a ``ConversionError`` message."""
+
+
 class ConversionError(Exception):
-    """Bad input or an unreadable file; the message is one line for the user."""
+    """Bad input, an unreadable file or an unwritable destination: one line for the user.
+
+    The parts of the message given as ``Parameter`` name an argument of
+    ``convert()``; the command line shows its own flag there instead.
+    """
+
+    def __init__(self, *parts):
+        super().__init__("".join(parts))
+        self.parts = parts
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, from the command line); the message says what is at the destination."""
 
 
 def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
@@ -66,10 +88,16 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
         compressor: one of ``COMPRESSORS``.
         dtype: ``None`` keeps the slices' dtype; ``'uint8'`` converts uint16 by
             ``value >> 8``, or by ``window``.
-        window: ``(low, high)``: map [low, high] linearly onto 0..255, clipping.
-        labels, mask: 2D PNG or TIFF files at the slices' resolution.
+        window: ``(low, high)``, finite, low < high: map [low, high] linearly
+            onto 0..255, clipping.
+        labels, mask: 2D PNG or TIFF files at the slices' resolution. Their
+            values are kept exactly (palette images by index; 1-bit images as
+            0 and 1), stored as uint8, or as uint16 when a 16-bit image holds
+            values above 255; an image whose values cannot be kept so (a colour
+            image whose channels differ, a float image, ...) is refused.
         overwrite: replace an existing Zarr store at ``dest`` (nothing else: a
-            destination that is, holds or lies in ``src_dir`` is always refused).
+            destination that is, holds or lies in ``src_dir`` is always
+            refused); through a symlink, the store it points to is replaced.
         threads: decoding/encoding threads (default: the number of CPUs).
         progress: print progress on stderr.
 
@@ -77,22 +105,11 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
         The written group, opened read-only.
 
     Raises:
-        ConversionError: bad input; nothing is left at ``dest``.
+        ConversionError: bad input, or the output could not be written (disk
+            full, no permission); ``dest`` is left as it was.
+        Interrupted: Ctrl-C; its message says what is at ``dest``.
     """
-    if zarr_format not in (2, 3):
-        raise ConversionError(f"zarr_format must be 2 or 3, got {zarr_format}")
-    if compressor not in COMPRESSORS:
-        raise ConversionError(f"unknown compressor {compressor!r}; choose one of "
-                              f"{', '.join(COMPRESSORS)}")
-    for axis, size in zip("zyx", chunks):
-        if not isinstance(size, int) or size < 1:
-            raise ConversionError(f"--{axis}_chunksize must be >= 1, got {size}")
-    if dtype not in (None, "uint8", "uint16"):
-        raise ConversionError(f"--dtype must be uint8 or uint16, got {dtype}")
-    if window is not None and dtype != "uint8":
-        raise ConversionError("--window applies to --dtype uint8 only")
-    if window is not None and not window[0] < window[1]:
-        raise ConversionError(f"--window needs LOW < HIGH, got {window[0]} {window[1]}")
+    chunks = _check_options(chunks, zarr_format, compressor, dtype, window, threads)
     if not os.path.isdir(src_dir):
         raise ConversionError(f"source folder {src_dir} does not exist or is not a folder")
     _check_dest(src_dir, dest, (("labels", labels), ("mask", mask)), overwrite)
@@ -115,8 +132,6 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
     if out_dtype != source_dtype and not (source_dtype == np.uint16 and out_dtype == np.uint8):
         raise ConversionError(f"cannot convert {source_dtype} slices to {out_dtype}; "
                               f"only uint16 -> uint8 is supported")
-    images = {name: _read_image(path, name, (height, width))[y0:y1, x0:x1]
-              for name, path in (("labels", labels), ("mask", mask)) if path is not None}
 
     shape = (z1 - z0, y1 - y0, x1 - x0)
     chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
@@ -138,34 +153,80 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
         "mask": None if mask is None else os.fspath(mask),
     }
 
-    dest = os.path.normpath(os.fspath(dest))
-    partial = os.path.join(os.path.dirname(dest) or ".",
-                           f".{os.path.basename(dest)}.partial-{os.getpid()}")
+    # Through a symlink, the store it points to is replaced where it lives.
+    target = os.path.realpath(dest)
+    partial = _hidden(target, "partial")
+    at_dest = f"nothing was written at {dest}"        # updated once the output is in place
+    writes = _Gate()
     try:
-        group = zarr.open_group(partial, mode="w", zarr_format=zarr_format)
+        _remove_leftovers(dest, target)
+        group = zarr.open_group(_GatedStore(zarr.storage.LocalStore(partial), writes),
+                                mode="w", zarr_format=zarr_format)
         group.attrs["vesuvius_converter"] = attributes
+        for name, path in (("labels", labels), ("mask", mask)):
+            if path is not None:
+                # Read, written and freed one at a time, before the long part.
+                image = _read_image(path, name, (height, width))[y0:y1, x0:x1]
+                group.create_array(name, shape=image.shape, chunks=chunks[1:],
+                                   dtype=image.dtype, fill_value=0,
+                                   config={"write_empty_chunks": False},
+                                   **_codecs(compressor, zarr_format, image.dtype))[...] = image
+                del image
         volume = group.create_array("volume", shape=shape, chunks=chunks, dtype=out_dtype,
                                     fill_value=0, config={"write_empty_chunks": False},
                                     **_codecs(compressor, zarr_format, out_dtype))
         _copy_slabs(paths, volume, (y0, x0), source_dtype, window, threads, progress)
-        for name, image in images.items():
-            array = group.create_array(name, shape=image.shape, chunks=chunks[1:],
-                                       dtype="uint8", fill_value=0,
-                                       config={"write_empty_chunks": False},
-                                       **_codecs(compressor, zarr_format, np.uint8))
-            array[:] = image
-        _replace(partial, dest)
+        with _signals_held():              # so that DEST is never missing
+            old = _swap(partial, target)
+            at_dest = f"{dest} holds the new output"
+            if old is not None:
+                at_dest += (f"; the old one is not fully deleted: delete {old}, or the next "
+                            f"conversion to {dest} will")
+        if old is not None:
+            shutil.rmtree(old)
+    except KeyboardInterrupt:
+        raise Interrupted(at_dest) from None
+    except OSError as error:
+        raise ConversionError(f"cannot write {dest}: {_cause(error)}; {at_dest}") from error
     finally:
+        writes.close()
         shutil.rmtree(partial, ignore_errors=True)
     return zarr.open_group(dest, mode="r")
+
+
+def _check_options(chunks, zarr_format, compressor, dtype, window, threads):
+    """Refuse option values that no input could make right; return ``chunks`` as ints."""
+    if zarr_format not in (2, 3):
+        raise ConversionError(Parameter("zarr_format"), f" must be 2 or 3, got {zarr_format}")
+    if compressor not in COMPRESSORS:
+        raise ConversionError(Parameter("compressor"), f" must be one of "
+                              f"{', '.join(COMPRESSORS)}, got {compressor!r}")
+    if len(chunks) != 3:
+        raise ConversionError(Parameter("chunks"), f" must be (z, y, x), got {chunks}")
+    for index, size in enumerate(chunks):
+        if not isinstance(size, (int, np.integer)) or size < 1:
+            raise ConversionError(Parameter(f"chunks[{index}]"), f" must be >= 1, got {size}")
+    if dtype not in (None, "uint8", "uint16"):
+        raise ConversionError(Parameter("dtype"), f" must be uint8 or uint16, got {dtype}")
+    if window is not None:
+        if dtype != "uint8":
+            raise ConversionError(Parameter("window"), " applies to ", Parameter("dtype"),
+                                  " uint8 only")
+        # An infinite or empty window would map every value to 0 (or divide by zero).
+        if len(window) != 2 or not all(map(math.isfinite, window)) or window[0] >= window[1]:
+            raise ConversionError(Parameter("window"), f" must be (low, high), finite, with "
+                                  f"low < high; got {tuple(window)}")
+    if threads is not None and threads < 1:
+        raise ConversionError(Parameter("threads"), f" must be >= 1, got {threads}")
+    return tuple(int(size) for size in chunks)
 
 
 def _check_dest(src_dir, dest, images, overwrite):
     """Refuse a ``dest`` whose replacement would touch the input, or is not ours to replace.
 
     The converter deletes only what it could have made: DEST may not be, hold,
-    or lie inside the source folder, nor hold the labels or mask file, and
-    ``overwrite`` replaces an existing Zarr store only.
+    or lie inside the source folder, nor hold the labels or mask file, nor the
+    current folder, and ``overwrite`` replaces an existing Zarr store only.
     """
     source, target = os.path.realpath(src_dir), os.path.realpath(dest)
     if target == source or _within(target, source) or _within(source, target):
@@ -177,13 +238,18 @@ def _check_dest(src_dir, dest, images, overwrite):
         if path is not None and _within(os.path.realpath(path), target):
             raise ConversionError(f"destination {dest} contains the {name} file {path}; "
                                   f"choose another destination")
+    here = os.path.realpath(os.getcwd())
+    if target == here or _within(here, target):
+        raise ConversionError(f"destination {dest} {'is' if target == here else 'contains'} "
+                              f"the current folder; name the store to write, e.g. out.zarr")
     if not os.path.lexists(dest):
         return
     if not overwrite:
-        raise ConversionError(f"{dest} exists; pass --overwrite to replace it")
+        raise ConversionError(f"{dest} exists; pass ", Parameter("overwrite=True"),
+                              " to replace it")
     if not _is_zarr_store(dest):
-        raise ConversionError(f"{dest} exists and is not a Zarr store; --overwrite replaces "
-                              f"only a Zarr store: move or delete it yourself")
+        raise ConversionError(f"{dest} exists and is not a Zarr store; ", Parameter("overwrite"),
+                              " replaces only a Zarr store: move or delete it yourself")
 
 
 def _within(path, folder):
@@ -199,8 +265,12 @@ def _is_zarr_store(path):
 
 def find_slices(src_dir):
     """``{number: path}`` of the numbered TIFF files in ``src_dir``."""
+    try:
+        names = os.listdir(src_dir)
+    except OSError as error:
+        raise ConversionError(f"cannot read source folder {src_dir}: {error.strerror}") from error
     slices = {}
-    for name in os.listdir(src_dir):
+    for name in names:
         match = SLICE_NAME.match(name)
         if not match:
             continue
@@ -221,10 +291,10 @@ def _check_range(axis, given, low, high):
     start = low if start is None else start
     end = high if end is None else end
     if not (low <= start < high and low < end <= high):
-        raise ConversionError(f"--{axis}_start/--{axis}_end [{start}, {end}) is out of "
+        raise ConversionError(Parameter(f"{axis}_range"), f" [{start}, {end}) is out of "
                               f"range: {axis} must lie within [{low}, {high})")
     if start >= end:
-        raise ConversionError(f"--{axis}_start/--{axis}_end [{start}, {end}) is empty")
+        raise ConversionError(Parameter(f"{axis}_range"), f" [{start}, {end}) is empty")
     return start, end
 
 
@@ -312,8 +382,9 @@ def _copy_slabs(paths, volume, origin, source_dtype, window, threads, progress):
 
     threads = threads or os.cpu_count() or 1
     meter = _Progress(len(units), progress)
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        pending = set()
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    pending = set()
+    try:
         for unit in units:
             if len(pending) >= 2 * threads:       # bounded: memory stays flat
                 done, pending = concurrent.futures.wait(
@@ -323,7 +394,10 @@ def _copy_slabs(paths, volume, origin, source_dtype, window, threads, progress):
             pending.add(pool.submit(copy, unit))
         for future in concurrent.futures.as_completed(pending):
             meter.update(future.result())
-    meter.finish()
+    finally:
+        # After a failure or Ctrl-C: drop the queued units, let the running ones end.
+        pool.shutdown(cancel_futures=True)
+        meter.finish()
 
 
 def _to_dtype(slab, out_dtype, window):
@@ -361,46 +435,240 @@ def _codecs(compressor, zarr_format, dtype):
 
 
 def _read_image(path, name, shape):
-    """A 2D uint8 labels/mask image (PNG or TIFF) of the slices' shape."""
+    """The 2D labels or mask image at ``path``, its values as stored in the file.
+
+    Its declared size is checked against the slices' ``shape`` before it is
+    decoded: that is the guard against decompression bombs, in place of
+    Pillow's pixel limit, which real segments exceed. Grayscale and palette
+    images (by index) keep their values, a colour image only if its channels
+    are equal; 1-bit images give 0 and 1. The result is uint8, or uint16 when a
+    16-bit image holds values above 255; anything else is refused.
+    """
     if not os.path.isfile(path):
         raise ConversionError(f"{name} file {path} does not exist")
     try:
-        if path.lower().endswith(".png"):
-            try:
-                from PIL import Image
-            except ImportError:
-                raise ConversionError(f"reading {name} {path} needs the 'Pillow' package "
-                                      f"(pip install Pillow)") from None
-            with Image.open(path) as opened:
-                image = np.asarray(opened if opened.mode in ("1", "L") else opened.convert("L"))
+        if os.fspath(path).lower().endswith(".png"):
+            image, bands = _decode_png(path, name, shape)
         else:
-            image = tifffile.imread(path)
+            image, bands = _decode_tiff(path, name, shape)
     except ConversionError:
         raise
     except Exception as error:
         raise ConversionError(f"cannot read {name} {path}: {error}") from error
-    if image.ndim != 2:
-        raise ConversionError(f"{name} {path} has shape {image.shape}; it must be 2D (y, x)")
-    if image.shape != shape:
-        raise ConversionError(f"{name} {path} has shape {image.shape}, but the slices are "
+    image = _one_channel(image, bands, name, path)
+    if image.dtype not in (np.bool_, np.uint8, np.uint16):
+        raise ConversionError(f"{name} {path} holds {image.dtype} values; labels and masks "
+                              f"must be 1-, 8- or 16-bit unsigned integers: save it as such")
+    if image.dtype == np.uint16 and image.max() > 255:
+        return image
+    return image.astype(np.uint8, copy=False)
+
+
+def _decode_png(path, name, shape):
+    """(pixels, band names) of a PNG, decoded by Pillow once its size is that of the slices."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ConversionError(f"reading {name} {path} needs the 'Pillow' package "
+                              f"(pip install Pillow)") from None
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None     # _check_size guards
+    try:
+        with Image.open(path, formats=["PNG"]) as png:
+            _check_size(name, path, (png.height, png.width), shape)
+            rawmode = png.tile[0][3]
+            # Pillow scales 2- and 4-bit gray to 0..255 and cuts 16-bit colour to 8 bits.
+            if rawmode in ("L;2", "L;4") or rawmode.endswith(";16B") and png.mode != "I;16":
+                raise ConversionError(
+                    f"{name} {path} is a PNG whose values Pillow cannot read exactly (pixel "
+                    f"format {rawmode}); save it as an 8- or 16-bit grayscale PNG or a TIFF")
+            return np.asarray(png), png.getbands()
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _decode_tiff(path, name, shape):
+    """(pixels, None) of a one-image TIFF, decoded once its size is that of the slices."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        _check_size(name, path, (page.imagelength, page.imagewidth), shape)
+        if len(tif.pages) > 1:
+            raise ConversionError(f"{name} {path} holds {len(tif.pages)} images; it must "
+                                  f"hold one 2D image")
+        image = page.asarray()
+        return (np.moveaxis(image, 0, -1) if page.axes == "SYX" else image), None
+
+
+def _check_size(name, path, size, shape):
+    """Refuse a labels or mask image whose (height, width) is not the slices'."""
+    if size != shape:
+        raise ConversionError(f"{name} {path} has shape {size}, but the slices are "
                               f"{shape}; it must match them")
-    if image.dtype not in (np.bool_, np.uint8):
-        raise ConversionError(f"{name} {path} is {image.dtype}; it must be 8-bit")
-    return image.astype(np.uint8)
 
 
-def _replace(partial, dest):
-    """Move the finished output into place, replacing ``dest`` if it exists."""
-    if os.path.lexists(dest):
-        old = f"{partial}.old"
-        os.rename(dest, old)
+def _one_channel(image, bands, name, path):
+    """A 2D image from ``image``, (y, x) or (y, x, channel) with ``bands`` naming the channels.
+
+    Several channels are accepted only when they are all equal, an alpha
+    channel (band ``A``) aside if it is fully opaque: otherwise which one
+    holds the values is not ours to guess.
+    """
+    if image.ndim == 2:
+        return image
+    bands = bands or tuple(str(i) for i in range(image.shape[-1]))
+    colour = [i for i, band in enumerate(bands) if band != "A"]
+    alpha = [i for i, band in enumerate(bands) if band == "A"]
+    if (any((image[..., i] != np.iinfo(image.dtype).max).any() for i in alpha) or
+            any(not np.array_equal(image[..., i], image[..., colour[0]]) for i in colour[1:])):
+        raise ConversionError(
+            f"{name} {path} has channels {', '.join(bands)} that differ (an opaque alpha "
+            f"aside), so which one holds the {name} is unclear: save that channel as a "
+            f"one-channel (grayscale) image")
+    return np.ascontiguousarray(image[..., colour[0]])
+
+
+def _hidden(dest, kind):
+    """The path of this process's hidden ``.NAME.KIND-PID`` beside ``dest``."""
+    folder, name = os.path.split(dest)
+    return os.path.join(folder, f".{name}.{kind}-{os.getpid()}")
+
+
+def _remove_leftovers(dest, target):
+    """Delete what dead runs to ``target`` left: their ``.NAME.partial-PID`` and ``.NAME.old-PID``.
+
+    Only these names of ours are touched, and only when process PID is gone.
+    An ``.old`` left by a run killed between its two renames is the only copy
+    of what ``dest`` held: it is named, not deleted.
+    """
+    folder, name = os.path.split(target)
+    if not os.path.isdir(folder):
+        return
+    ours = re.compile(rf"\.{re.escape(name)}\.(partial|old)-(\d+)")
+    for entry in sorted(os.listdir(folder)):
+        match = ours.fullmatch(entry)
+        if not match or _running(int(match.group(2))):
+            continue
+        path = os.path.join(folder, entry)
+        if match.group(1) == "old" and not os.path.lexists(target):
+            raise ConversionError(f"{dest} is missing, and {path} holds what it was (a "
+                                  f"conversion was killed while replacing it): rename it back "
+                                  f"to {dest}, or delete it")
+        shutil.rmtree(path)
+
+
+def _running(pid):
+    """Whether process ``pid`` runs; our own PID is that of an earlier, finished convert()."""
+    if pid == os.getpid():
+        return False
+    if os.name != "posix":            # no harmless way to ask: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)               # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:           # another user's process
+        return True
+    return True
+
+
+def _swap(partial, dest):
+    """Rename the finished ``partial`` to ``dest``; return where the old ``dest`` went, or None.
+
+    If the second rename fails, the old store is put back: ``dest`` is never
+    left missing by an error (run it with signals held for interrupts).
+    """
+    if not os.path.lexists(dest):
         os.rename(partial, dest)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
-        else:
-            os.remove(old)
-    else:
+        return None
+    old = _hidden(dest, "old")
+    os.rename(dest, old)
+    try:
         os.rename(partial, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    return old
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Deliver SIGINT and SIGTERM only when the block is done.
+
+    Only the main thread receives signals; in another one there is nothing to hold.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {number: signal.signal(number, lambda number, frame: held.append(number))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in held:
+            signal.raise_signal(number)
+
+
+class _Gate:
+    """Counts the writes in flight; once closed, lets no new one start.
+
+    zarr writes the chunks of one assignment concurrently and lets the others
+    run on when one fails (or the caller is interrupted): a failed run must
+    wait for them before it removes its output, or they would recreate it.
+    """
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._in_flight, self._closed = 0, False
+
+    @contextlib.contextmanager
+    def write(self):
+        with self._condition:
+            if self._closed:
+                raise RuntimeError("the conversion has ended; nothing more is written")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._in_flight -= 1
+                self._condition.notify_all()
+
+    def close(self):
+        """Let no new write start, and wait for those in flight."""
+        with self._condition:
+            self._closed = True
+            self._condition.wait_for(lambda: self._in_flight == 0)
+
+
+class _GatedStore(zarr.storage.WrapperStore):
+    """A store whose writes pass through a ``_Gate``."""
+
+    def __init__(self, store, gate):
+        super().__init__(store)
+        self._gate = gate
+
+    def _with_store(self, store):
+        return type(self)(store, self._gate)
+
+    async def set(self, key, value):
+        with self._gate.write():
+            await self._store.set(key, value)
+
+    async def set_if_not_exists(self, key, value):
+        with self._gate.write():
+            await self._store.set_if_not_exists(key, value)
+
+
+def _cause(error):
+    """What went wrong in an OSError, and on which file, in a few words."""
+    cause = error.strerror or str(error)
+    if error.filename:
+        cause += f": {error.filename}"
+    if error.errno == errno.ENAMETOOLONG:
+        cause += " (the output is first written under a longer hidden name: choose a shorter one)"
+    return cause
 
 
 class _Progress:
@@ -432,6 +700,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# The flags of the parameters that convert()'s messages name; any other is --NAME.
+FLAGS = {**{f"{axis}_range": f"--{axis}_start/--{axis}_end" for axis in "zyx"},
+         **{f"chunks[{index}]": f"--{axis}_chunksize" for index, axis in enumerate("zyx")},
+         "overwrite=True": "--overwrite"}
+
+
 def main(argv=None):
     parser = _Parser(prog="converter.py", description=__doc__.split("\n\n")[0],
                      epilog="Ranges are half-open [start, end), as in Python slicing.")
@@ -454,32 +728,51 @@ def main(argv=None):
                              "value >> 8 unless --window is given")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="with --dtype uint8: map [LOW, HIGH] onto 0..255, clipping")
-    parser.add_argument("--labels", help="2D ink labels (PNG or TIFF), stored as DEST/labels")
-    parser.add_argument("--mask", help="2D papyrus mask (PNG or TIFF), stored as DEST/mask")
+    parser.add_argument("--labels", help="2D ink labels (PNG or TIFF), stored as DEST/labels "
+                        "with their values kept (uint8, or uint16 above 255)")
+    parser.add_argument("--mask", help="2D papyrus mask (PNG or TIFF), stored as DEST/mask "
+                        "likewise")
     parser.add_argument("--threads", type=int, help="threads (default: number of CPUs)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DEST if it is an existing Zarr store "
-                        "(never the slices' folder, a folder holding it, or another file)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--overwrite", action="store_true", help="replace DEST if it is an "
+                        "existing Zarr store, or a symlink to one (never the slices' folder, a "
+                        "folder holding it, or another file)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line (shown on a "
+                        "terminal only) and no summary line (on stdout)")
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    started = time.perf_counter()
     try:
-        convert(args.src_dir, args.dest,
-                z_range=(args.z_start, args.z_end), y_range=(args.y_start, args.y_end),
-                x_range=(args.x_start, args.x_end),
-                chunks=(args.z_chunksize, args.y_chunksize, args.x_chunksize),
-                zarr_format=args.zarr_format, compressor=args.compressor, dtype=args.dtype,
-                window=args.window, labels=args.labels, mask=args.mask,
-                overwrite=args.overwrite, threads=args.threads,
-                progress=not args.quiet and sys.stderr.isatty())
+        group = convert(args.src_dir, args.dest,
+                        z_range=(args.z_start, args.z_end), y_range=(args.y_start, args.y_end),
+                        x_range=(args.x_start, args.x_end),
+                        chunks=(args.z_chunksize, args.y_chunksize, args.x_chunksize),
+                        zarr_format=args.zarr_format, compressor=args.compressor,
+                        dtype=args.dtype, window=args.window, labels=args.labels,
+                        mask=args.mask, overwrite=args.overwrite, threads=args.threads,
+                        progress=not args.quiet and sys.stderr.isatty())
     except ConversionError as error:
-        print(f"converter.py: error: {error}", file=sys.stderr)
+        message = "".join(FLAGS.get(part, f"--{part}") if isinstance(part, Parameter) else part
+                          for part in error.parts)
+        print(f"converter.py: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("converter.py: interrupted; nothing was written at the destination",
-              file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # convert() says what is at DEST; interrupted before it began writing, nothing was.
+        at_dest = str(interrupt) or f"nothing was written at {args.dest}"
+        print(f"converter.py: interrupted; {at_dest}", file=sys.stderr)
         return 130
+    if not args.quiet:
+        print(_summary(args.dest, group, time.perf_counter() - started))
     return 0
+
+
+def _summary(dest, group, seconds):
+    """One line on the written store: its arrays, its size on disk and the time taken."""
+    volume = group["volume"]
+    arrays = [f"volume {'x'.join(map(str, volume.shape))} {volume.dtype}, "
+              f"chunks {'x'.join(map(str, volume.chunks))}"]
+    arrays += [f"{name} {group[name].dtype}" for name in ("labels", "mask") if name in group]
+    size = sum(os.path.getsize(os.path.join(folder, file))
+               for folder, _, files in os.walk(dest) for file in files)
+    return f"{dest}: {', '.join(arrays)}; {size:,} bytes on disk; {seconds:.1f} s"
 
 
 if __name__ == "__main__":

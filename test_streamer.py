@@ -1,12 +1,16 @@
 """The specification of the project: streamer, converter, benchmark and notebook."""
 
+import asyncio
 import collections
 import email.utils
+import errno
 import itertools
 import math
 import os
 import pathlib
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -1253,6 +1257,318 @@ def test_converter_script_exits_2_without_traceback(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_converter_prints_one_summary_line_on_stdout_unless_quiet(tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack[:5])
+    tifffile.imwrite(tmp_path / "labels.tif", np.full((40, 50), 255, np.uint8))
+    dest = tmp_path / "o.zarr"
+    # capsys is no terminal: the summary comes all the same (the progress line does not).
+    assert converter.main([src, str(dest), "--z_chunksize", "4", "--labels",
+                           str(tmp_path / "labels.tif")]) == 0
+    out, err = capsys.readouterr()
+    on_disk = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    assert err == ""
+    assert re.fullmatch(rf"{re.escape(str(dest))}: volume 5x40x50 uint16, chunks 4x40x50, "
+                        rf"labels uint8; {on_disk:,} bytes on disk; \d+\.\d s\n", out), out
+    assert converter.main([src, str(tmp_path / "q.zarr"), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.fixture
+def pixel_limit(monkeypatch):
+    """Pillow's decompression-bomb limit, lowered far below the 40x50 test images."""
+    pil = pytest.importorskip("PIL.Image")
+    monkeypatch.setattr(pil, "MAX_IMAGE_PIXELS", 100)
+    return pil
+
+
+def test_converter_reads_labels_beyond_pillows_pixel_limit_checking_their_size_first(
+        tmp_path, capsys, stack, pixel_limit, monkeypatch):
+    src = write_stack(tmp_path / "slices", stack[:2])
+    mask = (volume((40, 50), np.uint8, seed=2) > 100).astype(np.uint8) * 255
+    pixel_limit.fromarray(mask).save(tmp_path / "mask.png")
+    status, err = run_converter(capsys, src, tmp_path / "o.zarr", "--mask", tmp_path / "mask.png")
+    assert status == 0, err
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "o.zarr"))["mask"][:], mask)
+    assert pixel_limit.MAX_IMAGE_PIXELS == 100                # lifted only while reading
+    # The size declared in the header is the guard: a mismatch is refused undecoded.
+    pixel_limit.fromarray(mask[:39]).save(tmp_path / "short.png")
+    monkeypatch.setattr(pixel_limit.Image, "load", lambda image: pytest.fail("decoded"))
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "p.zarr", "--mask",
+                                         tmp_path / "short.png"))
+    assert "short.png has shape (39, 50), but the slices are (40, 50)" in line
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_converter_reads_a_png_label_in_memory_bounded_by_the_image(tmp_path, pixel_limit,
+                                                                   dtype):
+    labels = (volume((500, 800), dtype, seed=3) > 1000).astype(dtype) * 255
+    pixel_limit.fromarray(labels).save(tmp_path / "labels.png")
+    tracemalloc.start()
+    try:
+        read = converter._read_image(str(tmp_path / "labels.png"), "labels", (500, 800))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(read, labels)
+    assert peak < 2.5 * labels.nbytes                       # no float copy, no third copy
+
+
+def png_bytes(pixels, bit_depth, colour_type):
+    """A PNG written by hand, for pixel formats Pillow cannot write (16-bit colour)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data +
+                struct.pack(">I", zlib.crc32(kind + data)))
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_converter_keeps_label_values_exactly_or_refuses_the_file_with_one_line(
+        tmp_path, capsys, stack):
+    pil = pytest.importorskip("PIL.Image")
+    src = write_stack(tmp_path / "slices", stack[:2])
+    ink = volume((40, 50), np.uint8, seed=4) > 127
+    files = tmp_path / "labels"
+    files.mkdir()
+    pil.fromarray(ink.astype(np.uint16) * 1000).save(files / "16bit.png")
+    tifffile.imwrite(files / "16bit.tif", ink.astype(np.uint16) * 1000)
+    pil.fromarray(ink.astype(np.uint16) * 255).save(files / "16bit_small.png")
+    palette = pil.fromarray(ink.astype(np.uint8), mode="P")
+    palette.putpalette([255, 255, 255, 0, 0, 0])                 # index 1 is black
+    palette.save(files / "palette.png")
+    pil.fromarray(np.stack([ink.astype(np.uint8) * 200] * 3, axis=-1)).save(files / "gray.png")
+    pil.fromarray(ink).save(files / "1bit.png")
+    for name, dtype, values in [("16bit.png", np.uint16, 1000), ("16bit.tif", np.uint16, 1000),
+                                ("16bit_small.png", np.uint8, 255), ("palette.png", np.uint8, 1),
+                                ("gray.png", np.uint8, 200), ("1bit.png", np.uint8, 1)]:
+        dest = tmp_path / f"{name}.zarr"
+        status, err = run_converter(capsys, src, dest, "--labels", files / name)
+        assert status == 0, err
+        labels = zarr.open_group(str(dest), mode="r")["labels"]
+        assert labels.dtype == dtype, name
+        np.testing.assert_array_equal(labels[:], ink * values, err_msg=name)
+
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    rgba[..., 3] = ink * 255                                     # the mask is in alpha
+    pil.fromarray(rgba).save(files / "alpha.png")
+    (files / "rgb16.png").write_bytes(png_bytes(np.stack([ink * 1000] * 3, axis=-1), 16, 2))
+    tifffile.imwrite(files / "float.tif", ink.astype(np.float32))
+    for name, message in [
+            ("alpha.png", "has channels R, G, B, A that differ (an opaque alpha aside), so "
+                          "which one holds the mask is unclear: save that channel as a "
+                          "one-channel (grayscale) image"),
+            ("rgb16.png", "is a PNG whose values Pillow cannot read exactly (pixel format "
+                          "RGB;16B); save it as an 8- or 16-bit grayscale PNG or a TIFF"),
+            ("float.tif", "holds float32 values; labels and masks must be 1-, 8- or 16-bit "
+                          "unsigned integers")]:
+        line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr", "--mask",
+                                             files / name))
+        assert f"{name} {message}" in line
+    assert not os.path.exists(tmp_path / "o.zarr")
+
+
+def no_hidden_leftovers(folder):
+    return [name for name in os.listdir(folder) if name.startswith(".")] == []
+
+
+def test_converter_disk_full_ends_with_one_line_after_every_write_in_flight(
+        tmp_path, capsys, stack, monkeypatch):
+    src = write_stack(tmp_path / "slices", stack)
+    status, _ = run_converter(capsys, src, tmp_path / "old.zarr")
+    assert status == 0
+    real_set, writes, in_flight = zarr.storage.LocalStore.set, [], []
+
+    async def set_on_a_disk_that_fills(store, key, value):
+        """The 6th write fills the disk. The writes after it fail too, once they have made
+        their folders as zarr does (which would recreate a removed output); those of the
+        6th's row of chunks (one assignment) slowly, so that they are in flight when the run
+        fails (a slow disk: the delay is not what the test waits on)."""
+        writes.append(key)
+        if len(writes) < 6:
+            return await real_set(store, key, value)
+        in_flight.append(key)
+        try:
+            if key != writes[5] and key.rsplit("/", 1)[0] == writes[5].rsplit("/", 1)[0]:
+                await asyncio.sleep(0.05)
+            os.makedirs(os.path.dirname(os.path.join(store.root, key)), exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        finally:
+            in_flight.remove(key)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_on_a_disk_that_fills)
+    for dest, extra in ((tmp_path / "new.zarr", []), (tmp_path / "old.zarr", ["--overwrite"])):
+        writes.clear()
+        line = one_error_line(*run_converter(capsys, src, dest, "--z_chunksize", 2, "--threads",
+                                             1, "--y_chunksize", 8, "--x_chunksize", 8, *extra))
+        assert in_flight == []                       # every write had ended before cleanup
+        assert line == (f"converter.py: error: cannot write {dest}: No space left on device; "
+                        f"nothing was written at {dest}")
+    assert sorted(os.listdir(tmp_path)) == ["old.zarr", "slices"]
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "old.zarr"))["volume"][:],
+                                  stack)
+
+
+def test_converter_unreadable_source_unwritable_place_or_unusable_name_end_with_one_line(
+        tmp_path, capsys, stack, monkeypatch):
+    # As root, permissions do not stop us: the failures are simulated where they occur.
+    src = write_stack(tmp_path / "slices", stack[:2])
+    listdir, mkdir = os.listdir, os.mkdir
+
+    def unreadable(path):
+        if os.fspath(path) == src:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return listdir(path)
+    monkeypatch.setattr(os, "listdir", unreadable)
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr"))
+    assert line.endswith(f"cannot read source folder {src}: Permission denied")
+    monkeypatch.setattr(os, "listdir", listdir)
+
+    (tmp_path / "read-only").mkdir()
+
+    def read_only(path, *args, **kwargs):
+        if os.path.dirname(path) == str(tmp_path / "read-only"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(os, "mkdir", read_only)
+    dest = tmp_path / "read-only" / "o.zarr"
+    line = one_error_line(*run_converter(capsys, src, dest))
+    assert line.startswith(f"converter.py: error: cannot write {dest}: Permission denied: ")
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+    long_name = tmp_path / ("o" * 250)                # fits; its hidden working name does not
+    line = one_error_line(*run_converter(capsys, src, long_name))
+    assert f"cannot write {long_name}: File name too long" in line and "shorter" in line
+
+    zarr.open_group(str(tmp_path / "here.zarr"), mode="w")
+    monkeypatch.chdir(tmp_path / "here.zarr")
+    line = one_error_line(*run_converter(capsys, src, ".", "--overwrite"))
+    assert "destination . is the current folder" in line
+    assert sorted(os.listdir(tmp_path)) == ["here.zarr", "read-only", "slices"]
+    assert os.listdir(tmp_path / "read-only") == []
+
+
+def test_converter_interrupted_between_its_renames_never_leaves_dest_missing(
+        tmp_path, capsys, stack, monkeypatch):
+    src = write_stack(tmp_path / "slices", stack[:4])
+    status, _ = run_converter(capsys, src, tmp_path / "o.zarr", "--z_end", 2)
+    assert status == 0
+    rename, renames = os.rename, []
+
+    def interrupted_after_first(source, target):
+        rename(source, target)
+        renames.append(target)
+        if len(renames) == 1:
+            signal.raise_signal(signal.SIGINT)          # Ctrl-C between the two renames
+    monkeypatch.setattr(os, "rename", interrupted_after_first)
+    status, err = run_converter(capsys, src, tmp_path / "o.zarr", "--overwrite", "--z_end", 3)
+    assert status == 130 and len(err) == 1
+    assert err[0].startswith(f"converter.py: interrupted; {tmp_path / 'o.zarr'} holds the new "
+                             f"output; the old one is not fully deleted: delete ")
+    assert zarr.open_group(str(tmp_path / "o.zarr"))["volume"].shape == (3, 40, 50)
+
+    def second_fails(source, target):
+        renames.append(target)
+        if len(renames) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        rename(source, target)
+    renames.clear()
+    monkeypatch.setattr(os, "rename", second_fails)
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr", "--overwrite"))
+    assert "Input/output error; nothing was written at" in line
+    assert zarr.open_group(str(tmp_path / "o.zarr"))["volume"].shape == (3, 40, 50)  # put back
+    assert sorted(os.listdir(tmp_path)) == ["o.zarr", "slices"]
+
+
+def dead_pid():
+    """The PID of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_converter_interrupted_deleting_the_old_store_says_so_and_the_next_run_cleans_up(
+        tmp_path, capsys, stack, monkeypatch):
+    src = write_stack(tmp_path / "slices", stack[:3])
+    dest = tmp_path / "o.zarr"
+    status, _ = run_converter(capsys, src, dest, "--z_end", 1)
+    assert status == 0
+    rmtree, dead = shutil.rmtree, dead_pid()
+
+    def interrupted_on_the_old(path, *args, **kwargs):
+        if str(path).endswith(f".old-{dead}"):
+            os.remove(os.path.join(path, "zarr.json"))        # deleting has begun
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(shutil, "rmtree", interrupted_on_the_old)
+    monkeypatch.setattr(os, "getpid", lambda: dead)         # this run dies afterwards
+    status, err = run_converter(capsys, src, dest, "--overwrite", "--z_end", 2)
+    monkeypatch.undo()
+    old = tmp_path / f".o.zarr.old-{dead}"
+    assert status == 130
+    assert err == [f"converter.py: interrupted; {dest} holds the new output; the old one is "
+                   f"not fully deleted: delete {old}, or the next conversion to {dest} will"]
+    assert zarr.open_group(str(dest))["volume"].shape == (2, 40, 50)
+
+    # The next run removes the dead run's leftovers, not a live run's (PID 1 lives).
+    (tmp_path / f".o.zarr.partial-{dead}").mkdir()
+    (tmp_path / ".o.zarr.partial-1").mkdir()
+    status, _ = run_converter(capsys, src, dest, "--overwrite")
+    assert status == 0
+    assert sorted(os.listdir(tmp_path)) == [".o.zarr.partial-1", "o.zarr", "slices"]
+
+    # A run killed between its renames left DEST missing: its .old is named, not deleted.
+    os.rename(dest, old)
+    line = one_error_line(*run_converter(capsys, src, dest))
+    assert f"{dest} is missing, and {old} holds what it was" in line
+    assert zarr.open_group(str(old))["volume"].shape == (3, 40, 50)
+
+
+def test_converter_overwrites_through_a_symlink_replacing_the_store_it_points_to(
+        tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack[:3])
+    (tmp_path / "disk").mkdir()
+    status, _ = run_converter(capsys, src, tmp_path / "disk" / "o.zarr", "--z_end", 1)
+    assert status == 0
+    os.symlink(tmp_path / "disk" / "o.zarr", tmp_path / "link.zarr")
+    status, err = run_converter(capsys, src, tmp_path / "link.zarr", "--overwrite")
+    assert status == 0, err
+    assert os.readlink(tmp_path / "link.zarr") == str(tmp_path / "disk" / "o.zarr")
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "disk" / "o.zarr"))
+                                  ["volume"][:], stack[:3])
+    assert os.listdir(tmp_path / "disk") == ["o.zarr"]
+
+
+@pytest.mark.parametrize("window", [("0", "inf"), ("nan", "9"), ("5", "5"), ("9", "5")])
+def test_converter_refuses_infinite_or_empty_windows(tmp_path, capsys, stack, window):
+    src = write_stack(tmp_path / "slices", stack[:2])
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr", "--dtype", "uint8",
+                                         "--window", *window))
+    assert "--window must be (low, high), finite, with low < high; got (" in line
+    assert not os.path.exists(tmp_path / "o.zarr")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"z_range": (3, 13)}, "z_range [3, 13) is out of range: z must lie within [0, 12)"),
+    ({"x_range": (9, 9)}, "x_range [9, 9) is empty"),
+    ({"chunks": (4, 0, 8)}, "chunks[1] must be >= 1, got 0"),
+    ({"dtype": "uint8", "window": (0, math.inf)},
+     "window must be (low, high), finite, with low < high; got (0, inf)"),
+    ({"window": (1, 2)}, "window applies to dtype uint8 only"),
+    ({"threads": 0}, "threads must be >= 1, got 0"),
+])
+def test_converter_called_from_python_names_its_parameters_not_the_flags(tmp_path, stack,
+                                                                          kwargs, message):
+    src = write_stack(tmp_path / "slices", stack)
+    with pytest.raises(converter.ConversionError) as error:
+        converter.convert(src, tmp_path / "o.zarr", **kwargs)
+    assert str(error.value) == message
 
 
 # -- the example segment ---------------------------------------------------------
