@@ -261,11 +261,29 @@ def run_loader(dataset, batch_size, workers):
     loader pays it every epoch unless its workers persist.
     """
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    coords = []
     with PeakRSS() as rss:
         start = time.perf_counter()
-        coords = [batch_coords for _, batch_coords in loader]
+        for _, batch_coords in loader:
+            if not coords:
+                first_batch = time.perf_counter() - start
+            coords.append(batch_coords)
         seconds = time.perf_counter() - start
-    return seconds, sum(len(c) for c in coords), coords, rss
+    return seconds, first_batch, sum(len(c) for c in coords), coords, rss
+
+
+def shard_starts(path, block, samples, shards=64):
+    """Seconds to the first item of the first and of the last of ``shards`` shards.
+
+    The shards are ranks without workers (rank 63 of 64 is shard 63 of 64, as
+    rank 7 of 8 with worker 7 of 8 is): built, then the first item read.
+    """
+    seconds = []
+    for rank in (0, shards - 1):
+        start = time.perf_counter()
+        next(iter(VesuviusStream([path], *block, samples, rank=rank, world_size=shards)))
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def tiles_per_batch(coords, block):
@@ -303,6 +321,9 @@ def main():
                         help="VesuviusStream's region_mb (default 512)")
     parser.add_argument("--open-regions", type=int, default=8,
                         help="VesuviusStream's open_regions (default 8)")
+    parser.add_argument("--shard-samples", type=float, default=1e9,
+                        help="samples_per_epoch (capped at the store's positions) when timing "
+                             "the first item of shards 0 and 63 of 64 (default 1e9)")
     parser.add_argument("--converter", action="store_true",
                         help="benchmark converter.py on a synthetic 65x2048x3072 stack instead")
     args = parser.parse_args()
@@ -341,22 +362,28 @@ def benchmark_stream(path, args):
                             samples_per_region=args.samples_per_region,
                             region_mb=args.region_mb, open_regions=args.open_regions)
     for name, dataset in (("naive", naive), ("VesuviusStream", stream)):
-        seconds, samples, coords, rss = run_loader(dataset, args.batch_size, args.workers)
+        seconds, first_batch, samples, coords, rss = run_loader(dataset, args.batch_size,
+                                                                args.workers)
         if dataset is naive:
             decoded = sum(decoded_bytes(array, c[1:].tolist(), block)
                           for batch in coords for c in batch)
         else:
             decoded = stream_decoded_bytes(stream, array, args.workers)
-        rows.append((name, samples / seconds, decoded / (samples * block_bytes),
+        rows.append((name, samples / seconds, first_batch, decoded / (samples * block_bytes),
                      tiles_per_batch(coords, block), rss))
 
     naive_rate = rows[0][1]
     print(f"{'':15}{'samples/s':>10}{'MB/s':>8}{'x naive':>9}{'of limit':>10}"
-          f"{'read amp':>10}{'tiles/batch':>13}  peak RSS")
-    for name, rate, amplification, tiles, rss in rows:
+          f"{'read amp':>10}{'tiles/batch':>13}{'1st batch':>11}  peak RSS")
+    for name, rate, first_batch, amplification, tiles, rss in rows:
         print(f"{name:15}{rate:10.0f}{rate * block_bytes / 2**20:8.0f}"
               f"{rate / naive_rate:9.1f}{rate / limit:10.2f}{amplification:10.2f}"
-              f"{tiles:13.1f}  {rss}")
+              f"{tiles:13.1f}{first_batch:10.2f}s  {rss}")
+
+    samples = min(int(args.shard_samples), stream.capacity)
+    first, last = shard_starts(path, block, samples)
+    print(f"\nfirst item of shard 0 / shard 63 of 64, samples_per_epoch={samples:.0e}: "
+          f"{first:.2f} s / {last:.2f} s ({last / first:.2f}x)")
 
 
 def stream_decoded_bytes(stream, array, workers):

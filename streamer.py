@@ -68,30 +68,42 @@ class VesuviusStream(IterableDataset):
       (inside ``z_range``, and touching the mask by the rule below). An epoch
       yields exactly ``samples_per_epoch`` items in total over all DataLoader
       workers and all DDP ranks, never the same position twice.
-    * Workers and ranks split the epoch into disjoint, contiguous shares whose
-      sizes differ by at most one. The *set* of positions of an epoch is a
-      function of (sources, block size, samples_per_epoch, sampling_method,
-      shuffle, seed, epoch) alone: the same for any number of workers or ranks.
+    * An epoch is one sequence, fixed by (sources, block size,
+      samples_per_epoch, sampling_method, shuffle, seed, epoch) and the
+      reading options (``region_mb``, ``open_regions``, ``samples_per_region``).
+      Workers and ranks take disjoint, contiguous shares of it whose sizes
+      differ by at most one, in order: the epoch's positions, and even their
+      order, are the same for any number of workers or ranks. ``len(ds)`` is
+      this rank's share.
     * ``set_epoch(e)`` selects another epoch; the same ``(seed, e)`` always
-      gives the same set. It reaches persistent DataLoader workers too.
+      gives the same epoch. It reaches persistent DataLoader workers too.
     * Every position of a volume has the same chance to be in an epoch.
     * Memory and start-up time do not grow with the number of positions: the
       epoch is drawn with keyed bijections (Feistel networks), never from an
-      index array. Decoded data is bounded per worker by ``region_mb`` (plus
-      zarr's buffers for the chunks being decoded); a mask costs one integer
-      per region.
+      index array, and any shard finds its share by arithmetic on visit
+      lengths, so the last of 64 shards starts as soon as the first. The plan
+      keeps a few numbers per region (about 100 bytes); decoded data is
+      bounded per worker by ``region_mb`` (plus zarr's buffers for the chunks
+      being decoded).
+    * Resuming: ``state_dict()``/``load_state_dict()`` let torchdata's
+      ``StatefulDataLoader`` continue an interrupted epoch exactly, batch for
+      batch; with a plain DataLoader, ``set_epoch(e, skip_batches=B,
+      batch_size=S)`` does the same after B batches (same ``num_workers``).
+      Random augmentations in ``transform`` are not replayed.
 
     How it reads: the positions of each volume are partitioned into *regions*
     aligned to its chunk grid, each small enough that ``open_regions`` of them
     (plus the block's halo) fit in ``region_mb``. An epoch visits regions in
-    random order, each visit taking its next ``samples_per_region`` positions
-    (fewer for a smaller border region) from the region's own random order;
-    more rounds follow if the epoch needs them. A worker decodes a visit's
-    region once, cuts all its blocks from it, and interleaves ``open_regions``
-    visits so that consecutive items come from different places. Positions of
-    one epoch are therefore clustered by region, which is what makes reading
-    fast: lower ``samples_per_region`` for more spread, at more decoding per
-    sample.
+    rounds, each round in a random order of its own; a visit takes the
+    region's next ``samples_per_region`` positions (proportionally fewer for a
+    smaller region, or one with less of the mask) from the region's own random
+    permutation of its positions. The visits of all sources are merged into
+    one sequence and taken ``open_regions`` at a time: a worker decodes each
+    visit's box once and yields its blocks in turn with the other visits of
+    the group, so that consecutive items come from different places.
+    Positions of one epoch are therefore clustered by region, which is what
+    makes reading fast: lower ``samples_per_region`` for more spread, at more
+    decoding per sample.
 
     Sources and their layout: a source is a path or URL (str or
     ``os.PathLike``) to a Zarr array (format 2 or 3), or to a Zarr group with
@@ -133,6 +145,8 @@ class VesuviusStream(IterableDataset):
             yields positions in raster order (z, then y, then x) within each
             source, sources in order, each source's share fixed by
             ``sampling_method`` (equal or proportional). Ignored by ``'grid'``.
+            Meant for inspection: with a mask, each shard counts the mask's
+            positions before its share (the one plan that reads data).
         seed (int): the seed of every random choice. Default 0.
         return_coords (bool): append the block's ``(file_index, z, y, x)``.
         z_range (tuple, optional): ``(start, end)``: draw blocks from layers
@@ -185,6 +199,15 @@ class VesuviusStream(IterableDataset):
         # Inference: every block of a grid, with coordinates for stitching.
         grid = VesuviusStream(["a.zarr"], 26, 64, 64, None, 'grid',
                               z_range=(17, 43), stride=(26, 32, 32), return_coords=True)
+
+        # Resume an interrupted epoch (pip install torchdata).
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        loader = StatefulDataLoader(ds, batch_size=32, num_workers=2)
+        ...                                         # save loader.state_dict() with the model
+        loader.load_state_dict(saved)               # in the new process
+        ds.set_epoch(saved_epoch)
+        for blocks, labels, coords in loader:       # the rest of that epoch
+            ...
 
     .. warning::
         Call ``set_epoch(epoch)`` before each epoch, as with

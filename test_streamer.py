@@ -188,6 +188,29 @@ def test_ranks_and_workers_split_the_epoch_disjointly(multi_region):
     assert sum(len(set(p)) for p in parts) == 999
 
 
+@pytest.mark.parametrize("method, shuffle", [("uniform", True), ("proportional", True),
+                                             ("uniform", False), ("grid", True)])
+def test_shards_in_rank_order_are_the_one_epoch_sequence(tmp_path, method, shuffle):
+    # The plan is one sequence; a shard is a contiguous piece of it, so the
+    # shards of any split, one after the other, give the same items in the same order.
+    masked = {"volume": zarr_v3(tmp_path / "m.zarr", volume((10, 60, 70)), (5, 16, 16)),
+              "mask": disk_mask((60, 70), (30, 35), 24)}
+    masked["volume"] = zarr.open_array(masked["volume"], mode="r")
+    sources = [masked, volume((9, 25, 40), seed=2)]
+    samples = None if method == "grid" else 1500
+
+    def sequence(shards):
+        return [c for rank in range(shards) for c in epoch(VesuviusStream(
+            sources, 3, 8, 8, samples, method, shuffle, return_coords=True, region_mb=0.02,
+            open_regions=3, rank=rank, world_size=shards))]
+
+    whole = sequence(1)
+    assert len(whole) == len(set(whole)) == (samples or len(whole))
+    assert {c[0] for c in whole} == {0, 1}
+    for shards in (2, 5, 7):
+        assert sequence(shards) == whole
+
+
 def test_whole_volume_epoch_yields_every_position_once(multi_region):
     path, data = multi_region
     positions = math.prod(s - b + 1 for s, b in zip(data.shape, (5, 9, 11)))
