@@ -72,8 +72,9 @@ class VesuviusStream(IterableDataset):
       samples_per_epoch, sampling_method, shuffle, seed, epoch) and the
       reading options (``region_mb``, ``open_regions``, ``samples_per_region``).
       Workers and ranks take disjoint, contiguous shares of it whose sizes
-      differ by at most one, in order: the epoch's positions, and even their
-      order, are the same for any number of workers or ranks. ``len(ds)`` is
+      differ by at most one: the epoch's positions are the same for any
+      number of workers or ranks (and so is their order in raster and grid
+      modes; random epochs mix each share's visits in turn). ``len(ds)`` is
       this rank's share.
     * ``set_epoch(e)`` selects another epoch; the same ``(seed, e)`` always
       gives the same epoch. It reaches persistent DataLoader workers too.
@@ -98,9 +99,10 @@ class VesuviusStream(IterableDataset):
     region's next ``samples_per_region`` positions (proportionally fewer for a
     smaller region, or one with less of the mask) from the region's own random
     permutation of its positions. The visits of all sources are merged into
-    one sequence and taken ``open_regions`` at a time: a worker decodes each
-    visit's box once and yields its blocks in turn with the other visits of
-    the group, so that consecutive items come from different places.
+    one sequence, and a worker takes those of its share ``open_regions`` at a
+    time: it decodes each visit's box once and yields its blocks in turn with
+    the other visits of the group, so that consecutive items come from
+    different places.
     Positions of one epoch are therefore clustered by region, which is what
     makes reading fast: lower ``samples_per_region`` for more spread, at more
     decoding per sample.
@@ -378,7 +380,7 @@ class VesuviusStream(IterableDataset):
         for source in self._sources:
             source.attach()
         plan = self._plan(epoch)
-        for group in plan.groups(first + done, stop):
+        for group in plan.groups(first, stop, done):
             # Read: decode each visit's box once; then cut its blocks in the
             # group's interleaved order.
             boxes = [self._sources[visit.source].read(visit) for visit in group.visits]
@@ -646,11 +648,12 @@ class _EpochPlan:
 
     Interleaved (random epochs), the streams are merged by how far through its
     own stream each visit ends (ties: lower source first), so that every
-    source is spread over the whole epoch, and ``group_size`` consecutive
-    visits form a group whose positions alternate between its visits (round
-    robin), so that consecutive items come from different places. Otherwise
-    sources follow each other and a group is one visit. Either way sample s of
-    the epoch is found by arithmetic on visit lengths: a shard starts at once.
+    source is spread over the whole epoch; a shard reads ``group_size``
+    consecutive visits of its share at a time and takes their positions in
+    turn (round robin), so that consecutive items come from different places.
+    Otherwise sources follow each other and a group is one visit. Either way
+    sample s of the epoch is found by arithmetic on visit lengths: a shard
+    starts at once.
     """
 
     def __init__(self, streams, group_size, interleave):
@@ -658,33 +661,55 @@ class _EpochPlan:
         self.counts = [s.count for s in streams] if interleave else None
         self.totals = np.cumsum([0] + [s.total for s in streams])
 
-    def groups(self, first, stop):
-        """Yield the groups of samples [first, stop), trimmed to that range."""
-        if first >= stop:
-            return
+    def groups(self, first, stop, skip=0):
+        """Yield the groups of the share [first, stop), from its item ``skip`` on.
+
+        Interleaved, a group is ``group_size`` consecutive visits counted from
+        the one holding ``first``, each trimmed to the share, so that
+        neighbouring shares read one visit in common at most.
+        """
         if not self.interleave:
-            source = int(np.searchsorted(self.totals, first, side='right')) - 1
-            index = self.streams[source].locate(first - int(self.totals[source]))
-            while first < stop:
-                stream = self.streams[source]
-                begin = int(self.totals[source]) + stream.start(index)
-                if begin >= self.totals[source + 1]:
-                    source, index = source + 1, 0
-                    continue
-                visit = stream.visit(index, source)
-                if visit.stop > visit.first:
-                    yield _Group.of([visit], first - begin, stop - begin)
-                first, index = max(first, begin + visit.stop - visit.first), index + 1
+            yield from self._one_visit_groups(first + skip, stop)
             return
-        group = self._group_at(first)
+        origin, visits = self._ordinal_at(first), sum(self.counts)
+
+        def samples(group):          # the share's samples [lo, hi) in ``group``
+            lo, hi = (origin + group * self.group_size, origin + (group + 1) * self.group_size)
+            return max(first, self._start(lo)), min(stop, self._start(min(hi, visits)))
+
+        low, high = 0, -(-(visits - origin) // self.group_size) - 1
+        while low < high:            # the group holding item ``skip``
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if samples(mid)[0] <= first + skip else (low, mid - 1)
+        group = low
+        while samples(group)[0] < stop:
+            lo, hi = samples(group)
+            trimmed = []
+            for ordinal in range(origin + group * self.group_size,
+                                 min(origin + (group + 1) * self.group_size, visits)):
+                visit, begin = self._visit(ordinal), self._start(ordinal)
+                a = max(first - begin, 0)
+                b = min(stop - begin, visit.stop - visit.first)
+                if a < b:
+                    trimmed.append(visit._replace(first=visit.first + a, stop=visit.first + b))
+            if trimmed:              # visits of a round may all be empty (tiny regions)
+                yield _Group.of(trimmed, first + skip - lo, hi - lo)
+            group += 1
+
+    def _one_visit_groups(self, first, stop):
+        """Sources one after the other, one visit a group, samples [first, stop)."""
+        source = int(np.searchsorted(self.totals, first, side='right')) - 1
+        index = self.streams[source].locate(first - int(self.totals[source]))
         while first < stop:
-            begin = self._start(group * self.group_size)
-            visits = [self._visit(o) for o in range(group * self.group_size, min(
-                (group + 1) * self.group_size, sum(self.counts)))]
-            end = begin + sum(v.stop - v.first for v in visits)
-            if end > first:
-                yield _Group.of(visits, first - begin, stop - begin)
-            first, group = max(first, end), group + 1
+            stream = self.streams[source]
+            begin = int(self.totals[source]) + stream.start(index)
+            if begin >= self.totals[source + 1]:
+                source, index = source + 1, 0
+                continue
+            visit = stream.visit(index, source)
+            if visit.stop > visit.first:
+                yield _Group.of([visit], first - begin, stop - begin)
+            first, index = max(first, begin + visit.stop - visit.first), index + 1
 
     # Ordinal arithmetic of the merge: visit v of source i ends at fraction
     # (v + 1) / count_i of its stream.
@@ -723,15 +748,12 @@ class _EpochPlan:
         return sum(stream.start(self._before(source, ordinal))
                    for source, stream in enumerate(self.streams))
 
-    def _group_at(self, sample):
-        """The group holding ``sample``: the last whose start is at or before it."""
-        low, high = 0, -(-sum(self.counts) // self.group_size) - 1
+    def _ordinal_at(self, sample):
+        """The visit holding ``sample`` (the last one starting at or before it)."""
+        low, high = 0, sum(self.counts) - 1
         while low < high:
             mid = (low + high + 1) // 2
-            if self._start(mid * self.group_size) <= sample:
-                low = mid
-            else:
-                high = mid - 1
+            low, high = (mid, high) if self._start(mid) <= sample else (low, mid - 1)
         return low
 
 

