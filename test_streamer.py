@@ -1,11 +1,13 @@
 """The specification of the project: streamer, converter, benchmark and notebook."""
 
 import collections
+import contextlib
 import email.utils
 import math
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -30,6 +32,23 @@ pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 
 # -- helpers -----------------------------------------------------------------
+
+def checkout_files():
+    """{path: (size, mtime)} of the checkout's files, but Python's and pytest's caches."""
+    caches = {"__pycache__", ".pytest_cache", ".git"}
+    return {str(path.relative_to(HERE)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in pathlib.Path(HERE).rglob("*")
+            if path.is_file() and not caches & set(path.relative_to(HERE).parts)}
+
+
+@contextlib.contextmanager
+def checkout_untouched():
+    """Fails unless the block leaves every file of the checkout as it was (none added,
+    changed or deleted; a user's training_example_run.ipynb included)."""
+    before = checkout_files()
+    yield
+    assert checkout_files() == before, "a test changed the checkout"
+
 
 def volume(shape, dtype=np.uint16, seed=0):
     """Random data, so that any misplaced block is caught."""
@@ -787,10 +806,11 @@ def test_ddp_ranks_split_the_epoch_disjointly(multi_region, tmp_path):
 
 def test_benchmark_runs_on_a_small_store(tmp_path):
     path = zarr_v3(tmp_path / "bench.zarr", volume((8, 64, 64)), chunks=(4, 32, 32))
-    result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "benchmark.py"), path, "--block", "4", "16", "16",
-         "--batch-size", "4", "--batches", "5", "--naive-batches", "2", "--workers", "0"],
-        capture_output=True, text=True, timeout=120)
+    with checkout_untouched():
+        result = subprocess.run(
+            [sys.executable, os.path.join(HERE, "benchmark.py"), path, "--block", "4", "16",
+             "16", "--batch-size", "4", "--batches", "5", "--naive-batches", "2",
+             "--workers", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "decode limit" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines()
@@ -1107,8 +1127,9 @@ def test_converter_script_exits_2_without_traceback(tmp_path):
 # -- the example segment ---------------------------------------------------------
 
 def test_example_segment_is_made_reproducibly_by_its_script(tmp_path):
-    subprocess.run([sys.executable, os.path.join(HERE, "example_zarr", "make_example.py"),
-                    str(tmp_path / "example.zarr")], check=True, timeout=120)
+    with checkout_untouched():
+        subprocess.run([sys.executable, os.path.join(HERE, "example_zarr", "make_example.py"),
+                        str(tmp_path / "example.zarr")], check=True, timeout=120)
     committed = os.path.join(HERE, "example_zarr", "example.zarr")
 
     def files(root):
@@ -1147,24 +1168,32 @@ def test_committed_notebook_shows_its_pictures_and_results():
     assert iou >= 0.4
 
 
-def test_readme_command_runs_the_notebook_which_learns_the_letters():
+def copy_into(folder, *names):
+    """Copy files and folders of the checkout into ``folder``: tests run on copies."""
+    for name in names:
+        source = os.path.join(HERE, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(folder, name))
+        else:
+            shutil.copy(source, folder)
+
+
+def test_readme_command_runs_the_notebook_in_a_copy_which_learns_the_letters(tmp_path):
     import nbformat
-    # The quick start's `jupyter execute ... --output=NAME`, as written in the README.
+    # The quick start's `jupyter execute ... --output=NAME`, as written in the README, run
+    # in a copy: the checkout, and a training_example_run.ipynb there, stay as they were.
     command = re.search(r"jupyter execute (\S+) --output=(\S+)",
                         pathlib.Path(HERE, "README.md").read_text(encoding="utf-8"))
     assert command.group(1) == "training_example.ipynb"
-    committed = pathlib.Path(NOTEBOOK).read_bytes()
-    output = pathlib.Path(HERE, command.group(2) + ".ipynb")
-    try:
+    copy_into(tmp_path, "training_example.ipynb", "streamer.py", "example_zarr")
+    with checkout_untouched():
         run = subprocess.run([sys.executable, "-m", "jupyter", *command.group(0).split()[1:]],
-                             cwd=HERE, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert pathlib.Path(NOTEBOOK).read_bytes() == committed, "it overwrote the notebook"
-        notebook = nbformat.read(str(output), as_version=4)
-    finally:
-        output.unlink(missing_ok=True)
-        if pathlib.Path(NOTEBOOK).read_bytes() != committed:     # leave the checkout as it was
-            pathlib.Path(NOTEBOOK).write_bytes(committed)
-    pictures, iou = notebook_results(notebook)
+                             cwd=tmp_path, capture_output=True, text=True,
+                             timeout=1800)        # a guard against hangs only
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "training_example.ipynb").read_bytes() == \
+        pathlib.Path(NOTEBOOK).read_bytes(), "it overwrote the notebook"
+    pictures, iou = notebook_results(
+        nbformat.read(str(tmp_path / (command.group(2) + ".ipynb")), as_version=4))
     assert pictures == 4
     assert iou >= 0.4
