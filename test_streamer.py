@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -804,19 +805,98 @@ def test_ddp_ranks_split_the_epoch_disjointly(multi_region, tmp_path):
 
 # -- benchmark ----------------------------------------------------------------
 
+SMALL_RUN = ["--block", "4", "16", "16", "--batch-size", "4", "--batches", "5",
+             "--naive-batches", "2", "--workers", "0"]
+
+
 def test_benchmark_runs_on_a_small_store(tmp_path):
     path = zarr_v3(tmp_path / "bench.zarr", volume((8, 64, 64)), chunks=(4, 32, 32))
     with checkout_untouched():
-        result = subprocess.run(
-            [sys.executable, os.path.join(HERE, "benchmark.py"), path, "--block", "4", "16",
-             "16", "--batch-size", "4", "--batches", "5", "--naive-batches", "2",
-             "--workers", "0"], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"), path,
+                                 *SMALL_RUN], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "decode limit" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines()
             if line.startswith(("naive", "VesuviusStream"))]
     assert [row[0] for row in rows] == ["naive", "VesuviusStream"]
     assert float(rows[0][3]) == 1.0                   # naive is its own reference
+
+
+def test_benchmark_help_states_every_option_and_its_default():
+    parser = benchmark.build_parser()
+    assert all("(default: " in action.help for action in parser._actions if action.nargs != 0
+               and action.dest != "help")          # every option but the flags
+    text = " ".join(parser.format_help().split())
+    for option, default in [("--latency MS", "read the store directly"),
+                            ("--chunks Z Y X", "16 256 256"), ("--block Z Y X", "26 64 64"),
+                            ("--workers N", "2"), ("--batch-size B", "32"),
+                            ("--batches N", "1000"), ("--naive-batches N", "20"),
+                            ("--samples-per-region N", "its own"), ("--region-mb MB", "512"),
+                            ("--open-regions N", "8")]:
+        assert re.search(re.escape(option) + r" [^-]*\(default: " + re.escape(default) + r"\)",
+                         text), option
+
+
+def test_benchmark_script_refuses_a_block_that_does_not_fit_before_building_its_store(
+        tmp_path):
+    # No store given: the synthetic one would be built in TMPDIR, here tmp_path.
+    result = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"),
+                             "--block", "999", "1", "1"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("benchmark.py: error: ")
+    assert "(999, 1, 1) does not fit" in result.stderr and "(65, 2048, 2048)" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "-1"], "--workers must be >= 0, got -1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batches", "0"], "--batches must be >= 1, got 0"),
+    (["--chunks", "16", "0", "256"], "--chunks must be >= 1, got 0"),
+    (["--block", "4", "x", "4"], "argument --block: invalid int value: 'x'"),
+    (["--region-mb", "0"], "region_mb"),
+    (["--latency", "20", "http://127.0.0.1:9/scan.zarr"], "--latency serves a local store"),
+    (["missing.zarr"], "missing.zarr"),
+    (["small.zarr", "--block", "9", "1", "1"], "does not fit"),
+    (["small.zarr", "--block", "4", "16", "16", "--batches", "100000"], "exceeds"),
+])
+def test_benchmark_refuses_bad_options_with_one_line_before_measuring(tmp_path, capsys,
+                                                                      monkeypatch, args,
+                                                                      message):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))      # where it would build
+    monkeypatch.chdir(tmp_path)
+    zarr_v3(tmp_path / "small.zarr", volume((8, 64, 64)), chunks=(4, 32, 32))
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(args)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("benchmark.py: error: ") and message in err
+    assert os.listdir(tmp_path) == ["small.zarr"]
+
+
+def test_benchmark_says_where_its_cached_data_are_and_clean_deletes_them(tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # A small store where the synthetic one is cached, which the run then reuses,
+    # and a cached stack of 3 MB.
+    store = zarr_v3(tmp_path / "vesuvius_benchmark_65x2048x2048_16x256x256.zarr",
+                    volume((8, 64, 64)), chunks=(4, 32, 32))
+    stack = tmp_path / "vesuvius_benchmark_slices_65x2048x3072"
+    stack.mkdir()
+    (stack / "00.tif").write_bytes(bytes(3_000_000))
+    (tmp_path / "mine.txt").write_text("not the benchmark's")
+    benchmark.main(SMALL_RUN)
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [f"cached: {store} (0 MB)", f"cached: {stack} (3 MB)",
+                       "(kept for later runs; `python benchmark.py --clean` deletes them)"]
+    assert out[4].startswith(f"store {store}: shape (8, 64, 64)")     # then it measures
+    benchmark.main(["--clean"])
+    assert capsys.readouterr().out.splitlines() == [f"deleted {store} (0 MB)",
+                                                    f"deleted {stack} (3 MB)"]
+    assert os.listdir(tmp_path) == ["mine.txt"]
+    benchmark.main(["--clean"])
+    assert capsys.readouterr().out == f"nothing cached in {tmp_path}\n"
 
 
 # -- converter ----------------------------------------------------------------
