@@ -1,4 +1,4 @@
-"""The specification of the project: streamer, converter, benchmark and notebook."""
+"""The specification of the project: streamer, converter, benchmark, notebook and README."""
 
 import collections
 import contextlib
@@ -449,6 +449,29 @@ def test_items_are_block_then_label_without_coords_and_dict_sources_work():
     ds = VesuviusStream([{"volume": data, "labels": labels}], 2, 5, 5, 10)
     block, label = next(iter(ds))
     assert block.shape == (2, 5, 5) and label.shape == (5, 5)
+
+
+@pytest.mark.parametrize("labels", [False, True], ids=["unlabelled", "labelled"])
+@pytest.mark.parametrize("coords", [False, True], ids=["no_coords", "coords"])
+def test_item_layout_for_every_combination_of_labels_and_coords(labels, coords):
+    data, ink = volume((4, 20, 20)), volume((20, 20), np.uint8)
+    source = {"volume": data, "labels": ink} if labels else data
+    ds = VesuviusStream([source], 2, 5, 5, 8, return_coords=coords)
+    with_coords = list(VesuviusStream([source], 2, 5, 5, 8, return_coords=True))
+    for item, reference in zip(ds, with_coords, strict=True):
+        _, z, y, x = reference[-1].tolist()       # the same epoch, with its coordinates
+        expected = [torch.from_numpy(data[z:z + 2, y:y + 5, x:x + 5])]
+        expected += [torch.from_numpy(ink[y:y + 5, x:x + 5])] * labels
+        expected += [torch.tensor([0, z, y, x])] * coords
+        if len(expected) == 1:
+            assert isinstance(item, torch.Tensor) and torch.equal(item, expected[0])
+        else:
+            assert isinstance(item, tuple) and len(item) == len(expected)
+            assert all(torch.equal(a, b) for a, b in zip(item, expected))
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    shapes = [(4, 2, 5, 5)] + [(4, 5, 5)] * labels + [(4, 4)] * coords
+    assert ([tuple(batch.shape)] if len(shapes) == 1 else [tuple(b.shape) for b in batch]) \
+        == shapes
 
 
 def test_labels_or_mask_of_another_shape_and_mixed_labels_are_errors(tmp_path):
@@ -1059,6 +1082,28 @@ def test_converter_then_streamer_round_trip(tmp_path, capsys, stack):
     assert check_blocks(ds, [stack[:, 5:]]) == 500
 
 
+def test_coords_and_z_range_are_in_the_stores_coordinates_plus_offset_in_the_scans(
+        tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack)
+    crop = str(tmp_path / "crop.zarr")
+    status, _ = run_converter(capsys, src, crop, "--z_start", 3, "--z_end", 11, "--y_start", 5,
+                              "--x_start", 7, "--z_chunksize", 4, "--y_chunksize", 16,
+                              "--x_chunksize", 16)
+    assert status == 0
+    offset = zarr.open_group(crop, mode="r").attrs["vesuvius_converter"]["offset"]
+    assert offset == [3, 5, 7] and zarr.open_group(crop, mode="r")["volume"].shape == (8, 35, 43)
+    # Stored layers [1, 6) are the scan's [4, 9): blocks of 4 layers start at scan layer 4 or 5.
+    ds = VesuviusStream([crop], 4, 8, 8, 300, z_range=(1, 6), return_coords=True)
+    starts = set()
+    for block, (_, *stored) in ds:
+        z, y, x = np.add(stored, offset)
+        assert torch.equal(block, torch.from_numpy(stack[z:z + 4, y:y + 8, x:x + 8]))
+        starts.add(int(z))
+    assert starts == {4, 5}
+    with pytest.raises(ValueError, match="z_range"):     # the scan's numbers do not fit
+        VesuviusStream([crop], 4, 8, 8, 300, z_range=(3, 11))
+
+
 def one_error_line(status, err):
     assert status == 2
     assert len(err) == 1 and err[0].startswith("converter.py: error: "), err
@@ -1277,3 +1322,59 @@ def test_readme_command_runs_the_notebook_in_a_copy_which_learns_the_letters(tmp
         nbformat.read(str(tmp_path / (command.group(2) + ".ipynb")), as_version=4))
     assert pictures == 4
     assert iou >= 0.4
+
+
+# -- the README's code ------------------------------------------------------------
+
+EXAMPLE = os.path.join(HERE, "example_zarr", "example.zarr")
+
+
+def readme_python_blocks():
+    """[(line number, code)] of the README's ```python blocks."""
+    text = pathlib.Path(HERE, "README.md").read_text(encoding="utf-8")
+    return [(text.count("\n", 0, match.start()) + 1, match.group(1))
+            for match in re.finditer(r"^```python\n(.*?)^```$", text, re.M | re.S)]
+
+
+def unlabelled_example(path):
+    """The example segment without its labels (volume, mask and attributes)."""
+    example = zarr.open_group(EXAMPLE, mode="r")
+    group = zarr.open_group(str(path), mode="w", attributes=example.attrs.asdict())
+    for name in ("volume", "mask"):
+        group.create_array(name, data=example[name][:], chunks=example[name].chunks)
+
+
+def test_readme_code_blocks_run_as_written(tmp_path):
+    """Every complete ```python block of the README runs as written.
+
+    The rule: a block whose first line starts with ``# fragment:`` is a fragment
+    and is not run; every other one is complete. A complete block runs unchanged,
+    as ``python block.py``, in a fresh folder holding a copy of streamer.py and, at
+    each quoted name ending in ``.zarr`` that it uses, a copy of the example
+    segment (with labels and mask); then again with copies without labels, unless
+    its first line is ``# for sources with labels``. The ```bash blocks are not run
+    here: the quick start's notebook command is run by the notebook test, and the
+    converter's commands name folders of the user's.
+    """
+    blocks = [(line, code) for line, code in readme_python_blocks()
+              if not code.startswith("# fragment:")]
+    assert len(blocks) >= 3                 # training, coordinates, grid
+    for line, code in blocks:
+        names = set(re.findall(r"[\"']([\w.-]+\.zarr)[\"']", code))
+        labelled_only = code.startswith("# for sources with labels\n")
+        for labelled in (True,) if labelled_only else (True, False):
+            folder = tmp_path / f"line{line}_{'labelled' if labelled else 'unlabelled'}"
+            folder.mkdir()
+            copy_into(folder, "streamer.py")
+            for name in names:
+                if labelled:
+                    shutil.copytree(EXAMPLE, folder / name)
+                else:
+                    unlabelled_example(folder / name)
+            (folder / "block.py").write_text(code, encoding="utf-8")
+            with checkout_untouched():
+                run = subprocess.run([sys.executable, "block.py"], cwd=folder,
+                                     capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, (f"README.md line {line}, "
+                                         f"{'labelled' if labelled else 'unlabelled'}:\n"
+                                         + run.stderr[-3000:])
