@@ -19,13 +19,14 @@ of the limit, read amplification (bytes decoded / bytes delivered), distinct
 
 With no store given it builds, once, a synthetic CT-like store (smooth field
 plus noise; chunks 16x256x256, zstd) in the system's temporary directory and
-reuses it. Peak RSS needs the optional package psutil (``pip install psutil``);
-URLs and ``--latency`` need fsspec and aiohttp.
+reuses it; ``--clean`` deletes it. Peak RSS needs the optional package psutil
+(``pip install psutil``); URLs and ``--latency`` need fsspec and aiohttp.
 """
 
 import argparse
 import contextlib
 import functools
+import glob
 import http.server
 import math
 import os
@@ -297,44 +298,127 @@ def tiles_per_batch(coords, block):
     return sum(counts) / len(counts)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+CACHE_PREFIX = "vesuvius_benchmark_"      # of everything cached in the temporary folder
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad arguments: one line on stderr and exit status 2, before anything is built."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    parser = Parser(
+        prog="benchmark.py", description=__doc__.split("\n\n")[0],
+        epilog=f"The synthetic data are built once and kept for later runs in "
+               f"{tempfile.gettempdir()} (the temporary folder; set TMPDIR to move it), as "
+               f"{CACHE_PREFIX}*: the 65x2048x2048 store takes about 460 MB, the converter's "
+               f"stack about 780 MB plus its store. --clean deletes them.")
     parser.add_argument("store", nargs="?", help="Zarr array or converter group, path or URL "
-                        "(default: a cached synthetic 65x2048x2048 store)")
+                        "(default: the synthetic 65x2048x2048 uint16 store, built on first use)")
     parser.add_argument("--latency", type=float, metavar="MS",
                         help="serve the (local) store over HTTP on 127.0.0.1 with MS "
-                        "milliseconds added to each request, and read it from there")
+                        "milliseconds added to each request, and read it from there "
+                        "(default: read the store directly)")
     parser.add_argument("--chunks", type=int, nargs=3, default=SYNTHETIC_CHUNKS,
-                        metavar=("Z", "Y", "X"),
-                        help="chunks of the synthetic store (default 16 256 256)")
+                        metavar=("Z", "Y", "X"), help="chunks of the synthetic store "
+                        f"(default: {' '.join(map(str, SYNTHETIC_CHUNKS))})")
     parser.add_argument("--block", type=int, nargs=3, default=(26, 64, 64),
-                        metavar=("Z", "Y", "X"))
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=1000,
-                        help="batches in VesuviusStream's epoch (default 1000)")
-    parser.add_argument("--naive-batches", type=int, default=20,
-                        help="batches read by naive slicing (default 20)")
-    parser.add_argument("--samples-per-region", type=int,
+                        metavar=("Z", "Y", "X"), help="block shape (default: 26 64 64)")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="DataLoader worker processes (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B",
+                        help="DataLoader batch size (default: %(default)s)")
+    parser.add_argument("--batches", type=int, default=1000, metavar="N",
+                        help="batches in VesuviusStream's epoch (default: %(default)s)")
+    parser.add_argument("--naive-batches", type=int, default=20, metavar="N",
+                        help="batches read by naive slicing (default: %(default)s)")
+    parser.add_argument("--samples-per-region", type=int, metavar="N",
                         help="VesuviusStream's samples_per_region (default: its own)")
-    parser.add_argument("--region-mb", type=float, default=512,
-                        help="VesuviusStream's region_mb (default 512)")
-    parser.add_argument("--open-regions", type=int, default=8,
-                        help="VesuviusStream's open_regions (default 8)")
-    parser.add_argument("--shard-samples", type=float, default=1e9,
+    parser.add_argument("--region-mb", type=float, default=512, metavar="MB",
+                        help="VesuviusStream's region_mb (default: %(default)s)")
+    parser.add_argument("--open-regions", type=int, default=8, metavar="N",
+                        help="VesuviusStream's open_regions (default: %(default)s)")
+    parser.add_argument("--shard-samples", type=float, default=1e9, metavar="N",
                         help="samples_per_epoch (capped at the store's positions) when timing "
-                             "the first item of shards 0 and 63 of 64 (default 1e9)")
+                             "the first item of shards 0 and 63 of 64 (default: %(default)g)")
     parser.add_argument("--converter", action="store_true",
                         help="benchmark converter.py on a synthetic 65x2048x3072 stack instead")
-    args = parser.parse_args()
+    parser.add_argument("--clean", action="store_true",
+                        help=f"delete the cached synthetic data ({CACHE_PREFIX}* in the "
+                        "temporary folder) and exit")
+    return parser
+
+
+def check_args(parser, args):
+    """Refuse bad options with one line (exit status 2) before anything is built or measured.
+
+    VesuviusStream itself judges the block, the epoch and its own options, on
+    the store or, for the synthetic store not yet built, on an unwritten
+    in-memory array of its shape (which costs nothing).
+    """
+    for name, value, least in (("--workers", args.workers, 0),
+                               ("--batch-size", args.batch_size, 1),
+                               ("--batches", args.batches, 1),
+                               ("--naive-batches", args.naive_batches, 1),
+                               ("--chunks", min(args.chunks), 1),
+                               ("--latency", args.latency or 0, 0)):
+        if value < least:
+            parser.error(f"{name} must be >= {least}, got {value}")
+    if args.latency is not None and args.store and "://" in args.store:
+        parser.error("--latency serves a local store; give a path, not a URL")
+    store = args.store or zarr.create_array({}, shape=SYNTHETIC_SHAPE,
+                                            chunks=tuple(args.chunks), dtype="uint16")
+    try:
+        VesuviusStream([store], *args.block, samples_per_epoch=args.batches * args.batch_size,
+                       samples_per_region=args.samples_per_region, region_mb=args.region_mb,
+                       open_regions=args.open_regions)
+    except (OSError, ImportError, TypeError, ValueError) as error:
+        parser.error(str(error))
+
+
+def cached_data():
+    """[(path, bytes on disk)] of the synthetic data cached in the temporary folder."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(tempfile.gettempdir(), CACHE_PREFIX + "*"))):
+        files = [os.path.join(folder, name) for folder, _, names in os.walk(path)
+                 for name in names]
+        found.append((path, sum(os.path.getsize(f) for f in files)))
+    return found
+
+
+def print_cached_data():
+    for path, size in cached_data():
+        print(f"cached: {path} ({size / 1e6:.0f} MB)")
+    print("(kept for later runs; `python benchmark.py --clean` deletes them)\n")
+
+
+def clean():
+    found = cached_data()
+    for path, size in found:
+        shutil.rmtree(path)
+        print(f"deleted {path} ({size / 1e6:.0f} MB)")
+    if not found:
+        print(f"nothing cached in {tempfile.gettempdir()}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.clean:
+        return clean()
     if args.converter:
+        synthetic_slices()
+        print_cached_data()
         return benchmark_converter()
 
-    path = args.store or synthetic_store(chunks=tuple(args.chunks))
+    check_args(parser, args)
+    path = args.store
+    if path is None:
+        path = synthetic_store(chunks=tuple(args.chunks))
+        print_cached_data()
     if args.latency is None:
         return benchmark_stream(path, args)
-    if "://" in path:
-        parser.error("--latency serves a local store; give a path, not a URL")
     path = os.path.abspath(path)
     with serve(os.path.dirname(path), args.latency / 1000) as root:
         print(f"serving {path} on {root} with {args.latency:g} ms per request")

@@ -1,7 +1,8 @@
-"""The specification of the project: streamer, converter, benchmark and notebook."""
+"""The specification of the project: streamer, converter, benchmark, notebook and README."""
 
 import asyncio
 import collections
+import contextlib
 import email.utils
 import errno
 import itertools
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -36,6 +38,23 @@ pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 
 # -- helpers -----------------------------------------------------------------
+
+def checkout_files():
+    """{path: (size, mtime)} of the checkout's files, but Python's and pytest's caches."""
+    caches = {"__pycache__", ".pytest_cache", ".git"}
+    return {str(path.relative_to(HERE)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in pathlib.Path(HERE).rglob("*")
+            if path.is_file() and not caches & set(path.relative_to(HERE).parts)}
+
+
+@contextlib.contextmanager
+def checkout_untouched():
+    """Fails unless the block leaves every file of the checkout as it was (none added,
+    changed or deleted; a user's training_example_run.ipynb included)."""
+    before = checkout_files()
+    yield
+    assert checkout_files() == before, "a test changed the checkout"
+
 
 def volume(shape, dtype=np.uint16, seed=0):
     """Random data, so that any misplaced block is caught."""
@@ -612,6 +631,29 @@ def test_items_are_block_then_label_without_coords_and_dict_sources_work():
     assert block.shape == (2, 5, 5) and label.shape == (5, 5)
 
 
+@pytest.mark.parametrize("labels", [False, True], ids=["unlabelled", "labelled"])
+@pytest.mark.parametrize("coords", [False, True], ids=["no_coords", "coords"])
+def test_item_layout_for_every_combination_of_labels_and_coords(labels, coords):
+    data, ink = volume((4, 20, 20)), volume((20, 20), np.uint8)
+    source = {"volume": data, "labels": ink} if labels else data
+    ds = VesuviusStream([source], 2, 5, 5, 8, return_coords=coords)
+    with_coords = list(VesuviusStream([source], 2, 5, 5, 8, return_coords=True))
+    for item, reference in zip(ds, with_coords, strict=True):
+        _, z, y, x = reference[-1].tolist()       # the same epoch, with its coordinates
+        expected = [torch.from_numpy(data[z:z + 2, y:y + 5, x:x + 5])]
+        expected += [torch.from_numpy(ink[y:y + 5, x:x + 5])] * labels
+        expected += [torch.tensor([0, z, y, x])] * coords
+        if len(expected) == 1:
+            assert isinstance(item, torch.Tensor) and torch.equal(item, expected[0])
+        else:
+            assert isinstance(item, tuple) and len(item) == len(expected)
+            assert all(torch.equal(a, b) for a, b in zip(item, expected))
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    shapes = [(4, 2, 5, 5)] + [(4, 5, 5)] * labels + [(4, 4)] * coords
+    assert ([tuple(batch.shape)] if len(shapes) == 1 else [tuple(b.shape) for b in batch]) \
+        == shapes
+
+
 def test_labels_or_mask_of_another_shape_and_mixed_labels_are_errors(tmp_path):
     data = volume((4, 20, 20))
     with pytest.raises(ValueError, match=re.escape(
@@ -966,18 +1008,98 @@ def test_ddp_ranks_split_the_epoch_disjointly(multi_region, tmp_path):
 
 # -- benchmark ----------------------------------------------------------------
 
+SMALL_RUN = ["--block", "4", "16", "16", "--batch-size", "4", "--batches", "5",
+             "--naive-batches", "2", "--workers", "0"]
+
+
 def test_benchmark_runs_on_a_small_store(tmp_path):
     path = zarr_v3(tmp_path / "bench.zarr", volume((8, 64, 64)), chunks=(4, 32, 32))
-    result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "benchmark.py"), path, "--block", "4", "16", "16",
-         "--batch-size", "4", "--batches", "5", "--naive-batches", "2", "--workers", "0"],
-        capture_output=True, text=True, timeout=120)
+    with checkout_untouched():
+        result = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"), path,
+                                 *SMALL_RUN], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "decode limit" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines()
             if line.startswith(("naive", "VesuviusStream"))]
     assert [row[0] for row in rows] == ["naive", "VesuviusStream"]
     assert float(rows[0][3]) == 1.0                   # naive is its own reference
+
+
+def test_benchmark_help_states_every_option_and_its_default():
+    parser = benchmark.build_parser()
+    assert all("(default: " in action.help for action in parser._actions if action.nargs != 0
+               and action.dest != "help")          # every option but the flags
+    text = " ".join(parser.format_help().split())
+    for option, default in [("--latency MS", "read the store directly"),
+                            ("--chunks Z Y X", "16 256 256"), ("--block Z Y X", "26 64 64"),
+                            ("--workers N", "2"), ("--batch-size B", "32"),
+                            ("--batches N", "1000"), ("--naive-batches N", "20"),
+                            ("--samples-per-region N", "its own"), ("--region-mb MB", "512"),
+                            ("--open-regions N", "8")]:
+        assert re.search(re.escape(option) + r" [^-]*\(default: " + re.escape(default) + r"\)",
+                         text), option
+
+
+def test_benchmark_script_refuses_a_block_that_does_not_fit_before_building_its_store(
+        tmp_path):
+    # No store given: the synthetic one would be built in TMPDIR, here tmp_path.
+    result = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"),
+                             "--block", "999", "1", "1"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("benchmark.py: error: ")
+    assert "(999, 1, 1) does not fit" in result.stderr and "(65, 2048, 2048)" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "-1"], "--workers must be >= 0, got -1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batches", "0"], "--batches must be >= 1, got 0"),
+    (["--chunks", "16", "0", "256"], "--chunks must be >= 1, got 0"),
+    (["--block", "4", "x", "4"], "argument --block: invalid int value: 'x'"),
+    (["--region-mb", "0"], "region_mb"),
+    (["--latency", "20", "http://127.0.0.1:9/scan.zarr"], "--latency serves a local store"),
+    (["missing.zarr"], "missing.zarr"),
+    (["small.zarr", "--block", "9", "1", "1"], "does not fit"),
+    (["small.zarr", "--block", "4", "16", "16", "--batches", "100000"], "exceeds"),
+])
+def test_benchmark_refuses_bad_options_with_one_line_before_measuring(tmp_path, capsys,
+                                                                      monkeypatch, args,
+                                                                      message):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))      # where it would build
+    monkeypatch.chdir(tmp_path)
+    zarr_v3(tmp_path / "small.zarr", volume((8, 64, 64)), chunks=(4, 32, 32))
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(args)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("benchmark.py: error: ") and message in err
+    assert os.listdir(tmp_path) == ["small.zarr"]
+
+
+def test_benchmark_says_where_its_cached_data_are_and_clean_deletes_them(tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # A small store where the synthetic one is cached, which the run then reuses,
+    # and a cached stack of 3 MB.
+    store = zarr_v3(tmp_path / "vesuvius_benchmark_65x2048x2048_16x256x256.zarr",
+                    volume((8, 64, 64)), chunks=(4, 32, 32))
+    stack = tmp_path / "vesuvius_benchmark_slices_65x2048x3072"
+    stack.mkdir()
+    (stack / "00.tif").write_bytes(bytes(3_000_000))
+    (tmp_path / "mine.txt").write_text("not the benchmark's")
+    benchmark.main(SMALL_RUN)
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [f"cached: {store} (0 MB)", f"cached: {stack} (3 MB)",
+                       "(kept for later runs; `python benchmark.py --clean` deletes them)"]
+    assert out[4].startswith(f"store {store}: shape (8, 64, 64)")     # then it measures
+    benchmark.main(["--clean"])
+    assert capsys.readouterr().out.splitlines() == [f"deleted {store} (0 MB)",
+                                                    f"deleted {stack} (3 MB)"]
+    assert os.listdir(tmp_path) == ["mine.txt"]
+    benchmark.main(["--clean"])
+    assert capsys.readouterr().out == f"nothing cached in {tmp_path}\n"
 
 
 # -- converter ----------------------------------------------------------------
@@ -1138,6 +1260,28 @@ def test_converter_then_streamer_round_trip(tmp_path, capsys, stack):
     ds = VesuviusStream([str(tmp_path / "out.zarr")], 4, 8, 8, 500, return_coords=True,
                         region_mb=0.05)
     assert check_blocks(ds, [stack[:, 5:]]) == 500
+
+
+def test_coords_and_z_range_are_in_the_stores_coordinates_plus_offset_in_the_scans(
+        tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack)
+    crop = str(tmp_path / "crop.zarr")
+    status, _ = run_converter(capsys, src, crop, "--z_start", 3, "--z_end", 11, "--y_start", 5,
+                              "--x_start", 7, "--z_chunksize", 4, "--y_chunksize", 16,
+                              "--x_chunksize", 16)
+    assert status == 0
+    offset = zarr.open_group(crop, mode="r").attrs["vesuvius_converter"]["offset"]
+    assert offset == [3, 5, 7] and zarr.open_group(crop, mode="r")["volume"].shape == (8, 35, 43)
+    # Stored layers [1, 6) are the scan's [4, 9): blocks of 4 layers start at scan layer 4 or 5.
+    ds = VesuviusStream([crop], 4, 8, 8, 300, z_range=(1, 6), return_coords=True)
+    starts = set()
+    for block, (_, *stored) in ds:
+        z, y, x = np.add(stored, offset)
+        assert torch.equal(block, torch.from_numpy(stack[z:z + 4, y:y + 8, x:x + 8]))
+        starts.add(int(z))
+    assert starts == {4, 5}
+    with pytest.raises(ValueError, match="z_range"):     # the scan's numbers do not fit
+        VesuviusStream([crop], 4, 8, 8, 300, z_range=(3, 11))
 
 
 def one_error_line(status, err):
@@ -1600,8 +1744,9 @@ def test_converter_called_from_python_names_its_parameters_not_the_flags(tmp_pat
 # -- the example segment ---------------------------------------------------------
 
 def test_example_segment_is_made_reproducibly_by_its_script(tmp_path):
-    subprocess.run([sys.executable, os.path.join(HERE, "example_zarr", "make_example.py"),
-                    str(tmp_path / "example.zarr")], check=True, timeout=120)
+    with checkout_untouched():
+        subprocess.run([sys.executable, os.path.join(HERE, "example_zarr", "make_example.py"),
+                        str(tmp_path / "example.zarr")], check=True, timeout=120)
     committed = os.path.join(HERE, "example_zarr", "example.zarr")
 
     def files(root):
@@ -1640,24 +1785,88 @@ def test_committed_notebook_shows_its_pictures_and_results():
     assert iou >= 0.4
 
 
-def test_readme_command_runs_the_notebook_which_learns_the_letters():
+def copy_into(folder, *names):
+    """Copy files and folders of the checkout into ``folder``: tests run on copies."""
+    for name in names:
+        source = os.path.join(HERE, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(folder, name))
+        else:
+            shutil.copy(source, folder)
+
+
+def test_readme_command_runs_the_notebook_in_a_copy_which_learns_the_letters(tmp_path):
     import nbformat
-    # The quick start's `jupyter execute ... --output=NAME`, as written in the README.
+    # The quick start's `jupyter execute ... --output=NAME`, as written in the README, run
+    # in a copy: the checkout, and a training_example_run.ipynb there, stay as they were.
     command = re.search(r"jupyter execute (\S+) --output=(\S+)",
                         pathlib.Path(HERE, "README.md").read_text(encoding="utf-8"))
     assert command.group(1) == "training_example.ipynb"
-    committed = pathlib.Path(NOTEBOOK).read_bytes()
-    output = pathlib.Path(HERE, command.group(2) + ".ipynb")
-    try:
+    copy_into(tmp_path, "training_example.ipynb", "streamer.py", "example_zarr")
+    with checkout_untouched():
         run = subprocess.run([sys.executable, "-m", "jupyter", *command.group(0).split()[1:]],
-                             cwd=HERE, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert pathlib.Path(NOTEBOOK).read_bytes() == committed, "it overwrote the notebook"
-        notebook = nbformat.read(str(output), as_version=4)
-    finally:
-        output.unlink(missing_ok=True)
-        if pathlib.Path(NOTEBOOK).read_bytes() != committed:     # leave the checkout as it was
-            pathlib.Path(NOTEBOOK).write_bytes(committed)
-    pictures, iou = notebook_results(notebook)
+                             cwd=tmp_path, capture_output=True, text=True,
+                             timeout=1800)        # a guard against hangs only
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "training_example.ipynb").read_bytes() == \
+        pathlib.Path(NOTEBOOK).read_bytes(), "it overwrote the notebook"
+    pictures, iou = notebook_results(
+        nbformat.read(str(tmp_path / (command.group(2) + ".ipynb")), as_version=4))
     assert pictures == 4
     assert iou >= 0.4
+
+
+# -- the README's code ------------------------------------------------------------
+
+EXAMPLE = os.path.join(HERE, "example_zarr", "example.zarr")
+
+
+def readme_python_blocks():
+    """[(line number, code)] of the README's ```python blocks."""
+    text = pathlib.Path(HERE, "README.md").read_text(encoding="utf-8")
+    return [(text.count("\n", 0, match.start()) + 1, match.group(1))
+            for match in re.finditer(r"^```python\n(.*?)^```$", text, re.M | re.S)]
+
+
+def unlabelled_example(path):
+    """The example segment without its labels (volume, mask and attributes)."""
+    example = zarr.open_group(EXAMPLE, mode="r")
+    group = zarr.open_group(str(path), mode="w", attributes=example.attrs.asdict())
+    for name in ("volume", "mask"):
+        group.create_array(name, data=example[name][:], chunks=example[name].chunks)
+
+
+def test_readme_code_blocks_run_as_written(tmp_path):
+    """Every complete ```python block of the README runs as written.
+
+    The rule: a block whose first line starts with ``# fragment:`` is a fragment
+    and is not run; every other one is complete. A complete block runs unchanged,
+    as ``python block.py``, in a fresh folder holding a copy of streamer.py and, at
+    each quoted name ending in ``.zarr`` that it uses, a copy of the example
+    segment (with labels and mask); then again with copies without labels, unless
+    its first line is ``# for sources with labels``. The ```bash blocks are not run
+    here: the quick start's notebook command is run by the notebook test, and the
+    converter's commands name folders of the user's.
+    """
+    blocks = [(line, code) for line, code in readme_python_blocks()
+              if not code.startswith("# fragment:")]
+    assert len(blocks) >= 3                 # training, coordinates, grid
+    for line, code in blocks:
+        names = set(re.findall(r"[\"']([\w.-]+\.zarr)[\"']", code))
+        labelled_only = code.startswith("# for sources with labels\n")
+        for labelled in (True,) if labelled_only else (True, False):
+            folder = tmp_path / f"line{line}_{'labelled' if labelled else 'unlabelled'}"
+            folder.mkdir()
+            copy_into(folder, "streamer.py")
+            for name in names:
+                if labelled:
+                    shutil.copytree(EXAMPLE, folder / name)
+                else:
+                    unlabelled_example(folder / name)
+            (folder / "block.py").write_text(code, encoding="utf-8")
+            with checkout_untouched():
+                run = subprocess.run([sys.executable, "block.py"], cwd=folder,
+                                     capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, (f"README.md line {line}, "
+                                         f"{'labelled' if labelled else 'unlabelled'}:\n"
+                                         + run.stderr[-3000:])
