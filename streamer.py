@@ -67,7 +67,9 @@ class VesuviusStream(IterableDataset):
     * A *position* is a start corner at which the block fits inside the volume
       (inside ``z_range``, and touching the mask by the rule below). An epoch
       yields exactly ``samples_per_epoch`` items in total over all DataLoader
-      workers and all DDP ranks, never the same position twice.
+      workers and all DDP ranks, never the same position twice. ``len()`` is
+      this rank's share (as ``DistributedSampler.__len__``), so that
+      ``len(loader)`` counts the batches this rank yields.
     * Workers and ranks split the epoch into disjoint, contiguous shares whose
       sizes differ by at most one. The *set* of positions of an epoch is a
       function of (sources, block size, samples_per_epoch, sampling_method,

@@ -188,6 +188,16 @@ def test_ranks_and_workers_split_the_epoch_disjointly(multi_region):
     assert sum(len(set(p)) for p in parts) == 999
 
 
+def test_len_of_a_loader_under_ddp_is_this_ranks_batches(multi_region):
+    # Progress bars and LR schedules use len(loader): it must count this rank's share.
+    path, _ = multi_region
+    ds = multi_region_stream(path, 128, rank=0, world_size=4)
+    loader = DataLoader(ds, batch_size=4, num_workers=0)
+    assert len(ds) == 32 and ds.samples_per_epoch == 128
+    assert len(loader) == 8
+    assert sum(1 for _ in loader) == 8
+
+
 def test_whole_volume_epoch_yields_every_position_once(multi_region):
     path, data = multi_region
     positions = math.prod(s - b + 1 for s, b in zip(data.shape, (5, 9, 11)))
