@@ -100,8 +100,9 @@ class VesuviusStream(IterableDataset):
     the arrays ``volume`` (z, y, x) and optionally ``labels`` and ``mask``
     (each (y, x) or (z, y, x)), which is what ``converter.py`` writes; an
     opened ``zarr.Array`` or ``zarr.Group``; a 3D ``numpy.ndarray``; or a dict
-    ``{'volume': a, 'labels': b, 'mask': c}`` of numpy or zarr arrays. Either
-    all sources have labels or none. The label of a block at (z, y, x) is
+    ``{'volume': a, 'labels': b, 'mask': c}`` of numpy or zarr arrays (other
+    keys are refused). Either all sources have labels or none, and all volumes
+    (and all labels) have one dtype. The label of a block at (z, y, x) is
     ``labels[y:y+h, x:x+w]`` for 2D labels and ``labels[z:z+d, y:y+h, x:x+w]``
     for 3D ones, in the labels' own dtype. The mask is nonzero where papyrus
     is. An OME-Zarr multiscale group (one with ``multiscales`` metadata)
@@ -135,14 +136,16 @@ class VesuviusStream(IterableDataset):
             yields positions in raster order (z, then y, then x) within each
             source, sources in order, each source's share fixed by
             ``sampling_method`` (equal or proportional). Ignored by ``'grid'``.
-        seed (int): the seed of every random choice. Default 0.
+        seed (int): the seed of every random choice, any int (seeds equal
+            modulo 2**64 give the same epochs). Default 0.
         return_coords (bool): append the block's ``(file_index, z, y, x)``.
         z_range (tuple, optional): ``(start, end)``: draw blocks from layers
             [start, end) only, e.g. ``z_range=(17, 43), z_size=26`` for the 26
             central layers of a 65-layer segment. Coordinates stay those of the
             whole volume. Default: all layers.
         stride (tuple, optional): ``(sz, sy, sx)`` grid steps of ``'grid'``.
-            Default: the block size (tiles that do not overlap).
+            Default: the block size (tiles that do not overlap). A stride
+            larger than the block along an axis is refused (it would skip voxels).
         min_mask_fraction (float): a position is drawn only if at least this
             fraction of its block's footprint is inside the mask (the (y, x)
             footprint for a 2D mask, the whole block for a 3D one), and always
@@ -150,7 +153,8 @@ class VesuviusStream(IterableDataset):
             1 means it lies wholly on it.
         transform (callable, optional): applied to each item in the worker
             before coordinates are appended: ``transform(block)`` returns a
-            block, or ``transform(block, label)`` a ``(block, label)`` pair.
+            block, or ``transform(block, label)`` a ``(block, label)`` pair
+            (``None`` raises TypeError).
         rank, world_size (int, optional): this process's DDP rank and the
             number of ranks. Default: read from ``torch.distributed`` when it
             is initialized (when this dataset is built), else 0 and 1.
@@ -221,6 +225,11 @@ class VesuviusStream(IterableDataset):
             if not (isinstance(stride, (tuple, list)) and len(stride) == 3):
                 raise TypeError(f"stride must be a tuple (sz, sy, sx), got {stride!r}")
             stride = tuple(_positive_int('stride', s) for s in stride)
+            if any(s > b for s, b in zip(stride, block)):
+                # Blocks further apart than their size leave voxels between them.
+                raise ValueError(f"stride {stride} is larger than the block {block} along an "
+                                 f"axis: 'grid' covers every voxel only with a stride <= the "
+                                 f"block")
         if z_range is not None:
             if not (isinstance(z_range, (tuple, list)) and len(z_range) == 2
                     and all(map(_is_int, z_range))):
@@ -229,16 +238,18 @@ class VesuviusStream(IterableDataset):
         if not _is_int(seed):
             raise TypeError(f"seed must be an int, got {seed!r}")
         seed = int(seed)
-        if not (isinstance(min_mask_fraction, (int, float)) and 0 <= min_mask_fraction <= 1):
+        if not (_is_number(min_mask_fraction) and 0 <= min_mask_fraction <= 1):
             raise ValueError(f"min_mask_fraction must be a number in [0, 1], "
                              f"got {min_mask_fraction!r}")
+        min_mask_fraction = float(min_mask_fraction)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         if samples_per_region is not None:
             samples_per_region = _positive_int('samples_per_region', samples_per_region)
         open_regions = _positive_int('open_regions', open_regions)
-        if not (isinstance(region_mb, (int, float)) and region_mb > 0):
+        if not (_is_number(region_mb) and region_mb > 0):
             raise ValueError(f"region_mb must be a positive number, got {region_mb!r}")
+        region_mb = float(region_mb)
         self.rank, self.world_size = _resolve_ranks(rank, world_size)
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError(f"storage_options must be a dict of fsspec options, "
@@ -257,6 +268,13 @@ class VesuviusStream(IterableDataset):
                              + ", ".join(f"source {s.index}: "
                                          f"{'labels' if s.labels is not None else 'none'}"
                                          for s in self._sources))
+        for name in ('volume', 'labels'):
+            # One dtype per batch: collate would fail, or cast silently.
+            dtypes = [getattr(s, name).dtype for s in self._sources
+                      if getattr(s, name) is not None]
+            if len(set(dtypes)) > 1:
+                raise ValueError(f"all sources' {name} must have one dtype: " + ", ".join(
+                    f"source {s.index}: {getattr(s, name).dtype}" for s in self._sources))
         self.capacity = sum(source.positions for source in self._sources)
         if self.capacity == 0:
             raise ValueError("the sources have no position: the mask has no block "
@@ -367,6 +385,11 @@ class VesuviusStream(IterableDataset):
                 item = self._sources[visit.source].cut(box, corner)
                 if self.transform is not None:
                     item = self.transform(*item)
+                    if item is None:
+                        raise TypeError(
+                            f"transform {_name(self.transform)} returned None for the block of "
+                            f"source {visit.source} at {tuple(map(int, corner))}; it must "
+                            f"return the block, or a (block, label) pair")
                     item = item if isinstance(item, tuple) else (item,)
                 if self.return_coords:
                     item = (*item, torch.tensor((visit.source, *corner), dtype=torch.int64))
@@ -412,7 +435,7 @@ class VesuviusStream(IterableDataset):
                                      None if s.mask is None else s.count_on_mask)
                        for s, count in zip(self._sources, counts)]
         else:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.seed & _MASK64, epoch])   # any int seed
             counts = _random_shares(self.samples_per_epoch, capacities, self.sampling_method,
                                     rng)
             streams = [_ShuffledVisits(s.lattice, s.region_counts, s.per_visit, count,
@@ -1021,6 +1044,10 @@ def _open_source(source, index, storage_options=None, cache_dir=None):
         level = _multiscale_level(source)
         if level is not None and 'volume' not in source:
             return source[level], None, None
+    if isinstance(source, dict) and not set(source) <= {'volume', 'labels', 'mask'}:
+        unknown = sorted(map(repr, set(source) - {'volume', 'labels', 'mask'}))
+        raise ValueError(f"source {index}: unknown key {', '.join(unknown)} in a dict source; "
+                         f"the keys are 'volume', 'labels' and 'mask'")
     if isinstance(source, (zarr.Group, dict)):
         if 'volume' not in source:
             raise ValueError(f"source {index}: a group or dict needs an array 'volume' (or "
@@ -1142,6 +1169,16 @@ def _retry_wait(error, attempt):
 def _is_int(value):
     """True for Python and numpy integers (not bools): sizes often come from array shapes."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    """True for Python and numpy reals (not bools): fractions often come from numpy."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _name(function):
+    """A callable's name for messages (functions, lambdas, partials, callable objects)."""
+    return getattr(function, '__qualname__', None) or repr(function)
 
 
 def _positive_int(name, value):

@@ -529,6 +529,48 @@ def test_numpy_integers_are_accepted_wherever_ints_are():
     assert len(runs[0]) == 10 and runs[0] == runs[1]
 
 
+def test_any_int_seed_works_and_numpy_scalars_are_accepted_for_fractions_and_budgets():
+    data = np.arange(6 * 10 * 10, dtype=np.uint8).reshape(6, 10, 10)
+    for seed in (-1, -2**70, 2**70):
+        assert len(epoch(VesuviusStream([data], 3, 3, 3, 20, seed=seed,
+                                        return_coords=True))) == 20
+    # Seeds equal modulo 2**64 are the same seed.
+    assert (epoch(VesuviusStream([data], 3, 3, 3, 20, seed=-1, return_coords=True))
+            == epoch(VesuviusStream([data], 3, 3, 3, 20, seed=2**64 - 1, return_coords=True)))
+    runs = [epoch(VesuviusStream([data], 3, 3, 3, 20, region_mb=mb, min_mask_fraction=f,
+                                 return_coords=True))
+            for mb, f in ((1, 0.0), (np.int64(1), np.float32(0)), (np.float32(1), np.int64(0)))]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_dict_keys_dtypes_and_grid_strides_are_checked_at_construction():
+    data = volume((4, 20, 20))
+    with pytest.raises(ValueError, match=re.escape(
+            "source 0: unknown key 'lables' in a dict source; "
+            "the keys are 'volume', 'labels' and 'mask'")):
+        VesuviusStream([{"volume": data, "lables": np.zeros((20, 20), np.uint8)}], 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=re.escape(
+            "all sources' volume must have one dtype: source 0: uint16, source 1: uint8")):
+        VesuviusStream([data, data.astype(np.uint8)], 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=re.escape(
+            "all sources' labels must have one dtype: source 0: bool, source 1: uint8")):
+        VesuviusStream([{"volume": data, "labels": np.zeros((20, 20), bool)},
+                        {"volume": data, "labels": np.zeros((20, 20), np.uint8)}], 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=re.escape(
+            "stride (2, 3, 2) is larger than the block (2, 2, 2) along an axis")):
+        VesuviusStream([data], 2, 2, 2, None, "grid", stride=(2, 3, 2))
+
+
+def test_a_transform_returning_none_raises_naming_it():
+    def forgets_to_return(block):
+        block.zero_()
+
+    ds = VesuviusStream([volume((4, 20, 20))], 2, 5, 5, 3, transform=forgets_to_return)
+    with pytest.raises(TypeError, match=r"transform .*forgets_to_return returned None for the "
+                                        r"block of source 0 at \(\d+, \d+, \d+\)"):
+        next(iter(ds))
+
+
 def test_missing_path_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Zarr store at"):
         VesuviusStream([str(tmp_path / "nope.zarr")], 1, 1, 1, 1)
