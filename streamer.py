@@ -53,7 +53,8 @@ class VesuviusStream(IterableDataset):
 
     An item is a tensor ``block`` of shape ``(z_size, y_size, x_size)`` in the
     source's own dtype (uint8 -> ``torch.uint8``, uint16 -> ``torch.uint16``),
-    so that workers pass no more bytes than the data has. torch supports few
+    so that workers pass no more bytes than the data has; big-endian data
+    (``>u2``) comes in native byte order. torch supports few
     operations on uint16 (conversion, indexing, stacking, not ``flip`` or
     ``max``): convert before computing, e.g. ``x.float() / 65535``, or
     ``x.to(torch.int32)`` (lossless) in a ``transform``. When the
@@ -269,8 +270,9 @@ class VesuviusStream(IterableDataset):
                                          f"{'labels' if s.labels is not None else 'none'}"
                                          for s in self._sources))
         for name in ('volume', 'labels'):
-            # One dtype per batch: collate would fail, or cast silently.
-            dtypes = [getattr(s, name).dtype for s in self._sources
+            # One dtype per batch: collate would fail, or cast silently. Byte
+            # order does not count: items are in native order.
+            dtypes = [getattr(s, name).dtype.newbyteorder('=') for s in self._sources
                       if getattr(s, name) is not None]
             if len(set(dtypes)) > 1:
                 raise ValueError(f"all sources' {name} must have one dtype: " + ", ".join(
@@ -1001,8 +1003,9 @@ class _Source:
         origin = corners.min(axis=0)
         end = corners.max(axis=0) + np.asarray(self.block)
         box = tuple(slice(int(o), int(e)) for o, e in zip(origin, end))
-        volume = np.asarray(self.volume[box])
-        labels = None if self.labels is None else np.asarray(self.labels[box[3 - self.labels.ndim:]])
+        volume = _native(np.asarray(self.volume[box]))
+        labels = (None if self.labels is None
+                  else _native(np.asarray(self.labels[box[3 - self.labels.ndim:]])))
         return _Box(origin, volume, labels, corners)
 
     def cut(self, box, corner):
@@ -1014,6 +1017,11 @@ class _Source:
             item += (torch.from_numpy(np.ascontiguousarray(
                 box.labels[window[3 - box.labels.ndim:]])),)
         return item
+
+
+def _native(array):
+    """``array`` in native byte order (torch refuses others): a copy only if it is not."""
+    return array.astype(array.dtype.newbyteorder('='), copy=False)
 
 
 def _open_source(source, index, storage_options=None, cache_dir=None):

@@ -129,6 +129,24 @@ def test_items_keep_native_dtype_and_shape():
         assert all(b.dtype == torch_dtype and b.shape == (2, 3, 4) for b in blocks)
 
 
+def test_big_endian_volumes_and_labels_stream_exactly_in_native_byte_order(tmp_path):
+    data, labels = volume((6, 20, 24)), volume((20, 24), np.uint16, seed=3)
+    group = zarr.open_group(str(tmp_path / "be.zarr"), mode="w", zarr_format=2)
+    group.create_array("volume", shape=data.shape, chunks=(3, 8, 8), dtype=">u2")[:] = data
+    group.create_array("labels", shape=labels.shape, chunks=(8, 8), dtype=">u2")[:] = labels
+    as_numpy = {"volume": data.astype(">u2"), "labels": labels.astype(">u2")}
+    native = {"volume": data, "labels": labels}          # another byte order mixes in
+    ds = VesuviusStream([str(tmp_path / "be.zarr"), as_numpy, native], 2, 5, 7, 60,
+                        return_coords=True, region_mb=0.01)
+    seen = set()
+    for block, label, (f, z, y, x) in DataLoader(ds, batch_size=None):
+        assert block.dtype == label.dtype == torch.uint16
+        assert torch.equal(block, torch.from_numpy(data[z:z + 2, y:y + 5, x:x + 7]))
+        assert torch.equal(label, torch.from_numpy(labels[y:y + 5, x:x + 7]))
+        seen.add(int(f))
+    assert seen == {0, 1, 2}
+
+
 def test_coords_are_last_int64_of_shape_4():
     ds = VesuviusStream([volume((5, 10, 10))], 2, 3, 4, 5, return_coords=True)
     block, coords = next(iter(ds))
