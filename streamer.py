@@ -110,6 +110,13 @@ class VesuviusStream(IterableDataset):
     stands for its full-resolution level; a path to one level
     (``scroll.zarr/2``) reads that level.
 
+    Read failures: a chunk that cannot be decoded (corrupt, truncated) raises
+    ``OSError`` naming the source, the voxels being read and the chunk's key,
+    with the decoder's error as its cause. A local store that vanishes
+    (deleted, unmounted) raises ``FileNotFoundError`` at the next read; a
+    chunk missing from a store that is still there reads as the array's fill
+    value, as Zarr defines.
+
     Remote sources: ``http(s)://``, ``s3://`` and other fsspec URLs are read
     through zarr's fsspec store (install ``fsspec aiohttp``, plus ``s3fs`` for
     S3). Transient failures (HTTP 429 and 5xx, dropped connections, timeouts)
@@ -260,7 +267,8 @@ class VesuviusStream(IterableDataset):
 
         region_bytes = region_mb * 2**20 / open_regions
         self._sources = [
-            _Source(_open_source(source, index, **remote), index, block, z_range,
+            _Source(_open_source(source, index, **remote), index, _describe(source), block,
+                    z_range,
                     stride or block if grid else (1, 1, 1), region_bytes, samples_per_region,
                     min_mask_fraction)
             for index, source in enumerate(file_paths)]
@@ -875,10 +883,11 @@ class _Source:
     them without a mask): one integer per region, counted once.
     """
 
-    def __init__(self, arrays, index, block, z_range, step, region_bytes,
+    def __init__(self, arrays, index, name, block, z_range, step, region_bytes,
                  samples_per_region, min_mask_fraction):
-        self.index = index
+        self.index, self.name = index, name
         self.volume, self.labels, self.mask = arrays
+        self._metadata = _local_metadata(self.volume)
         self._process = os.getpid()
         shape = self.shape = tuple(int(s) for s in self.volume.shape)
         if len(shape) != 3:
@@ -1003,10 +1012,29 @@ class _Source:
         origin = corners.min(axis=0)
         end = corners.max(axis=0) + np.asarray(self.block)
         box = tuple(slice(int(o), int(e)) for o, e in zip(origin, end))
-        volume = _native(np.asarray(self.volume[box]))
+        # Zarr reads the chunks of a vanished local store as fill value: check
+        # that the store is still there, once per read.
+        if self._metadata is not None and not os.path.exists(self._metadata):
+            raise FileNotFoundError(f"source {self.index} ({self.name}): the store is gone: "
+                                    f"{self._metadata} no longer exists (deleted, moved or "
+                                    f"unmounted?)")
+        volume = self._decode('volume', self.volume, box)
         labels = (None if self.labels is None
-                  else _native(np.asarray(self.labels[box[3 - self.labels.ndim:]])))
+                  else self._decode('labels', self.labels, box[3 - self.labels.ndim:]))
         return _Box(origin, volume, labels, corners)
+
+    def _decode(self, name, array, box):
+        """``array[box]`` in native byte order; a failure names the source, box and chunk."""
+        try:
+            return _native(np.asarray(array[box]))
+        except Exception as error:
+            where = ', '.join(f"{axis} {s.start}:{s.stop}"
+                              for axis, s in zip('zyx'[3 - len(box):], box))
+            # Storage errors name their key already, and re-reading would retry.
+            chunk = None if isinstance(error, OSError) else _failing_chunk(array, box)
+            raise OSError(f"source {self.index} ({self.name}): cannot read its {name} at "
+                          f"voxels {where}" + (f", chunk {chunk!r}" if chunk else "")
+                          + f": {type(error).__name__}: {error}") from error
 
     def cut(self, box, corner):
         """``(block,)`` or ``(block, label)`` tensors at ``corner`` from a read box."""
@@ -1017,6 +1045,41 @@ class _Source:
             item += (torch.from_numpy(np.ascontiguousarray(
                 box.labels[window[3 - box.labels.ndim:]])),)
         return item
+
+
+def _local_metadata(array):
+    """The metadata file of a zarr array in a local store, else None."""
+    if not (isinstance(array, zarr.Array) and isinstance(array.store, zarr.storage.LocalStore)):
+        return None
+    name = 'zarr.json' if array.metadata.zarr_format == 3 else '.zarray'
+    return os.path.join(array.store.root, *filter(None, array.path.split('/')), name)
+
+
+def _failing_chunk(array, box):
+    """Key of the first stored chunk (or shard) of ``box`` that fails to read, else None.
+
+    Searched only after a read of the box failed, to name the chunk in the error.
+    """
+    if not isinstance(array, zarr.Array):
+        return None
+    shape = array.shards or array.chunks
+    for cell in itertools.product(*[range(s.start // c, -(-s.stop // c))
+                                    for s, c in zip(box, shape)]):
+        try:
+            array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, shape))]
+        except Exception:
+            key = array.metadata.encode_chunk_key(cell)
+            return f"{array.path}/{key}" if array.path else key
+    return None
+
+
+def _describe(source):
+    """A source as errors name it: its path or URL, else what it is."""
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if isinstance(source, (zarr.Array, zarr.Group)):
+        return f"{type(source).__name__} at {source.store_path}"
+    return f"a {type(source).__name__}"
 
 
 def _native(array):

@@ -606,6 +606,48 @@ def test_folder_that_is_not_zarr_and_group_without_volume_raise(tmp_path):
         VesuviusStream([str(tmp_path / "g.zarr")], 1, 1, 1, 1)
 
 
+@pytest.mark.parametrize("compressed", [True, False], ids=["garbage-zstd", "truncated-raw"])
+def test_a_corrupt_chunk_error_names_the_source_the_box_and_the_chunk(tmp_path, compressed):
+    data = volume((8, 16, 16))
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    group.create_array("volume", shape=data.shape, chunks=(4, 8, 8), dtype=data.dtype,
+                       **({} if compressed else {"compressors": None}))[:] = data
+    chunk = tmp_path / "s.zarr" / "volume" / "c" / "1" / "0" / "1"
+    if compressed:
+        chunk.write_bytes(b"not zstd at all")
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:100])
+    path = str(tmp_path / "s.zarr")
+    ds = VesuviusStream([data, path], 8, 16, 16, 2, shuffle=False)
+    with pytest.raises(OSError, match=re.escape(
+            f"source 1 ({path!r}): cannot read its volume at voxels z 0:8, y 0:16, x 0:16, "
+            f"chunk 'volume/c/1/0/1': ")) as caught:
+        list(ds)
+    assert not isinstance(caught.value.__cause__, OSError)      # the decoder's own error
+
+
+def test_a_local_store_that_vanishes_mid_epoch_fails_at_the_next_read(tmp_path):
+    data = volume((8, 32, 32))
+    path = zarr_v3(tmp_path / "v.zarr", data, chunks=(8, 8, 8))
+    ds = VesuviusStream([path], 8, 8, 8, 25, shuffle=False, region_mb=0.001)
+    items = iter(ds)
+    first = next(items)
+    shutil.rmtree(path)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"source 0 ({path!r}): the store is gone: ")):
+        for _ in items:
+            pass
+    assert torch.equal(first, torch.from_numpy(data[:, :8, :8]))
+
+
+def test_missing_chunks_of_a_store_still_there_read_as_fill_value(tmp_path):
+    data = volume((8, 16, 16)) | 1                          # no zero voxel
+    path = zarr_v3(tmp_path / "v.zarr", data, chunks=(8, 8, 8))
+    os.remove(tmp_path / "v.zarr" / "c" / "0" / "0" / "1")
+    blocks = list(VesuviusStream([path], 8, 8, 8, None, "grid"))
+    assert [int(np.count_nonzero(b.numpy())) for b in blocks] == [512, 0, 512, 512]
+
+
 def test_set_epoch_rejects_negative_or_non_int():
     ds = VesuviusStream([np.zeros((2, 2, 2), np.uint8)], 1, 1, 1, 1)
     for bad in (-1, 1.5, "2"):
