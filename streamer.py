@@ -19,6 +19,7 @@ See the class docstring for the guarantees and every argument.
 """
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import itertools
@@ -26,9 +27,11 @@ import math
 import os
 import pickle
 import random
+import socket
 import sys
 import time
 import typing
+import warnings
 
 import numpy as np
 import torch
@@ -123,7 +126,10 @@ class VesuviusStream(IterableDataset):
     are retried up to 10 times with exponential backoff from 0.2 s, waiting
     what a Retry-After header asks (at most 30 s); 401 and 403 raise
     ``PermissionError`` at once, and a URL without Zarr metadata raises
-    ``FileNotFoundError``. Each DataLoader worker opens its own connections.
+    ``FileNotFoundError``. A host that cannot be reached before it ever
+    answered (unknown name, refused connection) raises ``ConnectionError``
+    at construction, naming the URL, without retries. Each DataLoader
+    worker opens its own connections.
 
     Args:
         file_paths (list): the sources (see above).
@@ -179,6 +185,8 @@ class VesuviusStream(IterableDataset):
         cache_dir (str, optional): a local folder keeping every chunk fetched
             from URL sources (shared by workers, kept across runs; delete it
             yourself). Chunks read in parts (sharded stores) are not cached.
+            A failed cache write (disk full) warns once and ends caching in
+            that process; the read goes on.
 
     Example::
 
@@ -1099,7 +1107,7 @@ def _open_source(source, index, storage_options=None, cache_dir=None):
         store = _RemoteStore.from_url(path, index, storage_options, cache_dir) if remote else path
         try:
             source = zarr.open(store, mode='r')
-        except (PermissionError, _GaveUp):
+        except (PermissionError, _GaveUp, _Unreachable):
             raise
         except FileNotFoundError as error:
             if remote:
@@ -1146,21 +1154,30 @@ class _GaveUp(OSError):
     """A remote read that kept failing with transient errors."""
 
 
+class _Unreachable(ConnectionError):
+    """A host that never answered: its name does not resolve, or it refuses connections."""
+
+
 class _RemoteStore(zarr.storage.WrapperStore):
     """An fsspec store that retries transient failures and may cache chunks on disk.
 
     429, 5xx, dropped connections and timeouts are retried with exponential
     backoff (waiting what Retry-After asks, when the server says); 401 and 403
-    fail at once. With ``cache_dir``, every chunk fetched whole is kept in
-    ``cache_dir/<hash of the URL>/<key>`` and read from there afterwards.
+    fail at once, and so does a host that cannot be reached before it ever
+    answered (a wrong URL: nothing to wait for). With ``cache_dir``, every
+    chunk fetched whole is kept in ``cache_dir/<hash of the URL>/<key>`` and
+    read from there afterwards; a failed cache write warns once and ends
+    caching for this store in this process, the read goes on.
     """
 
-    def __init__(self, store, url, cache_dir=None):
+    def __init__(self, store, url, cache_dir=None, state=None):
         super().__init__(store)
         self.url, self.cache_dir = url, cache_dir
+        # Shared by the copies zarr makes of this store (and pickled with them).
+        self._state = state or {'answered': False, 'caching': True}
 
     def _with_store(self, store):
-        return type(self)(store, self.url, self.cache_dir)
+        return type(self)(store, self.url, self.cache_dir, self._state)
 
     @classmethod
     def from_url(cls, url, index, storage_options, cache_dir):
@@ -1184,20 +1201,39 @@ class _RemoteStore(zarr.storage.WrapperStore):
                 with open(cached, 'rb') as file:
                     return prototype.buffer.from_bytes(file.read())
         value = await self._get_with_retries(key, prototype, byte_range)
-        if cached and value is not None:
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            partial = f"{cached}.{os.getpid()}.partial"
-            with open(partial, 'wb') as file:
-                file.write(value.to_bytes())
-            os.replace(partial, cached)   # atomic: workers may fetch the same chunk
+        if cached and value is not None and self._state['caching']:
+            self._keep(key, cached, value.to_bytes())
         return value
+
+    def _keep(self, key, cached, data):
+        """Write a fetched chunk to the cache; a failure (disk full, read-only) only warns."""
+        partial = f"{cached}.{os.getpid()}.partial"
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            with open(partial, 'wb') as file:
+                file.write(data)
+            os.replace(partial, cached)   # atomic: workers may fetch the same chunk
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            self._state['caching'] = False
+            warnings.warn(f"cache_dir {self.cache_dir!r}: cannot keep {self.url}/{key} "
+                          f"({error}); {self.url} is no longer cached by this process",
+                          RuntimeWarning)
 
     async def _get_with_retries(self, key, prototype, byte_range):
         for attempt in range(_ATTEMPTS):
             try:
-                return await self._store.get(key, prototype, byte_range)
+                value = await self._store.get(key, prototype, byte_range)
+                self._state['answered'] = True
+                return value
             except Exception as error:
                 status = getattr(error, 'status', None)
+                if not self._state['answered'] and _unreachable(error):
+                    raise _Unreachable(f"{self.url}: cannot reach the host, it never "
+                                       f"answered: {error}") from error
+                if status is not None:
+                    self._state['answered'] = True
                 if status in (401, 403):
                     raise PermissionError(f"{self.url}/{key}: HTTP {status}, access denied; "
                                           f"check the URL and the credentials in "
@@ -1218,6 +1254,15 @@ def _transient(error, status):
     kinds = (ConnectionError, TimeoutError)
     if aiohttp is not None:
         kinds += (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+    return isinstance(error, kinds)
+
+
+def _unreachable(error):
+    """Whether a request failed before reaching the host (unknown name, refused)."""
+    aiohttp = sys.modules.get('aiohttp')     # loaded if fsspec's HTTP is in use
+    kinds = (ConnectionRefusedError, socket.gaierror)
+    if aiohttp is not None:
+        kinds += (aiohttp.ClientConnectorError,)
     return isinstance(error, kinds)
 
 

@@ -11,12 +11,14 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import tracemalloc
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -1000,6 +1002,64 @@ def test_chunk_cache_serves_the_second_read_from_disk(scroll):
             fetched.append(log["chunks"] - before)
     assert fetched[0] > 0 and fetched[1] == 0
     assert sum(len(files) for _, _, files in os.walk(cache)) == fetched[0]
+
+
+@pytest.fixture
+def waits(monkeypatch):
+    """The retry waits taken (each one is an attempt that failed and is retried), not waited."""
+    taken = []
+    monkeypatch.setattr(streamer, "_retry_wait", lambda error, attempt: taken.append(error) or 0)
+    return taken
+
+
+def test_a_host_refusing_connections_fails_construction_at_once_naming_the_url(waits):
+    with socket.socket() as closed:              # a port where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/scroll.zarr"
+    with pytest.raises(ConnectionError, match=re.escape(f"{url}: cannot reach the host") +
+                       ".*Connect call failed"):
+        VesuviusStream([url], 4, 4, 4, 1)
+    assert waits == []                           # no retry: fails in one attempt per request
+
+
+def test_a_host_that_goes_away_mid_epoch_is_retried_before_failing(scroll, waits):
+    root, _ = scroll
+
+    class OneRequestPerConnection(benchmark.QuietHandler):
+        protocol_version = "HTTP/1.0"        # no kept-alive connection outlives the server
+
+    with benchmark.serve(str(root), handler=OneRequestPerConnection) as url:
+        ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 5, shuffle=False)
+    # Now the host refuses connections, after it answered: that may be a restart.
+    with pytest.raises(OSError, match=f"source 0 .*still failing after {streamer._ATTEMPTS} "
+                                      f"attempts"):
+        next(iter(ds))
+    assert waits and len(waits) % (streamer._ATTEMPTS - 1) == 0
+
+
+def test_a_failing_cache_write_warns_once_and_the_read_goes_on_without_leftovers(
+        scroll, monkeypatch):
+    root, data = scroll
+    cache = root / "cache"
+
+    def disk_full(path, *args, **kwargs):
+        if str(path).endswith(".partial"):
+            open(path, *args, **kwargs).close()   # the file exists, as on a full disk
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(streamer, "open", disk_full, raising=False)
+    with benchmark.serve(str(root)) as url:
+        ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 50, return_coords=True,
+                            cache_dir=cache)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert check_blocks(ds, [data]) == 50
+    cache_warnings = [w for w in caught if "cache_dir" in str(w.message)]
+    assert len(cache_warnings) == 1 and "No space left on device" in str(
+        cache_warnings[0].message)
+    assert [f for _, _, files in os.walk(cache) for f in files] == []
 
 
 def test_missing_fsspec_packages_are_named(monkeypatch):
