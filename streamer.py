@@ -19,6 +19,7 @@ See the class docstring for the guarantees and every argument.
 """
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import itertools
@@ -26,9 +27,11 @@ import math
 import os
 import pickle
 import random
+import socket
 import sys
 import time
 import typing
+import warnings
 
 import numpy as np
 import torch
@@ -53,7 +56,8 @@ class VesuviusStream(IterableDataset):
 
     An item is a tensor ``block`` of shape ``(z_size, y_size, x_size)`` in the
     source's own dtype (uint8 -> ``torch.uint8``, uint16 -> ``torch.uint16``),
-    so that workers pass no more bytes than the data has. torch supports few
+    so that workers pass no more bytes than the data has; big-endian data
+    (``>u2``) comes in native byte order. torch supports few
     operations on uint16 (conversion, indexing, stacking, not ``flip`` or
     ``max``): convert before computing, e.g. ``x.float() / 65535``, or
     ``x.to(torch.int32)`` (lossless) in a ``transform``. When the
@@ -75,7 +79,8 @@ class VesuviusStream(IterableDataset):
       differ by at most one: the epoch's positions are the same for any
       number of workers or ranks (and so is their order in raster and grid
       modes; random epochs mix each share's visits in turn). ``len(ds)`` is
-      this rank's share.
+      this rank's share (as ``DistributedSampler.__len__``), so that
+      ``len(loader)`` counts the batches this rank yields.
     * ``set_epoch(e)`` selects another epoch; the same ``(seed, e)`` always
       gives the same epoch. It reaches persistent DataLoader workers too.
     * Every position of a volume has the same chance to be in an epoch.
@@ -112,13 +117,21 @@ class VesuviusStream(IterableDataset):
     the arrays ``volume`` (z, y, x) and optionally ``labels`` and ``mask``
     (each (y, x) or (z, y, x)), which is what ``converter.py`` writes; an
     opened ``zarr.Array`` or ``zarr.Group``; a 3D ``numpy.ndarray``; or a dict
-    ``{'volume': a, 'labels': b, 'mask': c}`` of numpy or zarr arrays. Either
-    all sources have labels or none. The label of a block at (z, y, x) is
+    ``{'volume': a, 'labels': b, 'mask': c}`` of numpy or zarr arrays (other
+    keys are refused). Either all sources have labels or none, and all volumes
+    (and all labels) have one dtype. The label of a block at (z, y, x) is
     ``labels[y:y+h, x:x+w]`` for 2D labels and ``labels[z:z+d, y:y+h, x:x+w]``
     for 3D ones, in the labels' own dtype. The mask is nonzero where papyrus
     is. An OME-Zarr multiscale group (one with ``multiscales`` metadata)
     stands for its full-resolution level; a path to one level
     (``scroll.zarr/2``) reads that level.
+
+    Read failures: a chunk that cannot be decoded (corrupt, truncated) raises
+    ``OSError`` naming the source, the voxels being read and the chunk's key,
+    with the decoder's error as its cause. A local store that vanishes
+    (deleted, unmounted) raises ``FileNotFoundError`` at the next read; a
+    chunk missing from a store that is still there reads as the array's fill
+    value, as Zarr defines.
 
     Remote sources: ``http(s)://``, ``s3://`` and other fsspec URLs are read
     through zarr's fsspec store (install ``fsspec aiohttp``, plus ``s3fs`` for
@@ -126,7 +139,10 @@ class VesuviusStream(IterableDataset):
     are retried up to 10 times with exponential backoff from 0.2 s, waiting
     what a Retry-After header asks (at most 30 s); 401 and 403 raise
     ``PermissionError`` at once, and a URL without Zarr metadata raises
-    ``FileNotFoundError``. Each DataLoader worker opens its own connections.
+    ``FileNotFoundError``. A host that cannot be reached before it ever
+    answered (unknown name, refused connection) raises ``ConnectionError``
+    at construction, naming the URL, without retries. Each DataLoader
+    worker opens its own connections.
 
     Args:
         file_paths (list): the sources (see above).
@@ -149,14 +165,16 @@ class VesuviusStream(IterableDataset):
             ``sampling_method`` (equal or proportional). Ignored by ``'grid'``.
             Meant for inspection: with a mask, each shard counts the mask's
             positions before its share (the one plan that reads data).
-        seed (int): the seed of every random choice. Default 0.
+        seed (int): the seed of every random choice, any int (seeds equal
+            modulo 2**64 give the same epochs). Default 0.
         return_coords (bool): append the block's ``(file_index, z, y, x)``.
         z_range (tuple, optional): ``(start, end)``: draw blocks from layers
             [start, end) only, e.g. ``z_range=(17, 43), z_size=26`` for the 26
             central layers of a 65-layer segment. Coordinates stay those of the
             whole volume. Default: all layers.
         stride (tuple, optional): ``(sz, sy, sx)`` grid steps of ``'grid'``.
-            Default: the block size (tiles that do not overlap).
+            Default: the block size (tiles that do not overlap). A stride
+            larger than the block along an axis is refused (it would skip voxels).
         min_mask_fraction (float): a position is drawn only if at least this
             fraction of its block's footprint is inside the mask (the (y, x)
             footprint for a 2D mask, the whole block for a 3D one), and always
@@ -164,7 +182,8 @@ class VesuviusStream(IterableDataset):
             1 means it lies wholly on it.
         transform (callable, optional): applied to each item in the worker
             before coordinates are appended: ``transform(block)`` returns a
-            block, or ``transform(block, label)`` a ``(block, label)`` pair.
+            block, or ``transform(block, label)`` a ``(block, label)`` pair
+            (``None`` raises TypeError).
         rank, world_size (int, optional): this process's DDP rank and the
             number of ranks. Default: read from ``torch.distributed`` when it
             is initialized (when this dataset is built), else 0 and 1.
@@ -181,6 +200,8 @@ class VesuviusStream(IterableDataset):
         cache_dir (str, optional): a local folder keeping every chunk fetched
             from URL sources (shared by workers, kept across runs; delete it
             yourself). Chunks read in parts (sharded stores) are not cached.
+            A failed cache write (disk full) warns once and ends caching in
+            that process; the read goes on.
 
     Example::
 
@@ -244,6 +265,11 @@ class VesuviusStream(IterableDataset):
             if not (isinstance(stride, (tuple, list)) and len(stride) == 3):
                 raise TypeError(f"stride must be a tuple (sz, sy, sx), got {stride!r}")
             stride = tuple(_positive_int('stride', s) for s in stride)
+            if any(s > b for s, b in zip(stride, block)):
+                # Blocks further apart than their size leave voxels between them.
+                raise ValueError(f"stride {stride} is larger than the block {block} along an "
+                                 f"axis: 'grid' covers every voxel only with a stride <= the "
+                                 f"block")
         if z_range is not None:
             if not (isinstance(z_range, (tuple, list)) and len(z_range) == 2
                     and all(map(_is_int, z_range))):
@@ -252,16 +278,18 @@ class VesuviusStream(IterableDataset):
         if not _is_int(seed):
             raise TypeError(f"seed must be an int, got {seed!r}")
         seed = int(seed)
-        if not (isinstance(min_mask_fraction, (int, float)) and 0 <= min_mask_fraction <= 1):
+        if not (_is_number(min_mask_fraction) and 0 <= min_mask_fraction <= 1):
             raise ValueError(f"min_mask_fraction must be a number in [0, 1], "
                              f"got {min_mask_fraction!r}")
+        min_mask_fraction = float(min_mask_fraction)
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         if samples_per_region is not None:
             samples_per_region = _positive_int('samples_per_region', samples_per_region)
         open_regions = _positive_int('open_regions', open_regions)
-        if not (isinstance(region_mb, (int, float)) and region_mb > 0):
+        if not (_is_number(region_mb) and region_mb > 0):
             raise ValueError(f"region_mb must be a positive number, got {region_mb!r}")
+        region_mb = float(region_mb)
         self.rank, self.world_size = _resolve_ranks(rank, world_size)
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError(f"storage_options must be a dict of fsspec options, "
@@ -271,7 +299,8 @@ class VesuviusStream(IterableDataset):
 
         region_bytes = region_mb * 2**20 / open_regions
         self._sources = [
-            _Source(_open_source(source, index, **remote), index, block, z_range,
+            _Source(_open_source(source, index, **remote), index, _describe(source), block,
+                    z_range,
                     stride or block if grid else (1, 1, 1), region_bytes, samples_per_region,
                     min_mask_fraction)
             for index, source in enumerate(file_paths)]
@@ -280,6 +309,14 @@ class VesuviusStream(IterableDataset):
                              + ", ".join(f"source {s.index}: "
                                          f"{'labels' if s.labels is not None else 'none'}"
                                          for s in self._sources))
+        for name in ('volume', 'labels'):
+            # One dtype per batch: collate would fail, or cast silently. Byte
+            # order does not count: items are in native order.
+            dtypes = [getattr(s, name).dtype.newbyteorder('=') for s in self._sources
+                      if getattr(s, name) is not None]
+            if len(set(dtypes)) > 1:
+                raise ValueError(f"all sources' {name} must have one dtype: " + ", ".join(
+                    f"source {s.index}: {getattr(s, name).dtype}" for s in self._sources))
         self.capacity = sum(source.positions for source in self._sources)
         if self.capacity == 0:
             raise ValueError("the sources have no position: the mask has no block "
@@ -390,6 +427,11 @@ class VesuviusStream(IterableDataset):
                 item = self._sources[visit.source].cut(box, corner)
                 if self.transform is not None:
                     item = self.transform(*item)
+                    if item is None:
+                        raise TypeError(
+                            f"transform {_name(self.transform)} returned None for the block of "
+                            f"source {visit.source} at {tuple(map(int, corner))}; it must "
+                            f"return the block, or a (block, label) pair")
                     item = item if isinstance(item, tuple) else (item,)
                 if self.return_coords:
                     item = (*item, torch.tensor((visit.source, *corner), dtype=torch.int64))
@@ -435,7 +477,7 @@ class VesuviusStream(IterableDataset):
                                      None if s.mask is None else s.count_on_mask)
                        for s, count in zip(self._sources, counts)]
         else:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.seed & _MASK64, epoch])   # any int seed
             counts = _random_shares(self.samples_per_epoch, capacities, self.sampling_method,
                                     rng)
             streams = [_ShuffledVisits(s.lattice, s.region_counts, s.per_visit, count,
@@ -893,10 +935,11 @@ class _Source:
     them without a mask): one integer per region, counted once.
     """
 
-    def __init__(self, arrays, index, block, z_range, step, region_bytes,
+    def __init__(self, arrays, index, name, block, z_range, step, region_bytes,
                  samples_per_region, min_mask_fraction):
-        self.index = index
+        self.index, self.name = index, name
         self.volume, self.labels, self.mask = arrays
+        self._metadata = _local_metadata(self.volume)
         self._process = os.getpid()
         shape = self.shape = tuple(int(s) for s in self.volume.shape)
         if len(shape) != 3:
@@ -1021,9 +1064,29 @@ class _Source:
         origin = corners.min(axis=0)
         end = corners.max(axis=0) + np.asarray(self.block)
         box = tuple(slice(int(o), int(e)) for o, e in zip(origin, end))
-        volume = np.asarray(self.volume[box])
-        labels = None if self.labels is None else np.asarray(self.labels[box[3 - self.labels.ndim:]])
+        # Zarr reads the chunks of a vanished local store as fill value: check
+        # that the store is still there, once per read.
+        if self._metadata is not None and not os.path.exists(self._metadata):
+            raise FileNotFoundError(f"source {self.index} ({self.name}): the store is gone: "
+                                    f"{self._metadata} no longer exists (deleted, moved or "
+                                    f"unmounted?)")
+        volume = self._decode('volume', self.volume, box)
+        labels = (None if self.labels is None
+                  else self._decode('labels', self.labels, box[3 - self.labels.ndim:]))
         return _Box(origin, volume, labels, corners)
+
+    def _decode(self, name, array, box):
+        """``array[box]`` in native byte order; a failure names the source, box and chunk."""
+        try:
+            return _native(np.asarray(array[box]))
+        except Exception as error:
+            where = ', '.join(f"{axis} {s.start}:{s.stop}"
+                              for axis, s in zip('zyx'[3 - len(box):], box))
+            # Storage errors name their key already, and re-reading would retry.
+            chunk = None if isinstance(error, OSError) else _failing_chunk(array, box)
+            raise OSError(f"source {self.index} ({self.name}): cannot read its {name} at "
+                          f"voxels {where}" + (f", chunk {chunk!r}" if chunk else "")
+                          + f": {type(error).__name__}: {error}") from error
 
     def cut(self, box, corner):
         """``(block,)`` or ``(block, label)`` tensors at ``corner`` from a read box."""
@@ -1034,6 +1097,46 @@ class _Source:
             item += (torch.from_numpy(np.ascontiguousarray(
                 box.labels[window[3 - box.labels.ndim:]])),)
         return item
+
+
+def _local_metadata(array):
+    """The metadata file of a zarr array in a local store, else None."""
+    if not (isinstance(array, zarr.Array) and isinstance(array.store, zarr.storage.LocalStore)):
+        return None
+    name = 'zarr.json' if array.metadata.zarr_format == 3 else '.zarray'
+    return os.path.join(array.store.root, *filter(None, array.path.split('/')), name)
+
+
+def _failing_chunk(array, box):
+    """Key of the first stored chunk (or shard) of ``box`` that fails to read, else None.
+
+    Searched only after a read of the box failed, to name the chunk in the error.
+    """
+    if not isinstance(array, zarr.Array):
+        return None
+    shape = array.shards or array.chunks
+    for cell in itertools.product(*[range(s.start // c, -(-s.stop // c))
+                                    for s, c in zip(box, shape)]):
+        try:
+            array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, shape))]
+        except Exception:
+            key = array.metadata.encode_chunk_key(cell)
+            return f"{array.path}/{key}" if array.path else key
+    return None
+
+
+def _describe(source):
+    """A source as errors name it: its path or URL, else what it is."""
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if isinstance(source, (zarr.Array, zarr.Group)):
+        return f"{type(source).__name__} at {source.store_path}"
+    return f"a {type(source).__name__}"
+
+
+def _native(array):
+    """``array`` in native byte order (torch refuses others): a copy only if it is not."""
+    return array.astype(array.dtype.newbyteorder('='), copy=False)
 
 
 def _open_source(source, index, storage_options=None, cache_dir=None):
@@ -1048,7 +1151,7 @@ def _open_source(source, index, storage_options=None, cache_dir=None):
         store = _RemoteStore.from_url(path, index, storage_options, cache_dir) if remote else path
         try:
             source = zarr.open(store, mode='r')
-        except (PermissionError, _GaveUp):
+        except (PermissionError, _GaveUp, _Unreachable):
             raise
         except FileNotFoundError as error:
             if remote:
@@ -1064,6 +1167,10 @@ def _open_source(source, index, storage_options=None, cache_dir=None):
         level = _multiscale_level(source)
         if level is not None and 'volume' not in source:
             return source[level], None, None
+    if isinstance(source, dict) and not set(source) <= {'volume', 'labels', 'mask'}:
+        unknown = sorted(map(repr, set(source) - {'volume', 'labels', 'mask'}))
+        raise ValueError(f"source {index}: unknown key {', '.join(unknown)} in a dict source; "
+                         f"the keys are 'volume', 'labels' and 'mask'")
     if isinstance(source, (zarr.Group, dict)):
         if 'volume' not in source:
             raise ValueError(f"source {index}: a group or dict needs an array 'volume' (or "
@@ -1091,21 +1198,30 @@ class _GaveUp(OSError):
     """A remote read that kept failing with transient errors."""
 
 
+class _Unreachable(ConnectionError):
+    """A host that never answered: its name does not resolve, or it refuses connections."""
+
+
 class _RemoteStore(zarr.storage.WrapperStore):
     """An fsspec store that retries transient failures and may cache chunks on disk.
 
     429, 5xx, dropped connections and timeouts are retried with exponential
     backoff (waiting what Retry-After asks, when the server says); 401 and 403
-    fail at once. With ``cache_dir``, every chunk fetched whole is kept in
-    ``cache_dir/<hash of the URL>/<key>`` and read from there afterwards.
+    fail at once, and so does a host that cannot be reached before it ever
+    answered (a wrong URL: nothing to wait for). With ``cache_dir``, every
+    chunk fetched whole is kept in ``cache_dir/<hash of the URL>/<key>`` and
+    read from there afterwards; a failed cache write warns once and ends
+    caching for this store in this process, the read goes on.
     """
 
-    def __init__(self, store, url, cache_dir=None):
+    def __init__(self, store, url, cache_dir=None, state=None):
         super().__init__(store)
         self.url, self.cache_dir = url, cache_dir
+        # Shared by the copies zarr makes of this store (and pickled with them).
+        self._state = state or {'answered': False, 'caching': True}
 
     def _with_store(self, store):
-        return type(self)(store, self.url, self.cache_dir)
+        return type(self)(store, self.url, self.cache_dir, self._state)
 
     @classmethod
     def from_url(cls, url, index, storage_options, cache_dir):
@@ -1129,20 +1245,39 @@ class _RemoteStore(zarr.storage.WrapperStore):
                 with open(cached, 'rb') as file:
                     return prototype.buffer.from_bytes(file.read())
         value = await self._get_with_retries(key, prototype, byte_range)
-        if cached and value is not None:
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            partial = f"{cached}.{os.getpid()}.partial"
-            with open(partial, 'wb') as file:
-                file.write(value.to_bytes())
-            os.replace(partial, cached)   # atomic: workers may fetch the same chunk
+        if cached and value is not None and self._state['caching']:
+            self._keep(key, cached, value.to_bytes())
         return value
+
+    def _keep(self, key, cached, data):
+        """Write a fetched chunk to the cache; a failure (disk full, read-only) only warns."""
+        partial = f"{cached}.{os.getpid()}.partial"
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            with open(partial, 'wb') as file:
+                file.write(data)
+            os.replace(partial, cached)   # atomic: workers may fetch the same chunk
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            self._state['caching'] = False
+            warnings.warn(f"cache_dir {self.cache_dir!r}: cannot keep {self.url}/{key} "
+                          f"({error}); {self.url} is no longer cached by this process",
+                          RuntimeWarning)
 
     async def _get_with_retries(self, key, prototype, byte_range):
         for attempt in range(_ATTEMPTS):
             try:
-                return await self._store.get(key, prototype, byte_range)
+                value = await self._store.get(key, prototype, byte_range)
+                self._state['answered'] = True
+                return value
             except Exception as error:
                 status = getattr(error, 'status', None)
+                if not self._state['answered'] and _unreachable(error):
+                    raise _Unreachable(f"{self.url}: cannot reach the host, it never "
+                                       f"answered: {error}") from error
+                if status is not None:
+                    self._state['answered'] = True
                 if status in (401, 403):
                     raise PermissionError(f"{self.url}/{key}: HTTP {status}, access denied; "
                                           f"check the URL and the credentials in "
@@ -1166,6 +1301,15 @@ def _transient(error, status):
     return isinstance(error, kinds)
 
 
+def _unreachable(error):
+    """Whether a request failed before reaching the host (unknown name, refused)."""
+    aiohttp = sys.modules.get('aiohttp')     # loaded if fsspec's HTTP is in use
+    kinds = (ConnectionRefusedError, socket.gaierror)
+    if aiohttp is not None:
+        kinds += (aiohttp.ClientConnectorError,)
+    return isinstance(error, kinds)
+
+
 def _retry_wait(error, attempt):
     """Seconds to wait before the next attempt: Retry-After, else backoff with jitter."""
     retry_after = (getattr(error, 'headers', None) or {}).get('Retry-After')
@@ -1185,6 +1329,16 @@ def _retry_wait(error, attempt):
 def _is_int(value):
     """True for Python and numpy integers (not bools): sizes often come from array shapes."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    """True for Python and numpy reals (not bools): fractions often come from numpy."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _name(function):
+    """A callable's name for messages (functions, lambdas, partials, callable objects)."""
+    return getattr(function, '__qualname__', None) or repr(function)
 
 
 def _positive_int(name, value):

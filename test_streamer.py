@@ -12,6 +12,7 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import threading
 import time
 import tracemalloc
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -148,6 +150,24 @@ def test_items_keep_native_dtype_and_shape():
         assert all(b.dtype == torch_dtype and b.shape == (2, 3, 4) for b in blocks)
 
 
+def test_big_endian_volumes_and_labels_stream_exactly_in_native_byte_order(tmp_path):
+    data, labels = volume((6, 20, 24)), volume((20, 24), np.uint16, seed=3)
+    group = zarr.open_group(str(tmp_path / "be.zarr"), mode="w", zarr_format=2)
+    group.create_array("volume", shape=data.shape, chunks=(3, 8, 8), dtype=">u2")[:] = data
+    group.create_array("labels", shape=labels.shape, chunks=(8, 8), dtype=">u2")[:] = labels
+    as_numpy = {"volume": data.astype(">u2"), "labels": labels.astype(">u2")}
+    native = {"volume": data, "labels": labels}          # another byte order mixes in
+    ds = VesuviusStream([str(tmp_path / "be.zarr"), as_numpy, native], 2, 5, 7, 60,
+                        return_coords=True, region_mb=0.01)
+    seen = set()
+    for block, label, (f, z, y, x) in DataLoader(ds, batch_size=None):
+        assert block.dtype == label.dtype == torch.uint16
+        assert torch.equal(block, torch.from_numpy(data[z:z + 2, y:y + 5, x:x + 7]))
+        assert torch.equal(label, torch.from_numpy(labels[y:y + 5, x:x + 7]))
+        seen.add(int(f))
+    assert seen == {0, 1, 2}
+
+
 def test_coords_are_last_int64_of_shape_4():
     ds = VesuviusStream([volume((5, 10, 10))], 2, 3, 4, 5, return_coords=True)
     block, coords = next(iter(ds))
@@ -230,6 +250,16 @@ def test_shards_in_rank_order_are_the_one_epoch_sequence(tmp_path, method, shuff
     for shards in (2, 5, 7):
         split = sequence(shards)
         assert split == whole if not shuffle or method == "grid" else sorted(split) == sorted(whole)
+
+
+def test_len_of_a_loader_under_ddp_is_this_ranks_batches(multi_region):
+    # Progress bars and LR schedules use len(loader): it must count this rank's share.
+    path, _ = multi_region
+    ds = multi_region_stream(path, 128, rank=0, world_size=4)
+    loader = DataLoader(ds, batch_size=4, num_workers=0)
+    assert len(ds) == 32 and ds.samples_per_epoch == 128
+    assert len(loader) == 8
+    assert sum(1 for _ in loader) == 8
 
 
 def test_whole_volume_epoch_yields_every_position_once(multi_region):
@@ -564,6 +594,48 @@ def test_numpy_integers_are_accepted_wherever_ints_are():
     assert len(runs[0]) == 10 and runs[0] == runs[1]
 
 
+def test_any_int_seed_works_and_numpy_scalars_are_accepted_for_fractions_and_budgets():
+    data = np.arange(6 * 10 * 10, dtype=np.uint8).reshape(6, 10, 10)
+    for seed in (-1, -2**70, 2**70):
+        assert len(epoch(VesuviusStream([data], 3, 3, 3, 20, seed=seed,
+                                        return_coords=True))) == 20
+    # Seeds equal modulo 2**64 are the same seed.
+    assert (epoch(VesuviusStream([data], 3, 3, 3, 20, seed=-1, return_coords=True))
+            == epoch(VesuviusStream([data], 3, 3, 3, 20, seed=2**64 - 1, return_coords=True)))
+    runs = [epoch(VesuviusStream([data], 3, 3, 3, 20, region_mb=mb, min_mask_fraction=f,
+                                 return_coords=True))
+            for mb, f in ((1, 0.0), (np.int64(1), np.float32(0)), (np.float32(1), np.int64(0)))]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_dict_keys_dtypes_and_grid_strides_are_checked_at_construction():
+    data = volume((4, 20, 20))
+    with pytest.raises(ValueError, match=re.escape(
+            "source 0: unknown key 'lables' in a dict source; "
+            "the keys are 'volume', 'labels' and 'mask'")):
+        VesuviusStream([{"volume": data, "lables": np.zeros((20, 20), np.uint8)}], 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=re.escape(
+            "all sources' volume must have one dtype: source 0: uint16, source 1: uint8")):
+        VesuviusStream([data, data.astype(np.uint8)], 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=re.escape(
+            "all sources' labels must have one dtype: source 0: bool, source 1: uint8")):
+        VesuviusStream([{"volume": data, "labels": np.zeros((20, 20), bool)},
+                        {"volume": data, "labels": np.zeros((20, 20), np.uint8)}], 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=re.escape(
+            "stride (2, 3, 2) is larger than the block (2, 2, 2) along an axis")):
+        VesuviusStream([data], 2, 2, 2, None, "grid", stride=(2, 3, 2))
+
+
+def test_a_transform_returning_none_raises_naming_it():
+    def forgets_to_return(block):
+        block.zero_()
+
+    ds = VesuviusStream([volume((4, 20, 20))], 2, 5, 5, 3, transform=forgets_to_return)
+    with pytest.raises(TypeError, match=r"transform .*forgets_to_return returned None for the "
+                                        r"block of source 0 at \(\d+, \d+, \d+\)"):
+        next(iter(ds))
+
+
 def test_missing_path_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Zarr store at"):
         VesuviusStream([str(tmp_path / "nope.zarr")], 1, 1, 1, 1)
@@ -579,6 +651,48 @@ def test_folder_that_is_not_zarr_and_group_without_volume_raise(tmp_path):
             "a group or dict needs an array 'volume' (or OME-Zarr 'multiscales'); "
             "it has ['other']")):
         VesuviusStream([str(tmp_path / "g.zarr")], 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("compressed", [True, False], ids=["garbage-zstd", "truncated-raw"])
+def test_a_corrupt_chunk_error_names_the_source_the_box_and_the_chunk(tmp_path, compressed):
+    data = volume((8, 16, 16))
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    group.create_array("volume", shape=data.shape, chunks=(4, 8, 8), dtype=data.dtype,
+                       **({} if compressed else {"compressors": None}))[:] = data
+    chunk = tmp_path / "s.zarr" / "volume" / "c" / "1" / "0" / "1"
+    if compressed:
+        chunk.write_bytes(b"not zstd at all")
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:100])
+    path = str(tmp_path / "s.zarr")
+    ds = VesuviusStream([data, path], 8, 16, 16, 2, shuffle=False)
+    with pytest.raises(OSError, match=re.escape(
+            f"source 1 ({path!r}): cannot read its volume at voxels z 0:8, y 0:16, x 0:16, "
+            f"chunk 'volume/c/1/0/1': ")) as caught:
+        list(ds)
+    assert not isinstance(caught.value.__cause__, OSError)      # the decoder's own error
+
+
+def test_a_local_store_that_vanishes_mid_epoch_fails_at_the_next_read(tmp_path):
+    data = volume((8, 32, 32))
+    path = zarr_v3(tmp_path / "v.zarr", data, chunks=(8, 8, 8))
+    ds = VesuviusStream([path], 8, 8, 8, 25, shuffle=False, region_mb=0.001)
+    items = iter(ds)
+    first = next(items)
+    shutil.rmtree(path)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"source 0 ({path!r}): the store is gone: ")):
+        for _ in items:
+            pass
+    assert torch.equal(first, torch.from_numpy(data[:, :8, :8]))
+
+
+def test_missing_chunks_of_a_store_still_there_read_as_fill_value(tmp_path):
+    data = volume((8, 16, 16)) | 1                          # no zero voxel
+    path = zarr_v3(tmp_path / "v.zarr", data, chunks=(8, 8, 8))
+    os.remove(tmp_path / "v.zarr" / "c" / "0" / "0" / "1")
+    blocks = list(VesuviusStream([path], 8, 8, 8, None, "grid"))
+    assert [int(np.count_nonzero(b.numpy())) for b in blocks] == [512, 0, 512, 512]
 
 
 def test_set_epoch_rejects_negative_or_non_int():
@@ -956,6 +1070,64 @@ def test_chunk_cache_serves_the_second_read_from_disk(scroll):
             fetched.append(log["chunks"] - before)
     assert fetched[0] > 0 and fetched[1] == 0
     assert sum(len(files) for _, _, files in os.walk(cache)) == fetched[0]
+
+
+@pytest.fixture
+def waits(monkeypatch):
+    """The retry waits taken (each one is an attempt that failed and is retried), not waited."""
+    taken = []
+    monkeypatch.setattr(streamer, "_retry_wait", lambda error, attempt: taken.append(error) or 0)
+    return taken
+
+
+def test_a_host_refusing_connections_fails_construction_at_once_naming_the_url(waits):
+    with socket.socket() as closed:              # a port where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/scroll.zarr"
+    with pytest.raises(ConnectionError, match=re.escape(f"{url}: cannot reach the host") +
+                       ".*Connect call failed"):
+        VesuviusStream([url], 4, 4, 4, 1)
+    assert waits == []                           # no retry: fails in one attempt per request
+
+
+def test_a_host_that_goes_away_mid_epoch_is_retried_before_failing(scroll, waits):
+    root, _ = scroll
+
+    class OneRequestPerConnection(benchmark.QuietHandler):
+        protocol_version = "HTTP/1.0"        # no kept-alive connection outlives the server
+
+    with benchmark.serve(str(root), handler=OneRequestPerConnection) as url:
+        ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 5, shuffle=False)
+    # Now the host refuses connections, after it answered: that may be a restart.
+    with pytest.raises(OSError, match=f"source 0 .*still failing after {streamer._ATTEMPTS} "
+                                      f"attempts"):
+        next(iter(ds))
+    assert waits and len(waits) % (streamer._ATTEMPTS - 1) == 0
+
+
+def test_a_failing_cache_write_warns_once_and_the_read_goes_on_without_leftovers(
+        scroll, monkeypatch):
+    root, data = scroll
+    cache = root / "cache"
+
+    def disk_full(path, *args, **kwargs):
+        if str(path).endswith(".partial"):
+            open(path, *args, **kwargs).close()   # the file exists, as on a full disk
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(streamer, "open", disk_full, raising=False)
+    with benchmark.serve(str(root)) as url:
+        ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 50, return_coords=True,
+                            cache_dir=cache)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert check_blocks(ds, [data]) == 50
+    cache_warnings = [w for w in caught if "cache_dir" in str(w.message)]
+    assert len(cache_warnings) == 1 and "No space left on device" in str(
+        cache_warnings[0].message)
+    assert [f for _, _, files in os.walk(cache) for f in files] == []
 
 
 def test_missing_fsspec_packages_are_named(monkeypatch):
