@@ -42,6 +42,8 @@ _MASK64 = (1 << 64) - 1
 _FEISTEL_ROUNDS = 6
 # Independent random streams of an epoch, derived from its key.
 _REGION_ORDER, _POSITION_ORDER, _ROUNDING = range(3)
+# Extra key parts of the streams of positive and negative positions.
+_KIND_KEYS = {None: (), True: (1,), False: (2,)}
 _METHODS = ('uniform', 'proportional', 'grid')
 # Remote stores: attempts per request, first backoff and longest wait (s).
 _ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
@@ -241,7 +243,8 @@ class VesuviusStream(IterableDataset):
     def __init__(self, file_paths, z_size, y_size, x_size, samples_per_epoch,
                  sampling_method='uniform', shuffle=True, seed=0,
                  return_coords=False, *, z_range=None, stride=None,
-                 min_mask_fraction=0.0, transform=None, rank=None, world_size=None,
+                 min_mask_fraction=0.0, positive_fraction=None, transform=None, rank=None,
+                 world_size=None,
                  samples_per_region=None, region_mb=512, open_regions=8,
                  storage_options=None, cache_dir=None):
         super().__init__()
@@ -336,6 +339,7 @@ class VesuviusStream(IterableDataset):
         self.block = block
         self.sampling_method = sampling_method
         self.shuffle = bool(shuffle) and not grid
+        self.positive_fraction = self._check_positive_fraction(positive_fraction)
         self.seed = seed
         self.return_coords = bool(return_coords)
         self.transform = transform
@@ -348,6 +352,32 @@ class VesuviusStream(IterableDataset):
         self._resume = None                   # a loaded state, for the next iteration
         # (epoch, shard, shards, items yielded) of the running iteration.
         self._position = [None, None, None, 0]
+
+    def _check_positive_fraction(self, fraction):
+        """The fraction as a float (or None), with every source's kinds counted."""
+        if fraction is None:
+            return None
+        if not (_is_number(fraction) and 0 <= fraction <= 1):
+            raise ValueError(f"positive_fraction must be a number in [0, 1], got {fraction!r}")
+        if self._sources[0].labels is None:
+            raise ValueError("positive_fraction needs labels: give sources with 'labels' (a "
+                             "positive block has a nonzero label in its footprint)")
+        if not self.shuffle:
+            raise ValueError("positive_fraction applies to random epochs: not to 'grid' or "
+                             "shuffle=False")
+        positives = [int(source.count_positives().sum()) for source in self._sources]
+        self._positives = math.floor(fraction * self.samples_per_epoch + 0.5)
+        wanted = {'positive': (self._positives, positives),
+                  'negative': (self.samples_per_epoch - self._positives,
+                               [s.positions - p for s, p in zip(self._sources, positives)])}
+        for kind, (count, available) in wanted.items():
+            if count > sum(available):
+                raise ValueError(
+                    f"positive_fraction={fraction} asks for {count} {kind} positions per "
+                    f"epoch, but the sources have {sum(available)} (" + ", ".join(
+                        f"source {i}: {p} positive, {s.positions - p} negative"
+                        for i, (s, p) in enumerate(zip(self._sources, positives))) + ")")
+        return float(fraction)
 
     def __len__(self):
         """Items this rank yields per epoch (``samples_per_epoch`` over all ranks)."""
@@ -460,32 +490,43 @@ class VesuviusStream(IterableDataset):
                 'sampling_method': self.sampling_method, 'shuffle': self.shuffle,
                 'seed': self.seed, 'z_range': self._z_range, 'stride': list(self._step),
                 'min_mask_fraction': self._min_mask_fraction,
+                'positive_fraction': self.positive_fraction,
                 'regions': [list(s.lattice.region) for s in self._sources],
                 'samples_per_region': [s.per_visit for s in self._sources],
                 'open_regions': self.open_regions,
                 'rank': self.rank, 'world_size': self.world_size}
 
     def _plan(self, epoch):
-        """The epoch's order (a pure computation: no array is read)."""
-        capacities = [source.positions for source in self._sources]
+        """The epoch's order (a pure computation: no array is read but a raster mask)."""
+        sources = self._sources
         if self.sampling_method == 'grid':
-            streams = [_GridVisits(s.lattice, s.region_counts, s.positions)
-                       for s in self._sources]
-        elif not self.shuffle:
-            counts = _fixed_shares(self.samples_per_epoch, capacities, self.sampling_method)
-            streams = [_RasterVisits(s.lattice, count,
-                                     None if s.mask is None else s.count_on_mask)
-                       for s, count in zip(self._sources, counts)]
+            streams = [_GridVisits(s.index, s.lattice, s.region_counts, s.positions)
+                       for s in sources]
+            return _EpochPlan(streams, 1, interleave=False)
+        if not self.shuffle:
+            counts = _fixed_shares(self.samples_per_epoch, [s.positions for s in sources],
+                                   self.sampling_method)
+            streams = [_RasterVisits(s.index, s.lattice, count,
+                                     None if s.mask is None else s.count_selected)
+                       for s, count in zip(sources, counts)]
+            return _EpochPlan(streams, 1, interleave=False)
+        rng = np.random.default_rng([self.seed & _MASK64, epoch])   # any int seed
+        if self.positive_fraction is None:
+            kinds = [(None, self.samples_per_epoch, [s.region_counts for s in sources])]
         else:
-            rng = np.random.default_rng([self.seed & _MASK64, epoch])   # any int seed
-            counts = _random_shares(self.samples_per_epoch, capacities, self.sampling_method,
-                                    rng)
-            streams = [_ShuffledVisits(s.lattice, s.region_counts, s.per_visit, count,
-                                       _key(self.seed, epoch, s.index))
-                       for s, count in zip(self._sources, counts)]
-        # Raster and grid order mean one region after another, not interleaved.
-        return _EpochPlan(streams, self.open_regions if self.shuffle else 1,
-                          interleave=self.shuffle)
+            # Each kind is drawn as a dataset of its own, sources chosen by the method.
+            positives = self._positives
+            kinds = [(True, positives, [s.positive_counts for s in sources]),
+                     (False, self.samples_per_epoch - positives,
+                      [s.region_counts - s.positive_counts for s in sources])]
+        streams = []
+        for kind, total, region_counts in kinds:
+            counts = _random_shares(total, [int(c.sum()) for c in region_counts],
+                                    self.sampling_method, rng)
+            streams += [_ShuffledVisits(s.index, s.lattice, c, s.per_visit, count,
+                                        _key(self.seed, epoch, s.index, *_KIND_KEYS[kind]), kind)
+                        for s, c, count in zip(sources, region_counts, counts)]
+        return _EpochPlan(streams, self.open_regions, interleave=True)
 
 
 def _shard_bounds(total, shards, shard):
@@ -529,32 +570,37 @@ class _Visit(typing.NamedTuple):
     source: int
     origin: tuple       # lattice box (in positions)
     shape: tuple
-    first: int          # [first, stop) of the box's positions on the mask
+    first: int          # [first, stop) of the box's positions on the mask (of the kind)
     stop: int
     key: int            # the permutation of the box's positions, or None: raster
+    kind: object = None  # True: positive positions only, False: negative, None: all
 
 
 class _ShuffledVisits:
     """The visits of one source in a random epoch, giving ``total`` positions.
 
     Round j visits every region with positions in a random order of its own
-    and takes, from the region's own random permutation of its N positions on
-    the mask, those numbered [floor(j r + u), floor((j + 1) r + u)) (capped at
-    N), where r = samples_per_region * N / (positions of a whole region) and u
-    is a random offset of the region. So each position has the same chance per
-    round wherever it is, border regions included, and a visit's length
-    follows from N: the plan never reads the mask.
+    and takes, from the region's own random permutation of its N positions (on
+    the mask, of the ``kind``), those numbered [floor(j r + u), floor((j + 1) r
+    + u)) (capped at N), where r = samples_per_region * N / (the largest N of
+    the source) and u is a random offset of the region. So each position has
+    the same chance per round wherever it is, border regions included, and a
+    visit's length follows from N: the plan never reads the mask or labels.
     """
 
-    def __init__(self, lattice, region_counts, per_visit, total, key):
-        self.lattice, self.total, self.key = lattice, total, key
+    def __init__(self, source, lattice, region_counts, per_visit, total, key, kind=None):
+        self.source, self.lattice, self.total, self.key = source, lattice, total, key
+        self.kind = kind
         self.regions = np.flatnonzero(region_counts)
         self.sizes = region_counts[self.regions]
-        self.rate = per_visit * self.sizes / math.prod(lattice.region)
+        self._cached = None
+        self.count = 0
+        if total == 0:
+            return
+        self.rate = per_visit * self.sizes / self.sizes.max()
         self.offset = _uniform(_key(key, _ROUNDING), self.regions)
         # After this many rounds every region has given all its positions.
         self.rounds = int(np.max(np.ceil((self.sizes - self.offset) / self.rate))) + 1
-        self._cached = None
         self.count = self.locate(total - 1) + 1
 
     def _taken(self, round_):
@@ -591,7 +637,7 @@ class _ShuffledVisits:
         round_, slot = divmod(visit, len(self.regions))
         return int(self._round(round_)[3][slot])
 
-    def visit(self, index, source):
+    def visit(self, index):
         """The ``index``-th visit, trimmed to the stream's total."""
         round_, slot = divmod(index, len(self.regions))
         order, before, after, starts = self._round(round_)
@@ -599,14 +645,15 @@ class _ShuffledVisits:
         origin, shape = self.lattice.region_bounds(region)
         first = int(before[slot])
         stop = first + min(int(after[slot] - before[slot]), self.total - int(starts[slot]))
-        return _Visit(source, origin, shape, first, stop, _key(self.key, _POSITION_ORDER, region))
+        return _Visit(self.source, origin, shape, first, stop,
+                      _key(self.key, _POSITION_ORDER, region), self.kind)
 
 
 class _GridVisits:
     """Every position on the mask, region by region, raster order within each."""
 
-    def __init__(self, lattice, region_counts, total):
-        self.lattice, self.total = lattice, total
+    def __init__(self, source, lattice, region_counts, total):
+        self.source, self.lattice, self.total = source, lattice, total
         self.regions = np.flatnonzero(region_counts)
         self.ends = np.cumsum(region_counts[self.regions])
         self.count = len(self.regions)
@@ -617,9 +664,10 @@ class _GridVisits:
     def start(self, visit):
         return 0 if visit == 0 else int(self.ends[min(visit, self.count) - 1])
 
-    def visit(self, index, source):
+    def visit(self, index):
         origin, shape = self.lattice.region_bounds(int(self.regions[index]))
-        return _Visit(source, origin, shape, 0, self.start(index + 1) - self.start(index), None)
+        return _Visit(self.source, origin, shape, 0, self.start(index + 1) - self.start(index),
+                      None)
 
 
 class _RasterVisits:
@@ -632,8 +680,10 @@ class _RasterVisits:
     before its share.
     """
 
-    def __init__(self, lattice, total, count_on_mask):
-        self.lattice, self.total, self.count_on_mask = lattice, total, count_on_mask
+    def __init__(self, source, lattice, total, count_on_mask):
+        # count_on_mask(origin, shape), or None without a mask.
+        self.source, self.lattice, self.total = source, lattice, total
+        self.count_on_mask = count_on_mask
         ez, ey, ex = lattice.extent
         budget = math.prod(lattice.box(lattice.region))
         depth, _, width = lattice.box((1, 1, ex))
@@ -680,9 +730,10 @@ class _RasterVisits:
             index += 1
         return index
 
-    def visit(self, index, source):
+    def visit(self, index):
         origin, shape = self.run(index)
-        return _Visit(source, origin, shape, 0, self.start(index + 1) - self.start(index), None)
+        return _Visit(self.source, origin, shape, 0, self.start(index + 1) - self.start(index),
+                      None)
 
 
 class _EpochPlan:
@@ -748,7 +799,7 @@ class _EpochPlan:
             if begin >= self.totals[source + 1]:
                 source, index = source + 1, 0
                 continue
-            visit = stream.visit(index, source)
+            visit = stream.visit(index)
             if visit.stop > visit.first:
                 yield _Group.of([visit], first - begin, stop - begin)
             first, index = max(first, begin + visit.stop - visit.first), index + 1
@@ -782,7 +833,7 @@ class _EpochPlan:
         for source, stream in enumerate(self.streams):
             index = self._before(source, ordinal)
             if index < stream.count and self._ordinal(source, index) == ordinal:
-                return stream.visit(index, source)
+                return stream.visit(index)
         raise AssertionError(f"no visit at ordinal {ordinal}")   # unreachable
 
     def _start(self, ordinal):
@@ -912,7 +963,7 @@ class _Lattice:
 
 
 def _count(valid, shape):
-    """Positions of a lattice box of ``shape`` given its ``on_mask`` (None: all)."""
+    """Positions of a lattice box of ``shape`` given its ``selected`` (None: all)."""
     if valid is None:
         return math.prod(shape)
     return int(valid.sum()) * (shape[0] if valid.ndim == 2 else 1)
@@ -967,43 +1018,71 @@ class _Source:
         if self.mask is not None:
             footprint = math.prod(block[3 - self.mask.ndim:])
             self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
-        self.region_counts = (lattice.region_sizes() if self.mask is None
-                              else self._count_on_mask())
+        self.region_counts = self._count_regions(kind=None)
         self.positions = int(self.region_counts.sum())
+        self.positive_counts = None       # per region, counted when positive_fraction asks
 
-    # the mask
+    # which positions an epoch may draw: on the mask, and of a kind
 
-    def _count_on_mask(self):
-        """Positions on the mask, per region (one pass over the mask)."""
+    def count_positives(self):
+        """Count, once, the positions per region whose label footprint has ink."""
+        if self.positive_counts is None:
+            self.positive_counts = self._count_regions(kind=True)
+        return self.positive_counts
+
+    def _count_regions(self, kind):
+        """Positions per region that ``selected`` keeps (one pass over mask and labels)."""
+        if self.mask is None and kind is None:
+            return self.lattice.region_sizes()
         counts = np.zeros(self.lattice.regions, dtype=np.int64)
-        if self.mask.ndim == 3:
+        arrays = [self.mask] * (self.mask is not None) + [self.labels] * (kind is not None)
+        if any(array.ndim == 3 for array in arrays):
             for region in range(self.lattice.regions):
-                counts[region] = self.count_on_mask(*self.lattice.region_bounds(region))
+                counts[region] = self.count_selected(*self.lattice.region_bounds(region), kind)
             return counts
-        # A 2D mask decides for all layers at once: one (y, x) cell, every z.
+        # 2D arrays decide for all layers at once: one (y, x) cell, every z.
         plane = math.prod(self.lattice.regions_per_axis[1:])
         for cell in range(plane):
-            on_mask = int(self.on_mask(*self.lattice.region_bounds(cell)).sum())
+            in_cell = int(self.selected(*self.lattice.region_bounds(cell), kind).sum())
             for z_cell in range(self.lattice.regions_per_axis[0]):
                 region = z_cell * plane + cell
-                counts[region] = on_mask * self.lattice.region_bounds(region)[1][0]
+                counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
         return counts
 
-    def on_mask(self, origin, shape):
-        """Which positions of the lattice box (origin, shape) are on the mask.
+    def selected(self, origin, shape, kind=None):
+        """Which positions of the lattice box (origin, shape) an epoch may draw.
 
-        A bool array of ``shape`` (of shape[1:] for a 2D mask, which holds for
-        every layer), or None when there is no mask. Counts mask voxels under
-        each block's footprint with a summed-area table of the box's mask window.
+        Those on the mask and, with ``kind``, positive (True: the block's label
+        footprint holds a nonzero label) or negative (False). A bool array of
+        ``shape`` (of shape[1:] when made of 2D arrays only, holding for every
+        layer), or None: every position.
         """
-        if self.mask is None:
+        parts = []
+        if self.mask is not None:
+            parts.append(self._footprint_hits(self.mask, origin, shape) >= self.threshold)
+        if kind is not None:
+            positive = self._footprint_hits(self.labels, origin, shape) > 0
+            parts.append(positive if kind else ~positive)
+        if not parts:
             return None
-        axes = self.lattice.axis_corners(origin, shape)[3 - self.mask.ndim:]
-        block = self.block[3 - self.mask.ndim:]
+        if len({part.ndim for part in parts}) > 1:
+            parts = [np.broadcast_to(part, tuple(shape)) for part in parts]
+        return np.logical_and.reduce(parts)
+
+    def _footprint_hits(self, array, origin, shape):
+        """Nonzero voxels of ``array`` under each block's footprint in a lattice box.
+
+        (ny, nx) counts for a 2D array (the block's (y, x) footprint), (nz, ny,
+        nx) for a 3D one, from a summed-area table of the box's window.
+        """
+        axes = self.lattice.axis_corners(origin, shape)[3 - array.ndim:]
+        block = self.block[3 - array.ndim:]
         lo = [int(a[0]) for a in axes]
         hi = [int(a[-1]) + b for a, b in zip(axes, block)]
-        window = np.asarray(self.mask[tuple(slice(l, h) for l, h in zip(lo, hi))]) != 0
-        table = np.pad(window.astype(np.int32), [(1, 0)] * window.ndim)
+        window = np.asarray(array[tuple(slice(l, h) for l, h in zip(lo, hi))]) != 0
+        if not window.any():         # unwritten label chunks, empty mask: nothing to sum
+            return np.zeros([len(a) for a in axes], dtype=np.int64)
+        table = np.pad(window.astype(np.int64), [(1, 0)] * window.ndim)
         for axis in range(window.ndim):
             np.cumsum(table, axis=axis, out=table)
         # Inclusion-exclusion over the 2**ndim corners of every footprint.
@@ -1011,11 +1090,11 @@ class _Source:
         for signs in itertools.product((0, 1), repeat=window.ndim):
             index = np.ix_(*[a - l + (b if s else 0) for a, l, b, s in zip(axes, lo, block, signs)])
             counts = counts + (-1) ** (window.ndim - sum(signs)) * table[index]
-        return counts >= self.threshold
+        return counts
 
-    def count_on_mask(self, origin, shape):
-        """Positions of the lattice box (origin, shape) on the mask."""
-        return _count(self.on_mask(origin, shape), shape)
+    def count_selected(self, origin, shape, kind=None):
+        """Positions of the lattice box (origin, shape) that ``selected`` keeps."""
+        return _count(self.selected(origin, shape, kind), shape)
 
     def positions_of(self, visit):
         """Lattice positions (n, 3) of a visit, in its order.
@@ -1025,7 +1104,7 @@ class _Source:
         permutation.
         """
         index = np.arange(visit.first, visit.stop)
-        valid = self.on_mask(visit.origin, visit.shape)
+        valid = self.selected(visit.origin, visit.shape, visit.kind)
         if visit.key is not None:
             index = _permute(index, _count(valid, visit.shape), visit.key)
         if valid is None:

@@ -414,18 +414,18 @@ class PlanningWork:
 
     def __init__(self, monkeypatch):
         self.permuted = self.mask_reads = 0
-        permute, on_mask = streamer._permute, streamer._Source.on_mask
+        permute, hits = streamer._permute, streamer._Source._footprint_hits
 
         def counting_permute(index, n, key):
             self.permuted += np.size(index)
             return permute(index, n, key)
 
-        def counting_on_mask(source, origin, shape):
-            self.mask_reads += source.mask is not None
-            return on_mask(source, origin, shape)
+        def counting_hits(source, array, origin, shape):
+            self.mask_reads += 1
+            return hits(source, array, origin, shape)
 
         monkeypatch.setattr(streamer, "_permute", counting_permute)
-        monkeypatch.setattr(streamer._Source, "on_mask", counting_on_mask)
+        monkeypatch.setattr(streamer._Source, "_footprint_hits", counting_hits)
 
     def first_item(self, ds):
         self.permuted = self.mask_reads = 0
@@ -831,6 +831,114 @@ def test_proportional_weighs_files_by_positions_on_the_mask():
         ds.set_epoch(e)
         drawn.append(sum(1 for *_, c in ds if c[0] == 0) / 500)
     assert abs(np.mean(drawn) - share) < 0.02
+
+
+# -- ink-aware sampling: positive_fraction ---------------------------------------
+
+def inked(shape=(6, 40, 50), labels_3d=False, seed=3):
+    """A dict source whose labels have two small ink patches (a few % of positions)."""
+    labels = np.zeros(shape if labels_3d else shape[1:], np.uint8)
+    labels[..., 5:9, 10:14] = 255
+    labels[..., 30:33, 40:44] = 255
+    return {"volume": volume(shape, np.uint8, seed=seed), "labels": labels}
+
+
+def is_positive(source, block, coords):
+    _, z, y, x = coords
+    d, h, w = block
+    labels = source["labels"]
+    window = labels[y:y + h, x:x + w] if labels.ndim == 2 else labels[z:z + d, y:y + h, x:x + w]
+    return bool(window.any())
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_positive_fraction_gives_exact_counts_for_any_workers_and_ranks(fraction):
+    sources = [inked(), inked(seed=4)]
+    expected = round(fraction * 400)
+    for workers, ranks in ((0, 1), (2, 1), (3, 1), (2, 2)):
+        coords = []
+        for rank in range(ranks):
+            ds = VesuviusStream(sources, 3, 5, 5, 400, positive_fraction=fraction,
+                                return_coords=True, region_mb=0.002, rank=rank,
+                                world_size=ranks)
+            coords += epoch(ds, num_workers=workers, batch_size=16)
+        assert len(coords) == len(set(coords)) == 400
+        assert sum(is_positive(sources[c[0]], (3, 5, 5), c) for c in coords) == expected
+
+
+def test_labels_of_positive_fraction_items_are_their_slices_and_kinds_follow_them():
+    source = inked()
+    ds = VesuviusStream([source], 3, 5, 5, 300, positive_fraction=0.5, return_coords=True,
+                        region_mb=0.002)
+    kinds = []
+    for block, label, coords in ds:
+        f, z, y, x = coords.tolist()
+        assert torch.equal(label, torch.from_numpy(source["labels"][y:y + 5, x:x + 5]))
+        assert torch.equal(block, torch.from_numpy(source["volume"][z:z + 3, y:y + 5, x:x + 5]))
+        kinds.append(bool(label.any()))
+    assert sum(kinds) == 150
+
+
+def test_every_positive_and_every_negative_position_is_equally_likely():
+    source = inked((4, 30, 30))
+    block = (2, 4, 4)
+    positions = [(0, z, y, x) for z in range(3) for y in range(27) for x in range(27)]
+    positive = {p for p in positions if is_positive(source, block, p)}
+    negative = set(positions) - positive
+    assert 50 < len(positive) < len(negative)
+    ds = VesuviusStream([source], *block, 200, positive_fraction=0.25, return_coords=True,
+                        region_mb=0.002, samples_per_region=6)
+    hits = collections.Counter()
+    epochs = 150
+    for e in range(epochs):
+        ds.set_epoch(e)
+        hits.update(tuple(c.tolist()) for *_, c in ds)
+    for kind, count in ((positive, 50), (negative, 150)):
+        expected = epochs * count / len(kind)              # draws per position
+        drawn = np.array([hits[p] for p in kind])
+        assert abs(drawn.mean() - expected) < 1e-9         # exact: each epoch has `count`
+        assert drawn.min() > 0
+        # Uniform within the kind: the spread is that of independent draws.
+        assert drawn.std() < 2 * math.sqrt(expected)
+
+
+def test_positive_fraction_with_mask_z_range_and_3d_labels(tmp_path):
+    source = inked((8, 40, 50), labels_3d=True)
+    source["labels"][:, :, :] = 0
+    source["labels"][2:4, 10:20, 10:20] = 1                   # ink in layers 2-3 only
+    source["mask"] = disk_mask((40, 50), (20, 25), 18)
+    ds = VesuviusStream([source], 2, 5, 5, 120, positive_fraction=0.5, return_coords=True,
+                        z_range=(1, 7), region_mb=0.002)
+    coords = epoch(ds, num_workers=2, batch_size=10)
+    assert len(set(coords)) == 120
+    assert sum(is_positive(source, (2, 5, 5), c) for c in coords) == 60
+    for _, z, y, x in coords:
+        assert 1 <= z and z + 2 <= 7
+        assert source["mask"][y:y + 5, x:x + 5].any()
+
+
+def test_impossible_positive_fractions_and_sources_without_labels_are_refused():
+    source = inked()
+    with pytest.raises(ValueError, match=r"asks for 1000 positive positions per epoch, but "
+                                         r"the sources have \d+ \(source 0: \d+ positive"):
+        VesuviusStream([source], 3, 5, 5, 1000, positive_fraction=1.0)
+    with pytest.raises(ValueError, match="negative positions per epoch"):
+        VesuviusStream([source], 3, 5, 5, 6600, positive_fraction=0.0)
+    with pytest.raises(ValueError, match="positive_fraction needs labels"):
+        VesuviusStream([source["volume"]], 3, 5, 5, 10, positive_fraction=0.5)
+    with pytest.raises(ValueError, match="must be a number in \\[0, 1\\]"):
+        VesuviusStream([source], 3, 5, 5, 10, positive_fraction=1.5)
+    with pytest.raises(ValueError, match="applies to random epochs"):
+        VesuviusStream([source], 3, 5, 5, None, "grid", positive_fraction=0.5)
+
+
+def test_positive_fraction_epochs_resume_with_set_epoch_skip_batches():
+    source = inked()
+    ds = VesuviusStream([source], 3, 5, 5, 300, positive_fraction=0.5, return_coords=True,
+                        region_mb=0.002)
+    expected = batches(DataLoader(ds, batch_size=16, num_workers=2))
+    ds.set_epoch(0, skip_batches=7, batch_size=16)
+    assert_same_batches(batches(DataLoader(ds, batch_size=16, num_workers=2)), expected[7:])
 
 
 def test_z_range_keeps_blocks_inside_the_layers(tmp_path):
