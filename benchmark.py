@@ -4,7 +4,12 @@ In one run, on the same store and DataLoader settings, it measures:
 
 1. the store's sequential decode rate: every chunk read once, in order (the limit);
 2. naive per-sample slicing: ``array[z:z+d, y:y+h, x:x+w]`` for each random block;
-3. VesuviusStream with its defaults.
+3. VesuviusStream with its defaults;
+
+then the time to the first item of the first and the last of 64 shards
+(samples_per_epoch 1e9, or the positions there are), and VesuviusStream
+with synthetic 2D ink labels (about 5 % of the pixels, a few areas) with and
+without ``positive_fraction=0.5``.
 
 For each it prints samples/s and MB/s delivered, the ratio to naive, the fraction
 of the limit, read amplification (bytes decoded / bytes delivered), distinct
@@ -265,7 +270,8 @@ def run_loader(dataset, batch_size, workers):
     coords = []
     with PeakRSS() as rss:
         start = time.perf_counter()
-        for _, batch_coords in loader:
+        for batch in loader:
+            batch_coords = batch[-1]
             if not coords:
                 first_batch = time.perf_counter() - start
             coords.append(batch_coords)
@@ -468,6 +474,43 @@ def benchmark_stream(path, args):
     first, last = shard_starts(path, block, samples)
     print(f"\nfirst item of shard 0 / shard 63 of 64, samples_per_epoch={samples:.0e}: "
           f"{first:.2f} s / {last:.2f} s ({last / first:.2f}x)")
+
+    labels = synthetic_ink(array.shape[1:])
+    print(f"\nwith 2D ink labels on {np.count_nonzero(labels) / labels.size:.1%} of the "
+          f"pixels, in {INK_AREAS} areas:")
+    balanced = {}
+    for fraction in (None, 0.5):
+        start = time.perf_counter()
+        dataset = VesuviusStream([{"volume": array, "labels": labels}], *block,
+                                 return_coords=True, positive_fraction=fraction,
+                                 samples_per_epoch=args.batches * args.batch_size,
+                                 samples_per_region=args.samples_per_region,
+                                 region_mb=args.region_mb, open_regions=args.open_regions)
+        built = time.perf_counter() - start
+        seconds, first_batch, samples, coords, rss = run_loader(dataset, args.batch_size,
+                                                                args.workers)
+        inked = sum(bool(labels[y:y + block[1], x:x + block[2]].any())
+                    for batch in coords for _, _, y, x in batch.tolist())
+        balanced[fraction] = samples / seconds
+        print(f"  positive_fraction={fraction!s:5} {samples / seconds:8.0f} samples/s "
+              f"({samples / seconds / naive_rate:.1f}x naive), {inked / samples:5.1%} of the "
+              f"blocks with ink, built in {built:.2f} s, peak RSS {rss}")
+    print(f"  0.5 / None: {balanced[0.5] / balanced[None]:.2f}")
+
+
+INK_AREAS = 6
+
+
+def synthetic_ink(shape, areas=INK_AREAS, fraction=0.05, seed=0):
+    """2D ink labels (0/255) on about ``fraction`` of the plane, in a few discs."""
+    radius = math.sqrt(fraction * math.prod(shape) / (areas * math.pi))
+    centres = np.random.default_rng(seed).uniform(radius, np.subtract(shape, radius),
+                                                  (areas, 2))
+    y, x = np.ogrid[:shape[0], :shape[1]]
+    labels = np.zeros(shape, np.uint8)
+    for cy, cx in centres:
+        labels[(y - cy) ** 2 + (x - cx) ** 2 <= radius ** 2] = 255
+    return labels
 
 
 def stream_decoded_bytes(stream, array, workers):

@@ -1303,6 +1303,10 @@ def test_benchmark_runs_on_a_small_store(tmp_path):
             if line.startswith(("naive", "VesuviusStream"))]
     assert [row[0] for row in rows] == ["naive", "VesuviusStream"]
     assert float(rows[0][3]) == 1.0                   # naive is its own reference
+    assert "first item of shard 0 / shard 63 of 64, samples_per_epoch=" in result.stdout
+    ink = re.findall(r"positive_fraction=(\S+) .* ([\d.]+)% of the blocks with ink",
+                     result.stdout)
+    assert [(f, float(share)) for f, share in ink][1] == ("0.5", 50.0)
 
 
 def test_benchmark_help_states_every_option_and_its_default():
