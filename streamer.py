@@ -20,6 +20,7 @@ See the class docstring for the guarantees and every argument.
 
 import asyncio
 import contextlib
+import copy
 import email.utils
 import hashlib
 import itertools
@@ -962,6 +963,18 @@ class _Lattice:
                                             self.block)]
 
 
+class _Band:
+    """Rows ``band`` of a 2D array, read once, sliced like the array."""
+
+    def __init__(self, array, band):
+        self.ndim, self.start = 2, band.start
+        self.data = np.asarray(array[band])
+
+    def __getitem__(self, index):
+        rows, columns = index
+        return self.data[rows.start - self.start:rows.stop - self.start, columns]
+
+
 def _count(valid, shape):
     """Positions of a lattice box of ``shape`` given its ``selected`` (None: all)."""
     if valid is None:
@@ -1040,13 +1053,21 @@ class _Source:
             for region in range(self.lattice.regions):
                 counts[region] = self.count_selected(*self.lattice.region_bounds(region), kind)
             return counts
-        # 2D arrays decide for all layers at once: one (y, x) cell, every z.
-        plane = math.prod(self.lattice.regions_per_axis[1:])
-        for cell in range(plane):
-            in_cell = int(self.selected(*self.lattice.region_bounds(cell), kind).sum())
-            for z_cell in range(self.lattice.regions_per_axis[0]):
-                region = z_cell * plane + cell
-                counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
+        # 2D arrays decide for all layers at once: one (y, x) cell, every z; a
+        # row of cells reads its band of rows once (zarr calls cost more than sums).
+        layers, rows, columns = self.lattice.regions_per_axis
+        banded = copy.copy(self)
+        for row in range(rows):
+            origin, shape = self.lattice.region_bounds(row * columns)
+            ys = self.lattice.axis_corners(origin, shape)[1]
+            band = slice(int(ys[0]), int(ys[-1]) + self.block[1])
+            banded.mask, banded.labels = (None if a is None else _Band(a, band)
+                                          for a in (self.mask, self.labels))
+            for cell in range(row * columns, (row + 1) * columns):
+                in_cell = int(banded.selected(*self.lattice.region_bounds(cell), kind).sum())
+                for layer in range(layers):
+                    region = layer * rows * columns + cell
+                    counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
         return counts
 
     def selected(self, origin, shape, kind=None):
@@ -1082,7 +1103,7 @@ class _Source:
         window = np.asarray(array[tuple(slice(l, h) for l, h in zip(lo, hi))]) != 0
         if not window.any():         # unwritten label chunks, empty mask: nothing to sum
             return np.zeros([len(a) for a in axes], dtype=np.int64)
-        table = np.pad(window.astype(np.int64), [(1, 0)] * window.ndim)
+        table = np.pad(window.astype(np.int32), [(1, 0)] * window.ndim)   # sizes < 2**31
         for axis in range(window.ndim):
             np.cumsum(table, axis=axis, out=table)
         # Inclusion-exclusion over the 2**ndim corners of every footprint.
