@@ -53,6 +53,8 @@ _ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
 _URL_PACKAGES = {'http': 'aiohttp', 'https': 'aiohttp', 's3': 's3fs', 'gs': 'gcsfs',
                  'gcs': 'gcsfs'}
 _METADATA_KEYS = ('zarr.json', '.zarray', '.zgroup', '.zattrs', '.zmetadata')
+# A process forked from this one inherits it; a spawned one imports this module anew.
+_IMPORTED_BY = os.getpid()
 
 
 class VesuviusStream(IterableDataset):
@@ -439,6 +441,13 @@ class VesuviusStream(IterableDataset):
         self._resume = dict(state)
 
     def __iter__(self):
+        if os.getpid() != _IMPORTED_BY and 'zarrs' in str(zarr.config.get('codec_pipeline.path')):
+            # Its Rust thread pools do not survive a fork: the first read hangs.
+            raise RuntimeError("zarr's codec pipeline is zarrs "
+                               f"({zarr.config.get('codec_pipeline.path')}), which hangs in a "
+                               "forked process (DataLoader workers start by fork on Linux): pass "
+                               "multiprocessing_context='spawn' to the DataLoader, or use zarr's "
+                               "default codec pipeline")
         epoch, skip_batches, batch_size = self._epoch.tolist()
         worker = get_worker_info()
         workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)

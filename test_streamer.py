@@ -493,6 +493,20 @@ def test_leaving_an_epoch_early_leaves_no_thread_running(multi_region):
     assert reader_threads() == []
 
 
+def test_zarrs_codec_pipeline_in_a_forked_worker_fails_saying_to_spawn(monkeypatch):
+    # zarrs hangs at the first read in a forked process: a clear error instead.
+    ds = VesuviusStream([volume((4, 8, 8))], 2, 2, 2, 4)
+    monkeypatch.setattr(streamer, "_IMPORTED_BY", os.getpid() + 1)       # as in a fork
+    assert len(list(ds)) == 4                                           # zarr's own pipeline
+    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+        with pytest.raises(RuntimeError, match="hangs in a forked process .*"
+                                               "multiprocessing_context='spawn'"):
+            next(iter(ds))
+    monkeypatch.setattr(streamer, "_IMPORTED_BY", os.getpid())          # spawned: allowed
+    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+        assert len(list(ds)) == 4
+
+
 class PlanningWork:
     """Counts the planning work of a shard: positions permuted and mask windows read."""
 
