@@ -48,6 +48,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+import streamer
 from streamer import VesuviusStream, _shard_bounds
 
 SYNTHETIC_SHAPE = (65, 2048, 2048)
@@ -260,13 +261,14 @@ def measure_decode_limit(array, passes=3):
     return min(times), math.prod(array.shape) * array.dtype.itemsize
 
 
-def run_loader(dataset, batch_size, workers):
+def run_loader(dataset, batch_size, workers, context=None):
     """Consume one epoch; return (seconds, samples, coords per batch, rss).
 
     The time includes start-up (worker processes, first regions): a
     loader pays it every epoch unless its workers persist.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        multiprocessing_context=context if workers else None)
     coords = []
     with PeakRSS() as rss:
         start = time.perf_counter()
@@ -277,6 +279,65 @@ def run_loader(dataset, batch_size, workers):
             coords.append(batch_coords)
         seconds = time.perf_counter() - start
     return seconds, first_batch, sum(len(c) for c in coords), coords, rss
+
+
+# Seconds the workers spent decoding boxes and cutting blocks, summed over them
+# (shared memory, reached by fork-started workers).
+SPENT = torch.zeros(2, dtype=torch.float64).share_memory_()
+
+
+def timing(function, slot):
+    """``function``, adding the seconds of each call to ``SPENT[slot]``."""
+    @functools.wraps(function)
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            SPENT[slot] += time.perf_counter() - start
+    return timed
+
+
+class ReadyBlocks(IterableDataset):
+    """Blocks made once and yielded again: what collate + transfer alone cost."""
+
+    def __init__(self, block, dtype, samples):
+        self.block, self.dtype, self.samples = block, dtype, samples
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        block = torch.zeros(self.block, dtype=self.dtype)
+        coords = torch.zeros(4, dtype=torch.int64)
+        for _ in range(worker, self.samples, workers):
+            yield block.clone(), coords
+
+
+def decode_slabs(path, slabs):
+    """(start, end) perf_counter of decoding ``slabs`` (z ranges) of the store."""
+    array = open_volume(path)
+    start = time.perf_counter()
+    for z0, z1 in slabs:
+        array[z0:z1]
+    return start, time.perf_counter()
+
+
+def measure_parallel_limit(path, array, processes):
+    """Seconds for ``processes`` processes to decode the store, disjoint slabs each.
+
+    Slabs of whole chunk layers, dealt in turn; the span from the first start
+    to the last end (CLOCK_MONOTONIC, shared by the processes).
+    """
+    import concurrent.futures
+    import multiprocessing
+    depth = array.chunks[0]
+    slabs = [(z, min(z + depth, array.shape[0])) for z in range(0, array.shape[0], depth)]
+    with concurrent.futures.ProcessPoolExecutor(
+            processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(decode_slabs, [path] * processes, [[]] * processes))     # start-up
+        spans = list(pool.map(decode_slabs, [path] * processes,
+                              [slabs[p::processes] for p in range(processes)]))
+    return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 def shard_starts(path, block, samples, shards=64):
@@ -326,6 +387,13 @@ def build_parser():
                         help="serve the (local) store over HTTP on 127.0.0.1 with MS "
                         "milliseconds added to each request, and read it from there "
                         "(default: read the store directly)")
+    parser.add_argument("--shape", type=int, nargs=3, default=SYNTHETIC_SHAPE,
+                        metavar=("Z", "Y", "X"), help="shape of the synthetic store, e.g. 11 "
+                        "1000 1000 with --chunks 4 512 512 --block 8 64 64 for a small segment "
+                        f"crop (default: {' '.join(map(str, SYNTHETIC_SHAPE))})")
+    parser.add_argument("--zarrs", action="store_true",
+                        help="decode with zarr's optional zarrs codec pipeline (pip install "
+                        "zarrs), workers started by spawn (default: zarr's own pipeline)")
     parser.add_argument("--chunks", type=int, nargs=3, default=SYNTHETIC_CHUNKS,
                         metavar=("Z", "Y", "X"), help="chunks of the synthetic store "
                         f"(default: {' '.join(map(str, SYNTHETIC_CHUNKS))})")
@@ -368,12 +436,13 @@ def check_args(parser, args):
                                ("--batches", args.batches, 1),
                                ("--naive-batches", args.naive_batches, 1),
                                ("--chunks", min(args.chunks), 1),
+                               ("--shape", min(args.shape), 1),
                                ("--latency", args.latency or 0, 0)):
         if value < least:
             parser.error(f"{name} must be >= {least}, got {value}")
     if args.latency is not None and args.store and "://" in args.store:
         parser.error("--latency serves a local store; give a path, not a URL")
-    store = args.store or zarr.create_array({}, shape=SYNTHETIC_SHAPE,
+    store = args.store or zarr.create_array({}, shape=tuple(args.shape),
                                             chunks=tuple(args.chunks), dtype="uint16")
     try:
         VesuviusStream([store], *args.block, samples_per_epoch=args.batches * args.batch_size,
@@ -419,9 +488,17 @@ def main(argv=None):
         return benchmark_converter()
 
     check_args(parser, args)
+    if args.zarrs:
+        try:
+            import zarrs  # noqa: F401
+        except ImportError:
+            parser.error("--zarrs needs the optional package zarrs (pip install zarrs)")
+        # The environment reaches spawned workers, the config this process.
+        os.environ["ZARR_CODEC_PIPELINE__PATH"] = "zarrs.ZarrsCodecPipeline"
+        zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
     path = args.store
     if path is None:
-        path = synthetic_store(chunks=tuple(args.chunks))
+        path = synthetic_store(tuple(args.shape), tuple(args.chunks))
         print_cached_data()
     if args.latency is None:
         return benchmark_stream(path, args)
@@ -443,9 +520,15 @@ def benchmark_stream(path, args):
     seconds, nbytes = measure_decode_limit(array)
     limit = nbytes / seconds / block_bytes
     print(f"decode limit   {limit:8.0f} blocks/s  {nbytes / seconds / 2**20:7.0f} MB/s "
-          f"(whole store, best of 3 passes: {seconds:.2f} s)")
+          f"(whole store, one process, best of 3 passes: {seconds:.2f} s)")
+    processes = max(args.workers, 1)
+    seconds = measure_parallel_limit(path, array, processes)
+    parallel = nbytes / seconds / block_bytes
+    print(f"{processes}-process limit {parallel:8.0f} blocks/s  {nbytes / seconds / 2**20:7.0f} "
+          f"MB/s (whole store, disjoint slabs, one pass: {seconds:.2f} s)")
 
     rows = []
+    context = "spawn" if args.zarrs else None
     naive = NaiveBlocks(path, block, args.naive_batches * args.batch_size)
     stream = VesuviusStream([path], *block, return_coords=True,
                             samples_per_epoch=args.batches * args.batch_size,
@@ -453,7 +536,7 @@ def benchmark_stream(path, args):
                             region_mb=args.region_mb, open_regions=args.open_regions)
     for name, dataset in (("naive", naive), ("VesuviusStream", stream)):
         seconds, first_batch, samples, coords, rss = run_loader(dataset, args.batch_size,
-                                                                args.workers)
+                                                                args.workers, context)
         if dataset is naive:
             decoded = sum(decoded_bytes(array, c[1:].tolist(), block)
                           for batch in coords for c in batch)
@@ -463,12 +546,14 @@ def benchmark_stream(path, args):
                      tiles_per_batch(coords, block), rss))
 
     naive_rate = rows[0][1]
-    print(f"{'':15}{'samples/s':>10}{'MB/s':>8}{'x naive':>9}{'of limit':>10}"
+    print(f"{'':15}{'samples/s':>10}{'MB/s':>8}{'x naive':>9}{'of limit':>10}{'of N-proc':>10}"
           f"{'read amp':>10}{'tiles/batch':>13}{'1st batch':>11}  peak RSS")
     for name, rate, first_batch, amplification, tiles, rss in rows:
         print(f"{name:15}{rate:10.0f}{rate * block_bytes / 2**20:8.0f}"
-              f"{rate / naive_rate:9.1f}{rate / limit:10.2f}{amplification:10.2f}"
-              f"{tiles:13.1f}{first_batch:10.2f}s  {rss}")
+              f"{rate / naive_rate:9.1f}{rate / limit:10.2f}{rate / parallel:10.2f}"
+              f"{amplification:10.2f}{tiles:13.1f}{first_batch:10.2f}s  {rss}")
+    if not args.zarrs:       # spawned workers would not carry the timers
+        print_breakdown(stream, array.dtype, args)
 
     samples = min(int(args.shard_samples), stream.capacity)
     first, last = shard_starts(path, block, samples)
@@ -513,18 +598,48 @@ def synthetic_ink(shape, areas=INK_AREAS, fraction=0.05, seed=0):
     return labels
 
 
+def print_breakdown(stream, dtype, args):
+    """Per sample: worker seconds decoding and cutting, and the loader's own cost."""
+    torch_dtype = torch.from_numpy(np.zeros(0, dtype.newbyteorder("="))).dtype
+    SPENT.zero_()
+    with patched(streamer._Source, "read", timing(streamer._Source.read, 0)), \
+            patched(streamer._Source, "cut", timing(streamer._Source.cut, 1)):
+        seconds, _, samples, _, _ = run_loader(stream, args.batch_size, args.workers)
+    decode, cut = (float(s) / samples for s in SPENT)
+    ready = ReadyBlocks(stream.block, torch_dtype, samples)
+    transfer = run_loader(ready, args.batch_size, args.workers)[0] / samples
+    wall = seconds / samples
+    print(f"\nper sample, VesuviusStream (worker seconds, summed over workers; wall "
+          f"{wall * 1e6:.0f} us):\n  decode {decode * 1e6:.0f} us, cut {cut * 1e6:.0f} us, "
+          f"collate + transfer {transfer * 1e6:.0f} us (wall, ready blocks through the same "
+          f"DataLoader)")
+
+
+@contextlib.contextmanager
+def patched(owner, name, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 def stream_decoded_bytes(stream, array, workers):
-    """Bytes the workers decode for one epoch: each box each of them reads."""
+    """Bytes the workers decode for one epoch: each box once while visits share it.
+
+    A box stays decoded while a visit of this group or of the next needs it.
+    """
     shards = max(workers, 1)
     plan, source = stream._plan(0), stream._sources[0]
     total = 0
     for shard in range(shards):
+        live = set()
         for group in plan.groups(*_shard_bounds(stream.samples_per_epoch, shards, shard)):
-            for visit in group.visits:
-                corners = source.lattice.corners(source.positions_of(visit))
-                origin = corners.min(axis=0)
-                total += decoded_bytes(array, origin,
-                                       corners.max(axis=0) - origin + stream.block)
+            keys = {source.bounds(visit) for visit in group.visits}
+            for origin, end in keys - live:
+                total += decoded_bytes(array, origin, np.subtract(end, origin))
+            live = keys
     return total
 
 

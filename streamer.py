@@ -19,6 +19,7 @@ See the class docstring for the guarantees and every argument.
 """
 
 import asyncio
+import collections
 import contextlib
 import copy
 import email.utils
@@ -30,6 +31,7 @@ import pickle
 import random
 import socket
 import sys
+import threading
 import time
 import typing
 import warnings
@@ -52,6 +54,8 @@ _ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
 _URL_PACKAGES = {'http': 'aiohttp', 'https': 'aiohttp', 's3': 's3fs', 'gs': 'gcsfs',
                  'gcs': 'gcsfs'}
 _METADATA_KEYS = ('zarr.json', '.zarray', '.zgroup', '.zattrs', '.zmetadata')
+# A process forked from this one inherits it; a spawned one imports this module anew.
+_IMPORTED_BY = os.getpid()
 
 
 class VesuviusStream(IterableDataset):
@@ -108,9 +112,11 @@ class VesuviusStream(IterableDataset):
     smaller region, or one with less of the mask) from the region's own random
     permutation of its positions. The visits of all sources are merged into
     one sequence, and a worker takes those of its share ``open_regions`` at a
-    time: it decodes each visit's box once and yields its blocks in turn with
-    the other visits of the group, so that consecutive items come from
-    different places.
+    time and yields their blocks in turn, so that consecutive items come from
+    different places. A background thread per worker decodes the boxes (a
+    region's, shared by every visit of it in this group and the next) in the
+    order they are first needed, so that a block is cut as soon as its box is
+    ready, and decodes the next group's boxes while this one's are cut.
     Positions of one epoch are therefore clustered by region, which is what
     makes reading fast: lower ``samples_per_region`` for more spread, at more
     decoding per sample.
@@ -193,9 +199,12 @@ class VesuviusStream(IterableDataset):
         samples_per_region (int, optional): positions taken per visit of a
             whole region. Default: four times the voxels of the region's box
             (region plus halo) divided by the block's voxels.
-        region_mb (float): decoded data per worker, in MiB, shared by its
-            ``open_regions`` regions. Default 512. Numpy sources are sliced as
-            views and take none of it.
+        region_mb (float): decoded data per worker, in MiB. Regions are sized
+            so that ``open_regions`` boxes fill it; the boxes being cut and
+            those decoded ahead (volume and labels) count in this one budget:
+            the next group's boxes are decoded as this group's are let go, or
+            beside them while they fit. Default 512. Numpy sources are sliced
+            as views and take none of it.
         open_regions (int): regions a worker interleaves. Default 8.
         storage_options (dict, optional): fsspec options for URL sources, e.g.
             ``{'anon': True}`` for a public S3 bucket, or
@@ -345,6 +354,7 @@ class VesuviusStream(IterableDataset):
         self.return_coords = bool(return_coords)
         self.transform = transform
         self.open_regions = open_regions
+        self._region_mb = region_mb
         self._z_range, self._step = z_range, stride or block if grid else (1, 1, 1)
         self._min_mask_fraction = min_mask_fraction
         # (epoch, skip_batches, batch_size) in shared memory, so that
@@ -432,6 +442,13 @@ class VesuviusStream(IterableDataset):
         self._resume = dict(state)
 
     def __iter__(self):
+        if os.getpid() != _IMPORTED_BY and 'zarrs' in str(zarr.config.get('codec_pipeline.path')):
+            # Its Rust thread pools do not survive a fork: the first read hangs.
+            raise RuntimeError("zarr's codec pipeline is zarrs "
+                               f"({zarr.config.get('codec_pipeline.path')}), which hangs in a "
+                               "forked process (DataLoader workers start by fork on Linux): pass "
+                               "multiprocessing_context='spawn' to the DataLoader, or use zarr's "
+                               "default codec pipeline")
         epoch, skip_batches, batch_size = self._epoch.tolist()
         worker = get_worker_info()
         workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
@@ -448,26 +465,32 @@ class VesuviusStream(IterableDataset):
         for source in self._sources:
             source.attach()
         plan = self._plan(epoch)
-        for group in plan.groups(first, stop, done):
-            # Read: decode each visit's box once; then cut its blocks in the
-            # group's interleaved order.
-            boxes = [self._sources[visit.source].read(visit) for visit in group.visits]
-            for lane, index in group.order:
-                visit, box = group.visits[lane], boxes[lane]
-                corner = box.corners[index]
-                item = self._sources[visit.source].cut(box, corner)
-                if self.transform is not None:
-                    item = self.transform(*item)
-                    if item is None:
-                        raise TypeError(
-                            f"transform {_name(self.transform)} returned None for the block of "
-                            f"source {visit.source} at {tuple(map(int, corner))}; it must "
-                            f"return the block, or a (block, label) pair")
-                    item = item if isinstance(item, tuple) else (item,)
-                if self.return_coords:
-                    item = (*item, torch.tensor((visit.source, *corner), dtype=torch.int64))
-                self._position[3] += 1
-                yield item if len(item) > 1 else item[0]
+        reader = _Reader(self._sources, plan.groups(first, stop, done), self._region_mb * 2**20)
+        try:
+            for group, lanes in reader:
+                # Cut the blocks in the group's interleaved order, each as soon
+                # as its box is decoded; a box is let go after its last block.
+                last = len(group.order) - 1 - np.unique(group.order[::-1, 0], return_index=True)[1]
+                for step, (lane, index) in enumerate(group.order):
+                    visit, (slot, corners) = group.visits[lane], lanes[lane]
+                    corner = corners[index]
+                    item = self._sources[visit.source].cut(reader.box(slot), corner)
+                    if step == last[lane]:
+                        reader.release(slot)
+                    if self.transform is not None:
+                        item = self.transform(*item)
+                        if item is None:
+                            raise TypeError(
+                                f"transform {_name(self.transform)} returned None for the block "
+                                f"of source {visit.source} at {tuple(map(int, corner))}; it must "
+                                f"return the block, or a (block, label) pair")
+                        item = item if isinstance(item, tuple) else (item,)
+                    if self.return_coords:
+                        item = (*item, torch.tensor((visit.source, *corner), dtype=torch.int64))
+                    self._position[3] += 1
+                    yield item if len(item) > 1 else item[0]
+        finally:             # an early break, an error, the end: no thread left behind
+            reader.close()
 
     def _resumed(self, epoch, shard, shards):
         """Items this shard delivered before the saved state (used once)."""
@@ -985,11 +1008,10 @@ def _count(valid, shape):
 # -- reading: one volume's arrays ---------------------------------------------
 
 class _Box(typing.NamedTuple):
-    """Decoded voxels covering one visit's blocks."""
+    """Decoded voxels of a visit's lattice box (its region, or a raster run)."""
     origin: np.ndarray    # (3,) voxel coordinates of volume[0, 0, 0]
     volume: np.ndarray
     labels: np.ndarray    # or None
-    corners: np.ndarray   # (n, 3) the visit's block corners, in its order
 
 
 class _Source:
@@ -1158,22 +1180,38 @@ class _Source:
             and not isinstance(array.store, (zarr.storage.LocalStore, zarr.storage.MemoryStore))
             else array for array in (self.volume, self.labels, self.mask))
 
-    def read(self, visit):
-        """Decode, once, the box covering the blocks of ``visit``."""
-        corners = self.lattice.corners(self.positions_of(visit))
-        origin = corners.min(axis=0)
-        end = corners.max(axis=0) + np.asarray(self.block)
-        box = tuple(slice(int(o), int(e)) for o, e in zip(origin, end))
-        # Zarr reads the chunks of a vanished local store as fill value: check
-        # that the store is still there, once per read.
+    def bounds(self, visit):
+        """Voxel box ``(origin, end)`` of every block of the visit's lattice box.
+
+        The whole lattice box, not just the visit's positions: so that the
+        visits of one region share one decoded box.
+        """
+        axes = self.lattice.axis_corners(visit.origin, visit.shape)
+        return (tuple(int(a[0]) for a in axes),
+                tuple(int(a[-1]) + b for a, b in zip(axes, self.block)))
+
+    def nbytes(self, origin, end):
+        """Bytes that decoding the box ``[origin, end)`` holds (numpy sources: views, none)."""
+        size = 0
+        for array in (self.volume, self.labels):
+            if array is not None and not isinstance(array, np.ndarray):
+                size += math.prod(e - o for o, e in zip(origin[3 - array.ndim:],
+                                                        end[3 - array.ndim:])) * array.dtype.itemsize
+        return size
+
+    def read(self, origin, end):
+        """Decode the voxel box ``[origin, end)`` (volume and labels)."""
+        box = tuple(slice(o, e) for o, e in zip(origin, end))
+        volume = self._decode('volume', self.volume, box)
+        labels = (None if self.labels is None
+                  else self._decode('labels', self.labels, box[3 - self.labels.ndim:]))
+        # Zarr reads the chunks of a vanished local store as fill value: check,
+        # after the decode, that the store was there all along.
         if self._metadata is not None and not os.path.exists(self._metadata):
             raise FileNotFoundError(f"source {self.index} ({self.name}): the store is gone: "
                                     f"{self._metadata} no longer exists (deleted, moved or "
                                     f"unmounted?)")
-        volume = self._decode('volume', self.volume, box)
-        labels = (None if self.labels is None
-                  else self._decode('labels', self.labels, box[3 - self.labels.ndim:]))
-        return _Box(origin, volume, labels, corners)
+        return _Box(np.asarray(origin), volume, labels)
 
     def _decode(self, name, array, box):
         """``array[box]`` in native byte order; a failure names the source, box and chunk."""
@@ -1197,6 +1235,142 @@ class _Source:
             item += (torch.from_numpy(np.ascontiguousarray(
                 box.labels[window[3 - box.labels.ndim:]])),)
         return item
+
+
+
+class _Slot:
+    """One decoded box (or one being decoded), shared by the lanes that cut from it."""
+
+    def __init__(self, key, nbytes):
+        self.key, self.nbytes = key, nbytes
+        self.users = 0              # lanes of posted groups that still cut from it
+        self.box = self.error = None
+        self.decoding = False
+        self.ready = threading.Event()
+
+
+class _Reader:
+    """A shard's groups with their boxes, decoded in a background thread.
+
+    The thread posts each group with its lanes' corners, then decodes the
+    group's boxes in the order the cutting first needs them; a box (keyed by
+    source and voxel bounds) is decoded once and shared by every lane that
+    needs it while one does, in this group or the next. Decoding runs one
+    group ahead of the cutting, and ahead only while the boxes held (being
+    cut and decoded ahead) fit in ``budget`` bytes; the boxes of the group
+    being cut are decoded whatever they weigh, so that any block reads.
+    Iterate for ``(group, [(slot, corners) per lane])``; ``box(slot)`` waits
+    for a box (raising the background error, if any), ``release(slot)`` ends
+    a lane's use of it, ``close()`` stops the thread.
+    """
+
+    def __init__(self, sources, groups, budget):
+        self._sources, self._groups, self._budget = sources, groups, budget
+        self._lock = threading.Condition()
+        self._live = {}             # key -> slot: boxes some posted lane still needs
+        self._held = 0              # bytes of live boxes decoded or being decoded
+        self._posted = collections.deque()
+        self._cutting = -1          # index of the group being cut
+        self._finished = self._closed = False
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name='VesuviusStream reader',
+                                        daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._posted or self._finished)
+                if not self._posted:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                posted = self._posted.popleft()
+                self._cutting += 1
+                self._lock.notify_all()
+            yield posted
+
+    def box(self, slot):
+        slot.ready.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.box
+
+    def release(self, slot):
+        with self._lock:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._live[slot.key]
+                self._held -= slot.nbytes
+                slot.box = None
+                self._lock.notify_all()
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._thread.join()
+
+    def _run(self):
+        try:
+            groups = iter(self._groups)
+            # The next group is posted before this one is decoded, so that the
+            # boxes they share stay live while this one's lanes are released.
+            ahead = self._post(next(groups, None))
+            index = 0
+            while ahead is not None and not self._closed:
+                group, lanes = ahead
+                with self._lock:         # never more than one group ahead of the cutting
+                    self._lock.wait_for(lambda: self._closed or index <= self._cutting + 1)
+                ahead = self._post(next(groups, None))
+                first_need = np.unique(group.order[:, 0], return_index=True)[1].argsort()
+                for lane in first_need:
+                    self._decode(lanes[lane][0], index)
+                index += 1
+        except BaseException as error:      # surfaces in the cutting thread
+            with self._lock:
+                self._error = error
+                for slot in self._live.values():
+                    if not slot.ready.is_set():
+                        slot.error = error
+                        slot.ready.set()
+        finally:
+            with self._lock:
+                self._finished = True
+                self._lock.notify_all()
+
+    def _post(self, group):
+        """Give ``group`` its lanes (a live box is shared) and post it; None at the end."""
+        if group is None or self._closed:
+            return None
+        lanes = []
+        for visit in group.visits:
+            source = self._sources[visit.source]
+            corners = source.lattice.corners(source.positions_of(visit))
+            key = (visit.source, *source.bounds(visit))
+            with self._lock:
+                slot = self._live.get(key)
+                if slot is None:
+                    slot = self._live[key] = _Slot(key, source.nbytes(*key[1:]))
+                slot.users += 1
+            lanes.append((slot, corners))
+        with self._lock:
+            self._posted.append((group, lanes))
+            self._lock.notify_all()
+        return group, lanes
+
+    def _decode(self, slot, index):
+        """Decode ``slot`` unless it is already, once it fits the budget (group ``index``)."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._closed or slot.decoding or index <= self._cutting
+                                or self._held + slot.nbytes <= self._budget)
+            if self._closed or slot.decoding:
+                return
+            slot.decoding = True
+            self._held += slot.nbytes
+        source, origin, end = slot.key
+        slot.box = self._sources[source].read(origin, end)
+        slot.ready.set()
 
 
 def _local_metadata(array):
