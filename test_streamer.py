@@ -2063,11 +2063,12 @@ def notebook_results(notebook):
 
 
 # The balanced run's held-out IoU (ΑΣ, never trained on) in repeated runs of the
-# notebook: 0.20 with the committed seed 0 (see the report of the commit for the
-# other seeds). The model is small and trains 300 steps, so it finds only part of
-# the held-out ink; the floor, half the lowest value seen, fails a model that no
-# longer finds the held-out ink at all, not the spread between runs.
-BALANCED_IOU_FLOOR = 0.1
+# notebook with seeds 0 (the committed one), 1 and 2: 0.20, 0.14, 0.26 (uniform:
+# 0.17, 0.02, 0.21). The model is small and trains 300 steps, so it finds only part
+# of the held-out ink and the spread between seeds is wide. The floor, 0.05, lies
+# well below the lowest value (0.14 - 0.09): it fails a model that no longer finds
+# the held-out ink, not the spread between runs or machines.
+BALANCED_IOU_FLOOR = 0.05
 
 
 def check_notebook_results(pictures, ious):
