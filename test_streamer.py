@@ -2151,23 +2151,42 @@ NOTEBOOK = os.path.join(HERE, "training_example.ipynb")
 
 
 def notebook_results(notebook):
-    """(number of pictures, IoU printed) of an executed notebook; fails on errors."""
+    """(number of pictures, {run: held-out IoU}) of an executed notebook; fails on errors.
+
+    The notebook prints one table row per run: its name, then the held-out IoU,
+    the final loss and the seconds.
+    """
     pictures, text = 0, ""
     for cell in notebook.cells:
         for output in cell.get("outputs", []):
             assert output.output_type != "error", output.get("evalue")
             pictures += "image/png" in output.get("data", {})
             text += output.get("text", "")
-    iou = re.search(r"IoU of ink at 0.5: ([\d.]+)", text)
-    return pictures, float(iou.group(1)) if iou else None
+    assert "held-out IoU of ink at 0.5" in text
+    rows = re.findall(r"^(uniform|positive_fraction=0\.5) +([\d.]+) +[\d.]+ +\d+$", text, re.M)
+    return pictures, {name: float(iou) for name, iou in rows}
+
+
+# The balanced run's held-out IoU (ΑΣ, never trained on) in repeated runs of the
+# notebook with seeds 0 (the committed one), 1 and 2: 0.20, 0.14, 0.26 (uniform:
+# 0.17, 0.02, 0.21). The model is small and trains 300 steps, so it finds only part
+# of the held-out ink and the spread between seeds is wide. The floor, 0.05, lies
+# well below the lowest value (0.14 - 0.09): it fails a model that no longer finds
+# the held-out ink, not the spread between runs or machines.
+BALANCED_IOU_FLOOR = 0.05
+
+
+def check_notebook_results(pictures, ious):
+    # the data and the split, sample blocks with labels, losses + predictions beside truth
+    assert pictures == 3
+    assert set(ious) == {"uniform", "positive_fraction=0.5"}, ious   # both runs reported
+    assert 0 <= ious["uniform"] <= 1
+    assert ious["positive_fraction=0.5"] >= BALANCED_IOU_FLOOR, ious
 
 
 def test_committed_notebook_shows_its_pictures_and_results():
     import nbformat
-    pictures, iou = notebook_results(nbformat.read(NOTEBOOK, as_version=4))
-    # the data, sample blocks with labels, the loss curve, prediction beside truth
-    assert pictures == 4
-    assert iou >= 0.4
+    check_notebook_results(*notebook_results(nbformat.read(NOTEBOOK, as_version=4)))
 
 
 def copy_into(folder, *names):
@@ -2180,7 +2199,7 @@ def copy_into(folder, *names):
             shutil.copy(source, folder)
 
 
-def test_readme_command_runs_the_notebook_in_a_copy_which_learns_the_letters(tmp_path):
+def test_readme_command_runs_the_notebook_in_a_copy_which_finds_held_out_letters(tmp_path):
     import nbformat
     # The quick start's `jupyter execute ... --output=NAME`, as written in the README, run
     # in a copy: the checkout, and a training_example_run.ipynb there, stay as they were.
@@ -2195,10 +2214,8 @@ def test_readme_command_runs_the_notebook_in_a_copy_which_learns_the_letters(tmp
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "training_example.ipynb").read_bytes() == \
         pathlib.Path(NOTEBOOK).read_bytes(), "it overwrote the notebook"
-    pictures, iou = notebook_results(
-        nbformat.read(str(tmp_path / (command.group(2) + ".ipynb")), as_version=4))
-    assert pictures == 4
-    assert iou >= 0.4
+    check_notebook_results(*notebook_results(
+        nbformat.read(str(tmp_path / (command.group(2) + ".ipynb")), as_version=4)))
 
 
 # -- the README's code ------------------------------------------------------------
