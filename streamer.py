@@ -1037,8 +1037,13 @@ class _Source:
         lo, hi = (0, 0, 0), shape
         if z_range is not None:
             if not 0 <= z_range[0] < z_range[1] <= shape[0]:
+                offset = _converter_offset(self.volume)
+                cropped = ("" if not offset else
+                           f"; converter.py cropped it from the scan at layer {offset[0]}: "
+                           f"z_range counts stored layers, so scan layers [a, b) are "
+                           f"z_range=(a - {offset[0]}, b - {offset[0]})")
                 raise ValueError(f"z_range {z_range} must satisfy 0 <= start < end <= "
-                                 f"{shape[0]} (source {index} has {shape[0]} layers)")
+                                 f"{shape[0]} (source {index} has {shape[0]} layers{cropped})")
             lo, hi = (z_range[0], 0, 0), (z_range[1], *shape[1:])
         if any(b > h - l for b, l, h in zip(block, lo, hi)):
             raise ValueError(f"block {block} does not fit in source {index} of shape {shape}"
@@ -1371,6 +1376,18 @@ class _Reader:
         source, origin, end = slot.key
         slot.box = self._sources[source].read(origin, end)
         slot.ready.set()
+
+
+def _converter_offset(volume):
+    """The ``offset`` converter.py recorded for the group holding ``volume``, else None."""
+    if not isinstance(volume, zarr.Array):
+        return None
+    try:
+        group = zarr.open_group(store=volume.store, path=volume.path.rpartition('/')[0],
+                                mode='r')
+        return group.attrs.get('vesuvius_converter', {}).get('offset')
+    except Exception:        # only to enrich an error: no group, no attributes
+        return None
 
 
 def _local_metadata(array):

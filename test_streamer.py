@@ -1665,7 +1665,10 @@ def test_coords_and_z_range_are_in_the_stores_coordinates_plus_offset_in_the_sca
         assert torch.equal(block, torch.from_numpy(stack[z:z + 4, y:y + 8, x:x + 8]))
         starts.add(int(z))
     assert starts == {4, 5}
-    with pytest.raises(ValueError, match="z_range"):     # the scan's numbers do not fit
+    with pytest.raises(ValueError, match=re.escape(  # the scan's numbers do not fit
+            "z_range (3, 11) must satisfy 0 <= start < end <= 8 (source 0 has 8 layers; "
+            "converter.py cropped it from the scan at layer 3: z_range counts stored layers, "
+            "so scan layers [a, b) are z_range=(a - 3, b - 3))")):
         VesuviusStream([crop], 4, 8, 8, 300, z_range=(3, 11))
 
 
