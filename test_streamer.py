@@ -1312,7 +1312,9 @@ def test_a_host_that_goes_away_mid_epoch_is_retried_before_failing(scroll, waits
     with pytest.raises(OSError, match=f"source 0 .*still failing after {streamer._ATTEMPTS} "
                                       f"attempts"):
         next(iter(ds))
-    assert waits and len(waits) % (streamer._ATTEMPTS - 1) == 0
+    # Each chunk request waited between its attempts (requests run concurrently, and
+    # the others are cancelled when the first one gives up).
+    assert len(waits) >= streamer._ATTEMPTS - 1
 
 
 def test_a_failing_cache_write_warns_once_and_the_read_goes_on_without_leftovers(
