@@ -2014,8 +2014,19 @@ def test_converter_unreadable_source_unwritable_place_or_unusable_name_end_with_
     assert os.listdir(tmp_path / "read-only") == []
 
 
+@pytest.fixture
+def python_sigint():
+    """Ctrl-C raises KeyboardInterrupt, as in a fresh ``python converter.py``.
+
+    Earlier tests (worker processes, servers) may leave another SIGINT handler.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_converter_interrupted_between_its_renames_never_leaves_dest_missing(
-        tmp_path, capsys, stack, monkeypatch):
+        tmp_path, capsys, stack, monkeypatch, python_sigint):
     src = write_stack(tmp_path / "slices", stack[:4])
     status, _ = run_converter(capsys, src, tmp_path / "o.zarr", "--z_end", 2)
     assert status == 0
