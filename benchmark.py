@@ -636,7 +636,8 @@ def stream_decoded_bytes(stream, array, workers):
     for shard in range(shards):
         live = set()
         for group in plan.groups(*_shard_bounds(stream.samples_per_epoch, shards, shard)):
-            keys = {source.bounds(visit) for visit in group.visits}
+            keys = {source.lattice.voxel_box(visit.origin, visit.shape)
+                    for visit in group.visits}
             for origin, end in keys - live:
                 total += decoded_bytes(array, origin, np.subtract(end, origin))
             live = keys

@@ -985,6 +985,12 @@ class _Lattice:
                 for o, n, l, s, h, b in zip(origin, shape, self.lo, self.step, self.hi,
                                             self.block)]
 
+    def voxel_box(self, origin, shape):
+        """Voxels ``(start, end)`` per axis that the blocks of the lattice box cover."""
+        axes = self.axis_corners(origin, shape)
+        return (tuple(int(a[0]) for a in axes),
+                tuple(int(a[-1]) + b for a, b in zip(axes, self.block)))
+
 
 class _Band:
     """Rows ``band`` of a 2D array, read once, sliced like the array."""
@@ -1085,9 +1091,8 @@ class _Source:
         layers, rows, columns = self.lattice.regions_per_axis
         banded = copy.copy(self)
         for row in range(rows):
-            origin, shape = self.lattice.region_bounds(row * columns)
-            ys = self.lattice.axis_corners(origin, shape)[1]
-            band = slice(int(ys[0]), int(ys[-1]) + self.block[1])
+            start, end = self.lattice.voxel_box(*self.lattice.region_bounds(row * columns))
+            band = slice(start[1], end[1])
             banded.mask, banded.labels = (None if a is None else _Band(a, band)
                                           for a in (self.mask, self.labels))
             for cell in range(row * columns, (row + 1) * columns):
@@ -1125,8 +1130,7 @@ class _Source:
         """
         axes = self.lattice.axis_corners(origin, shape)[3 - array.ndim:]
         block = self.block[3 - array.ndim:]
-        lo = [int(a[0]) for a in axes]
-        hi = [int(a[-1]) + b for a, b in zip(axes, block)]
+        lo, hi = (bounds[3 - array.ndim:] for bounds in self.lattice.voxel_box(origin, shape))
         window = np.asarray(array[tuple(slice(l, h) for l, h in zip(lo, hi))]) != 0
         if not window.any():         # unwritten label chunks, empty mask: nothing to sum
             return np.zeros([len(a) for a in axes], dtype=np.int64)
@@ -1184,16 +1188,6 @@ class _Source:
             if isinstance(array, zarr.Array)
             and not isinstance(array.store, (zarr.storage.LocalStore, zarr.storage.MemoryStore))
             else array for array in (self.volume, self.labels, self.mask))
-
-    def bounds(self, visit):
-        """Voxel box ``(origin, end)`` of every block of the visit's lattice box.
-
-        The whole lattice box, not just the visit's positions: so that the
-        visits of one region share one decoded box.
-        """
-        axes = self.lattice.axis_corners(visit.origin, visit.shape)
-        return (tuple(int(a[0]) for a in axes),
-                tuple(int(a[-1]) + b for a, b in zip(axes, self.block)))
 
     def nbytes(self, origin, end):
         """Bytes that decoding the box ``[origin, end)`` holds (numpy sources: views, none)."""
@@ -1352,7 +1346,9 @@ class _Reader:
         for visit in group.visits:
             source = self._sources[visit.source]
             corners = source.lattice.corners(source.positions_of(visit))
-            key = (visit.source, *source.bounds(visit))
+            # The whole lattice box, not just the visit's positions: the visits
+            # of one region share one decoded box.
+            key = (visit.source, *source.lattice.voxel_box(visit.origin, visit.shape))
             with self._lock:
                 slot = self._live.get(key)
                 if slot is None:
