@@ -2184,12 +2184,13 @@ def notebook_results(notebook):
 
 
 # The balanced run's held-out IoU (ΑΣ, never trained on) in repeated runs of the
-# notebook with seeds 0 (the committed one), 1 and 2: 0.20, 0.14, 0.26 (uniform:
-# 0.17, 0.02, 0.21). The model is small and trains 300 steps, so it finds only part
-# of the held-out ink and the spread between seeds is wide. The floor, 0.05, lies
-# well below the lowest value (0.14 - 0.09): it fails a model that no longer finds
-# the held-out ink, not the spread between runs or machines.
-BALANCED_IOU_FLOOR = 0.05
+# notebook's training with stream seeds 0 (the committed run) to 5: 0.69, 0.55, 0.69,
+# 0.76, 0.74, 0.72 (uniform: 0.73, 0.66, 0.60, 0.74, 0.73, 0.68). The floor, 0.4, lies
+# well below the lowest of them, and well above what a model that lost the ink scores:
+# 0 when it predicts none, 0.08 (the ink's share of the held-out papyrus) when it
+# predicts ink everywhere. It fails a model that no longer finds the held-out letters,
+# not the spread between seeds, machines or library versions.
+BALANCED_IOU_FLOOR = 0.4
 
 
 def check_notebook_results(pictures, ious):

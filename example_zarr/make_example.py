@@ -79,8 +79,10 @@ def papyrus_mask(rng):
 def layers(labels, mask, rng):
     """The 65 uint16 layers: papyrus density by depth, fibres, ink, noise."""
     y, x = np.mgrid[:HEIGHT, :WIDTH].astype(np.float32)
-    # The sheet is not perfectly flat: its surface wanders by a layer or two.
-    surface = SURFACE + 1.5 * np.sin(x / 90) * np.cos(y / 70)
+    # The sheet is not perfectly flat: its surface wanders by a layer or two,
+    # over a few letters' width, so that every part of the segment (a held-out
+    # band too) shows the whole range of surface heights.
+    surface = SURFACE + 1.5 * np.sin(x / 23) * np.cos(y / 31)
     horizontal = 0.5 + 0.5 * np.sin(y / 2.3 + 2 * np.sin(x / 40))    # recto fibres
     vertical = 0.5 + 0.5 * np.sin(x / 2.1 + 2 * np.sin(y / 35))      # verso fibres
     ink = labels.astype(np.float32) / 255
@@ -91,7 +93,7 @@ def layers(labels, mask, rng):
         fibres = np.where(depth < 7, horizontal, vertical)
         value = 6000 + density * (26000 + 7000 * fibres)
         # Ink: a little denser than papyrus, in the few layers at the surface.
-        value += 1800 * ink * np.exp(-(depth / 2.0) ** 2)
+        value += 3000 * ink * np.exp(-(depth / 2.0) ** 2)
         value += rng.normal(0, 1800, value.shape)
         value = np.clip(value, 0, 65535).astype(np.uint16) & 0xFFF0   # 12-bit detector
         yield np.where(inside, value, 0).astype(np.uint16)
