@@ -4,7 +4,8 @@ In one run, on the same store and DataLoader settings, it measures:
 
 1. the store's sequential decode rate: every chunk read once, in order (the limit);
 2. naive per-sample slicing: ``array[z:z+d, y:y+h, x:x+w]`` for each random block;
-3. VesuviusStream with its defaults;
+3. the same reads through tensorstore, if it is installed (``pip install tensorstore``);
+4. VesuviusStream with its defaults;
 
 then the time to the first item of the first and the last of 64 shards
 (samples_per_epoch 1e9, or the positions there are), and VesuviusStream
@@ -33,6 +34,7 @@ import contextlib
 import functools
 import glob
 import http.server
+import importlib.util
 import math
 import os
 import shutil
@@ -54,6 +56,7 @@ from streamer import VesuviusStream, _shard_bounds
 SYNTHETIC_SHAPE = (65, 2048, 2048)
 SYNTHETIC_CHUNKS = (16, 256, 256)
 TILE = 256
+TENSORSTORE = "tensorstore per-sample"      # the name of its row
 
 
 def synthetic_store(shape=SYNTHETIC_SHAPE, chunks=SYNTHETIC_CHUNKS, directory=None):
@@ -125,7 +128,7 @@ class NaiveBlocks(IterableDataset):
         self.path, self.block, self.samples = path, block, samples
 
     def __iter__(self):
-        array = open_volume(self.path)
+        array = self.open()
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         rng = np.random.default_rng(worker)
@@ -133,8 +136,33 @@ class NaiveBlocks(IterableDataset):
         d, h, w = self.block
         for _ in range(worker, self.samples, workers):
             z, y, x = (int(rng.integers(limit)) for limit in limits)
-            yield (torch.from_numpy(array[z:z + d, y:y + h, x:x + w]),
+            yield (torch.from_numpy(self.read(array, np.s_[z:z + d, y:y + h, x:x + w])),
                    torch.tensor((0, z, y, x)))
+
+    def open(self):
+        """The volume, opened in the worker."""
+        return open_volume(self.path)
+
+    def read(self, array, box):
+        """``array[box]`` as a numpy array."""
+        return array[box]
+
+
+class TensorstoreBlocks(NaiveBlocks):
+    """The same reads (same positions), through tensorstore: a fast per-sample loader."""
+
+    def open(self):
+        import tensorstore     # optional: only this row needs it
+        array = open_volume(self.path)
+        where = "/".join(filter(None, [self.path.rstrip("/"), array.path]))
+        return tensorstore.open({
+            "driver": "zarr3" if array.metadata.zarr_format == 3 else "zarr",
+            "kvstore": where if "://" in where else {"driver": "file", "path": where}},
+            read=True).result()
+
+    def read(self, array, box):
+        """``array[box]`` as a numpy array, read by tensorstore."""
+        return array[box].read().result()
 
 
 def open_volume(path):
@@ -509,7 +537,7 @@ def main(argv=None):
 
 
 def benchmark_stream(path, args):
-    """The three measurements of the module docstring, printed as a table."""
+    """The measurements of the module docstring, printed as a table."""
     array = open_volume(path)
     block = tuple(args.block)
     block_bytes = math.prod(block) * array.dtype.itemsize
@@ -534,10 +562,15 @@ def benchmark_stream(path, args):
                             samples_per_epoch=args.batches * args.batch_size,
                             samples_per_region=args.samples_per_region,
                             region_mb=args.region_mb, open_regions=args.open_regions)
-    for name, dataset in (("naive", naive), ("VesuviusStream", stream)):
+    loaders = [("naive", naive), ("VesuviusStream", stream)]
+    if importlib.util.find_spec("tensorstore"):
+        loaders.insert(1, (TENSORSTORE, TensorstoreBlocks(path, block, naive.samples)))
+    else:
+        print(f"{TENSORSTORE} row skipped: pip install tensorstore gives it\n")
+    for name, dataset in loaders:
         seconds, first_batch, samples, coords, rss = run_loader(dataset, args.batch_size,
                                                                 args.workers, context)
-        if dataset is naive:
+        if isinstance(dataset, NaiveBlocks):
             decoded = sum(decoded_bytes(array, c[1:].tolist(), block)
                           for batch in coords for c in batch)
         else:
@@ -546,12 +579,18 @@ def benchmark_stream(path, args):
                      tiles_per_batch(coords, block), rss))
 
     naive_rate = rows[0][1]
-    print(f"{'':15}{'samples/s':>10}{'MB/s':>8}{'x naive':>9}{'of limit':>10}{'of N-proc':>10}"
-          f"{'read amp':>10}{'tiles/batch':>13}{'1st batch':>11}  peak RSS")
+    width = max(len(row[0]) for row in rows) + 2
+    print(f"{'':{width}}{'samples/s':>10}{'MB/s':>8}{'x naive':>9}{'of limit':>10}"
+          f"{'of N-proc':>10}{'read amp':>10}{'tiles/batch':>13}{'1st batch':>11}  peak RSS")
     for name, rate, first_batch, amplification, tiles, rss in rows:
-        print(f"{name:15}{rate:10.0f}{rate * block_bytes / 2**20:8.0f}"
+        print(f"{name:{width}}{rate:10.0f}{rate * block_bytes / 2**20:8.0f}"
               f"{rate / naive_rate:9.1f}{rate / limit:10.2f}{rate / parallel:10.2f}"
               f"{amplification:10.2f}{tiles:13.1f}{first_batch:10.2f}s  {rss}")
+    first_batch = {row[0]: row[2] for row in rows}
+    if TENSORSTORE in first_batch:
+        print(f"first batch: VesuviusStream {first_batch['VesuviusStream']:.2f} s, "
+              f"{TENSORSTORE} {first_batch[TENSORSTORE]:.2f} s "
+              f"({first_batch['VesuviusStream'] / first_batch[TENSORSTORE]:.2f}x)")
     if not args.zarrs:       # spawned workers would not carry the timers
         print_breakdown(stream, array.dtype, args)
 
@@ -626,21 +665,33 @@ def patched(owner, name, value):
 
 
 def stream_decoded_bytes(stream, array, workers):
-    """Bytes the workers decode for one epoch: each box once while visits share it.
+    """Bytes the workers decode for one epoch: each box once while visits share it,
+    and the first blocks each worker reads alone.
 
     A box stays decoded while a visit of this group or of the next needs it.
+    A worker's first group reads up to ``streamer._FIRST_BLOCKS`` blocks of
+    its boxes above ``streamer._SMALL_BOX`` alone (counted here even when
+    their box then needs no decoding, which is rare).
     """
     shards = max(workers, 1)
     plan, source = stream._plan(0), stream._sources[0]
     total = 0
     for shard in range(shards):
         live = set()
-        for group in plan.groups(*_shard_bounds(stream.samples_per_epoch, shards, shard)):
-            keys = {source.lattice.voxel_box(visit.origin, visit.shape)
-                    for visit in group.visits}
-            for origin, end in keys - live:
+        groups = plan.groups(*_shard_bounds(stream.samples_per_epoch, shards, shard))
+        for number, group in enumerate(groups):
+            keys = [source.lattice.voxel_box(visit.origin, visit.shape)
+                    for visit in group.visits]
+            for origin, end in set(keys) - live:
                 total += decoded_bytes(array, origin, np.subtract(end, origin))
-            live = keys
+            live = set(keys)
+            if number == 0:
+                corners = {lane: source.lattice.corners(source.positions_of(group.visits[lane]))
+                           for lane, key in enumerate(keys)
+                           if source.nbytes(*key) > streamer._SMALL_BOX}
+                alone = [corners[lane][index] for lane, index in group.order if lane in corners]
+                total += sum(decoded_bytes(array, corner.tolist(), stream.block)
+                             for corner in alone[:streamer._FIRST_BLOCKS])
     return total
 
 

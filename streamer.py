@@ -54,6 +54,10 @@ _ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
 _URL_PACKAGES = {'http': 'aiohttp', 'https': 'aiohttp', 's3': 's3fs', 'gs': 'gcsfs',
                  'gcs': 'gcsfs'}
 _METADATA_KEYS = ('zarr.json', '.zarray', '.zgroup', '.zattrs', '.zmetadata')
+# First batch soon (see _Reader): in its first group a worker reads up to _FIRST_BLOCKS
+# blocks (a typical batch) alone, straight from the store, before it decodes their
+# boxes; not those of a box of at most _SMALL_BOX bytes, which decodes in milliseconds.
+_FIRST_BLOCKS, _SMALL_BOX = 32, 4 * 2**20
 # A process forked from this one inherits it; a spawned one imports this module anew.
 _IMPORTED_BY = os.getpid()
 
@@ -119,7 +123,9 @@ class VesuviusStream(IterableDataset):
     ready, and decodes the next group's boxes while this one's are cut.
     Positions of one epoch are therefore clustered by region, which is what
     makes reading fast: lower ``samples_per_region`` for more spread, at more
-    decoding per sample.
+    decoding per sample. So that the first batch comes soon, a worker reads
+    its first 32 blocks alone, as per-sample reading would, and decodes its
+    first boxes after them (boxes of at most 4 MiB at once).
 
     Sources and their layout: a source is a path or URL (str or
     ``os.PathLike``) to a Zarr array (format 2 or 3), or to a Zarr group with
@@ -469,12 +475,13 @@ class VesuviusStream(IterableDataset):
         try:
             for group, lanes in reader:
                 # Cut the blocks in the group's interleaved order, each as soon
-                # as its box is decoded; a box is let go after its last block.
+                # as its box is decoded (a worker's first blocks: read alone, see
+                # _Reader); a box is let go after its last block.
                 last = len(group.order) - 1 - np.unique(group.order[::-1, 0], return_index=True)[1]
                 for step, (lane, index) in enumerate(group.order):
                     visit, (slot, corners) = group.visits[lane], lanes[lane]
                     corner = corners[index]
-                    item = self._sources[visit.source].cut(reader.box(slot), corner)
+                    item = self._sources[visit.source].cut(reader.box(slot, corner), corner)
                     if step == last[lane]:
                         reader.release(slot)
                     if self.transform is not None:
@@ -1246,6 +1253,7 @@ class _Slot:
         self.box = self.error = None
         self.decoding = False
         self.ready = threading.Event()
+        self.small = nbytes <= _SMALL_BOX
 
 
 class _Reader:
@@ -1258,9 +1266,20 @@ class _Reader:
     group ahead of the cutting, and ahead only while the boxes held (being
     cut and decoded ahead) fit in ``budget`` bytes; the boxes of the group
     being cut are decoded whatever they weigh, so that any block reads.
-    Iterate for ``(group, [(slot, corners) per lane])``; ``box(slot)`` waits
-    for a box (raising the background error, if any), ``release(slot)`` ends
-    a lane's use of it, ``close()`` stops the thread.
+    Iterate for ``(group, [(slot, corners) per lane])``; ``box(slot, corner)``
+    gives a box holding the block at ``corner``, waiting for it (and raising
+    the background error, if any), ``release(slot)`` ends a lane's use of it,
+    ``close()`` stops the thread.
+
+    First batch soon: nothing is ahead at the start, and the first batch
+    would wait for most of the first group's boxes, since its items come
+    from every lane in turn. So in the first group ``box`` reads the first
+    ``_FIRST_BLOCKS`` blocks alone, straight from the store (as per-sample
+    reading would), and the thread holds back the group's boxes meanwhile:
+    decoding them beside those reads would slow the reads down several
+    times. Small boxes are decoded first, and their blocks cut from them.
+    A lane may so be done, and released, before its box is decoded: the box
+    is then not decoded, or dropped once it is.
     """
 
     def __init__(self, sources, groups, budget):
@@ -1272,6 +1291,7 @@ class _Reader:
         self._cutting = -1          # index of the group being cut
         self._finished = self._closed = False
         self._error = None
+        self._alone = 0             # blocks of the first group read alone
         self._thread = threading.Thread(target=self._run, name='VesuviusStream reader',
                                         daemon=True)
         self._thread.start()
@@ -1289,18 +1309,33 @@ class _Reader:
                 self._lock.notify_all()
             yield posted
 
-    def box(self, slot):
+    def box(self, slot, corner):
+        """A box holding the block at ``corner`` of a lane of ``slot``: the block
+        alone, read now (see above), or the slot's box once decoded."""
+        if self._reads_alone(slot):
+            source = self._sources[slot.key[0]]
+            block = source.read(corner, corner + source.block)
+            with self._lock:
+                self._alone += 1
+                self._lock.notify_all()
+            return block
         slot.ready.wait()
         if slot.error is not None:
             raise slot.error
         return slot.box
+
+    def _reads_alone(self, slot):
+        """Whether blocks of ``slot`` are read alone, its box held back: in the first
+        group (being cut, or about to be), until ``_FIRST_BLOCKS`` of them."""
+        return self._cutting <= 0 and self._alone < _FIRST_BLOCKS and not slot.small
 
     def release(self, slot):
         with self._lock:
             slot.users -= 1
             if slot.users == 0:
                 del self._live[slot.key]
-                self._held -= slot.nbytes
+                if slot.decoding:   # else not counted in _held, and never to be decoded
+                    self._held -= slot.nbytes
                 slot.box = None
                 self._lock.notify_all()
 
@@ -1323,8 +1358,13 @@ class _Reader:
                     self._lock.wait_for(lambda: self._closed or index <= self._cutting + 1)
                 ahead = self._post(next(groups, None))
                 first_need = np.unique(group.order[:, 0], return_index=True)[1].argsort()
-                for lane in first_need:
-                    self._decode(lanes[lane][0], index)
+                slots = [lanes[lane][0] for lane in first_need]
+                if index == 0:
+                    # Small boxes first: the cutting waits for them, and reads the
+                    # first blocks of the others alone while those are held back.
+                    slots.sort(key=lambda slot: not slot.small)
+                for slot in slots:
+                    self._decode(slot, index)
                 index += 1
         except BaseException as error:      # surfaces in the cutting thread
             with self._lock:
@@ -1361,16 +1401,24 @@ class _Reader:
         return group, lanes
 
     def _decode(self, slot, index):
-        """Decode ``slot`` unless it is already, once it fits the budget (group ``index``)."""
+        """Decode ``slot`` unless it is already, once it fits the budget (group ``index``).
+
+        Not while the cutting reads its blocks alone, nor once no lane needs it
+        (they read all their blocks alone).
+        """
         with self._lock:
-            self._lock.wait_for(lambda: self._closed or slot.decoding or index <= self._cutting
-                                or self._held + slot.nbytes <= self._budget)
-            if self._closed or slot.decoding:
+            self._lock.wait_for(lambda: self._closed or slot.decoding or slot.users == 0 or (
+                index <= self._cutting or self._held + slot.nbytes <= self._budget)
+                and not self._reads_alone(slot))
+            if self._closed or slot.decoding or slot.users == 0:
                 return
             slot.decoding = True
             self._held += slot.nbytes
         source, origin, end = slot.key
-        slot.box = self._sources[source].read(origin, end)
+        box = self._sources[source].read(origin, end)
+        with self._lock:
+            if slot.users:          # else released while it was decoded
+                slot.box = box
         slot.ready.set()
 
 

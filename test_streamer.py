@@ -481,6 +481,71 @@ def test_an_error_while_decoding_ahead_surfaces_after_the_items_before_it(tmp_pa
     assert reader_threads() == []
 
 
+class GatedVolume:
+    """A volume in memory, read as a zarr array would be, whose reads of more than
+    4 MiB (big boxes) wait until ``gate`` is set; it counts those reads and the
+    reads of a single block."""
+
+    def __init__(self, data, chunks, block, gate=None):
+        self.data, self.chunks, self.block = data, chunks, block
+        self.shape, self.dtype, self.ndim = data.shape, data.dtype, data.ndim
+        self.gate = gate or threading.Event()
+        self.big_reads = self.block_reads = 0
+
+    def __getitem__(self, index):
+        window = self.data[index]
+        if window.shape == self.block:
+            self.block_reads += 1
+        elif window.nbytes > streamer._SMALL_BOX:
+            self.big_reads += 1
+            # A failure guard, not a synchronisation: a stream that waits for a box
+            # here before the test opens the gate fails instead of hanging.
+            if not self.gate.wait(timeout=30):
+                raise TimeoutError("a big box was needed before the gate was opened")
+        return window
+
+
+def test_a_workers_first_blocks_are_read_alone_before_its_boxes_are_decoded(monkeypatch):
+    # Four lanes to a group, on boxes of 1.6, 4.8, 7.8 and 2.7 MiB: the first group's
+    # blocks of the two big boxes are read alone (the first 32), and the big boxes held
+    # back meanwhile; the small ones are decoded at once and cut from.
+    data, labels = volume((8, 1039, 1039)), volume((1039, 1039), np.uint8, seed=1)
+    options = dict(return_coords=True, region_mb=32, open_regions=4, samples_per_region=40)
+
+    def stream(samples, gate=None):
+        volume = GatedVolume(data, (8, 128, 128), (4, 16, 16), gate)
+        return volume, VesuviusStream([{"volume": volume, "labels": labels}], 4, 16, 16,
+                                      samples, **options)
+
+    gated, ds = stream(100)
+    items = iter(ds)
+    got = [next(items)]
+    while gated.block_reads < streamer._FIRST_BLOCKS:
+        assert gated.big_reads == 0
+        got.append(next(items))
+    gated.gate.set()
+    got += list(items)
+    # An epoch shorter than that reads no big box at all (its lanes end first).
+    short, ds = stream(20)
+    got_short = list(ds)
+    assert short.block_reads == 12 and short.big_reads == 0
+    assert reader_threads() == []
+    # The same epochs, item for item, as when every block is cut from its box.
+    monkeypatch.setattr(streamer, "_FIRST_BLOCKS", 0)
+    opened = threading.Event()
+    opened.set()
+    for items, samples in ((got, 100), (got_short, 20)):
+        boxed, ds = stream(samples, opened)
+        expected = list(ds)
+        assert boxed.block_reads == 0
+        assert [c.tolist() for *_, c in items] == [c.tolist() for *_, c in expected]
+        for block, label, coords in items:
+            _, z, y, x = coords.tolist()
+            assert block.dtype == torch.uint16 and label.dtype == torch.uint8
+            assert torch.equal(block, torch.from_numpy(data[z:z + 4, y:y + 16, x:x + 16]))
+            assert torch.equal(label, torch.from_numpy(labels[y:y + 16, x:x + 16]))
+
+
 def test_leaving_an_epoch_early_leaves_no_thread_running(multi_region):
     path, _ = multi_region
     for workers in (0, 2):
