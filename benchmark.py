@@ -14,8 +14,11 @@ without ``positive_fraction=0.5``.
 
 For each it prints samples/s and MB/s delivered, the ratio to naive, the fraction
 of the limit, read amplification (bytes decoded / bytes delivered), distinct
-256x256 (y, x) tiles per batch, and the peak RSS of the whole process tree
-(main process + DataLoader workers).
+256x256 (y, x) tiles per batch, and the peak RSS of the process that
+measures plus its DataLoader workers: each measurement runs in a child
+process of its own, so that none counts the memory of another. It then
+prints where VesuviusStream's time goes, per sample: decoding and cutting in
+the workers (an epoch with timers), collate + transfer in the DataLoader.
 
     python benchmark.py                       # synthetic 65x2048x2048 uint16 store
     python benchmark.py segment.zarr --block 26 64 64 --workers 2 --batch-size 32
@@ -35,7 +38,9 @@ import functools
 import glob
 import http.server
 import importlib.util
+import inspect
 import math
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -43,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 import numpy as np
 import tifffile
@@ -254,20 +260,24 @@ class PeakRSS:
         return self
 
     def _watch(self):
-        me = self.psutil.Process()
         while not self._stop.wait(self.interval):
-            total = 0
-            for process in [me] * self.mine + me.children(recursive=True):
-                try:
-                    total += process.memory_info().rss
-                except self.psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self._sample()
+
+    def _sample(self):
+        me = self.psutil.Process()
+        total = 0
+        for process in [me] * self.mine + me.children(recursive=True):
+            try:
+                total += process.memory_info().rss
+            except self.psutil.Error:
+                pass
+        self.peak = max(self.peak, total)
 
     def __exit__(self, *exc):
         self._stop.set()
         if self.psutil:
             self._thread.join()
+            self._sample()          # a run shorter than the interval has one sample too
 
     def __str__(self):
         if not self.psutil:
@@ -275,11 +285,12 @@ class PeakRSS:
         return f"{self.peak / 2**30:.2f} GiB"
 
 
-def measure_decode_limit(array, passes=3):
+def measure_decode_limit(path, passes=3):
     """Seconds (best of ``passes``) and bytes to decode the whole store, slab by slab.
 
     The best pass is the most demanding limit to compare against.
     """
+    array = open_volume(path)
     times = []
     for _ in range(passes):
         start = time.perf_counter()
@@ -289,14 +300,16 @@ def measure_decode_limit(array, passes=3):
     return min(times), math.prod(array.shape) * array.dtype.itemsize
 
 
-def run_loader(dataset, batch_size, workers, context=None):
-    """Consume one epoch; return (seconds, samples, coords per batch, rss).
+def run_loader(dataset, batch_size, workers, context=None, worker_init_fn=None):
+    """Consume one epoch; return (seconds, first batch seconds, samples, coords per batch,
+    peak RSS).
 
     The time includes start-up (worker processes, first regions): a
     loader pays it every epoch unless its workers persist.
     """
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        multiprocessing_context=context if workers else None)
+                        multiprocessing_context=context if workers else None,
+                        worker_init_fn=worker_init_fn)
     coords = []
     with PeakRSS() as rss:
         start = time.perf_counter()
@@ -309,21 +322,78 @@ def run_loader(dataset, batch_size, workers, context=None):
     return seconds, first_batch, sum(len(c) for c in coords), coords, rss
 
 
-# Seconds the workers spent decoding boxes and cutting blocks, summed over them
-# (shared memory, reached by fork-started workers).
-SPENT = torch.zeros(2, dtype=torch.float64).share_memory_()
+def in_fresh_process(function, *args):
+    """``function(*args)``, run in a child process; raises what it raised.
+
+    Every measurement runs in a child of the main process, which decodes
+    nothing itself: no measurement's memory (and forked workers' copies of it)
+    counts in the next one's peak RSS. Forked, which is cheap, where possible;
+    spawned with the zarrs codec pipeline, which hangs in a forked process.
+    """
+    zarrs = "zarrs" in str(zarr.config.get("codec_pipeline.path"))
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() and not zarrs else "spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_send_result, args=(send, function, args))
+    child.start()
+    send.close()
+    try:
+        failed, result = receive.recv()
+    except EOFError:            # it died without a word
+        failed, result = True, "(no traceback: the process died)"
+    child.join()
+    if failed:
+        raise RuntimeError(f"{function.__name__} failed in its process (exit code "
+                           f"{child.exitcode}):\n{result}")
+    return result
 
 
-def timing(function, slot):
-    """``function``, adding the seconds of each call to ``SPENT[slot]``."""
-    @functools.wraps(function)
-    def timed(*args, **kwargs):
+def _send_result(send, function, args):
+    try:
+        send.send((False, function(*args)))
+    except BaseException:
+        send.send((True, traceback.format_exc()))
+
+
+def loader_row(path, dataset, args, context=None):
+    """One epoch of ``dataset`` (in a fresh process): samples/s, first batch (s),
+    bytes decoded per sample (per-sample loaders; else None), tiles per batch, peak RSS."""
+    seconds, first_batch, samples, coords, rss = run_loader(dataset, args.batch_size,
+                                                            args.workers, context)
+    decoded = None
+    if isinstance(dataset, NaiveBlocks):
+        array = open_volume(path)
+        decoded = sum(decoded_bytes(array, c[1:].tolist(), dataset.block)
+                      for batch in coords for c in batch) / samples
+    return (samples / seconds, first_batch, decoded, tiles_per_batch(coords, dataset.block),
+            str(rss))
+
+
+def install_timers(spent, worker_id=None):
+    """Time ``streamer._Source.read`` and ``.cut`` in this process, into ``spent``.
+
+    ``spent`` (shared memory) has a row per worker: seconds reading, seconds
+    cutting, bytes decoded (every chunk a read overlaps, whole). Called by each
+    DataLoader worker (``worker_init_fn``, so that spawned workers have it too),
+    or in the process itself without workers.
+    """
+    row = spent[worker_id or 0]
+    read, cut = streamer._Source.read, streamer._Source.cut
+
+    def timed_read(source, origin, end):
         start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            SPENT[slot] += time.perf_counter() - start
-    return timed
+        box = read(source, origin, end)
+        row[0] += time.perf_counter() - start
+        row[2] += decoded_bytes(source.volume, origin, np.subtract(end, origin))
+        return box
+
+    def timed_cut(source, box, corner):
+        start = time.perf_counter()
+        item = cut(source, box, corner)
+        row[1] += time.perf_counter() - start
+        return item
+
+    streamer._Source.read, streamer._Source.cut = timed_read, timed_cut
 
 
 class ReadyBlocks(IterableDataset):
@@ -357,7 +427,6 @@ def measure_parallel_limit(path, array, processes):
     to the last end (CLOCK_MONOTONIC, shared by the processes).
     """
     import concurrent.futures
-    import multiprocessing
     depth = array.chunks[0]
     slabs = [(z, min(z + depth, array.shape[0])) for z in range(0, array.shape[0], depth)]
     with concurrent.futures.ProcessPoolExecutor(
@@ -437,8 +506,9 @@ def build_parser():
                         help="batches read by naive slicing (default: %(default)s)")
     parser.add_argument("--samples-per-region", type=int, metavar="N",
                         help="VesuviusStream's samples_per_region (default: its own)")
-    parser.add_argument("--region-mb", type=float, default=512, metavar="MB",
-                        help="VesuviusStream's region_mb (default: %(default)s)")
+    parser.add_argument("--region-mb", type=float, metavar="MB",
+                        help="VesuviusStream's region_mb (default: its own, "
+                        f"{inspect.signature(VesuviusStream).parameters['region_mb'].default:g})")
     parser.add_argument("--open-regions", type=int, default=8, metavar="N",
                         help="VesuviusStream's open_regions (default: %(default)s)")
     parser.add_argument("--shard-samples", type=float, default=1e9, metavar="N",
@@ -474,8 +544,7 @@ def check_args(parser, args):
                                             chunks=tuple(args.chunks), dtype="uint16")
     try:
         VesuviusStream([store], *args.block, samples_per_epoch=args.batches * args.batch_size,
-                       samples_per_region=args.samples_per_region, region_mb=args.region_mb,
-                       open_regions=args.open_regions)
+                       **stream_options(args))
     except (OSError, ImportError, TypeError, ValueError) as error:
         parser.error(str(error))
 
@@ -543,9 +612,10 @@ def benchmark_stream(path, args):
     block_bytes = math.prod(block) * array.dtype.itemsize
     print(f"store {path}: shape {array.shape}, chunks {array.chunks}, {array.dtype}")
     print(f"block {block}, batch {args.batch_size}, workers {args.workers}, "
-          f"torch {torch.__version__}, zarr {zarr.__version__}, {os.cpu_count()} cores\n")
+          f"torch {torch.__version__}, zarr {zarr.__version__}, {os.cpu_count()} cores; "
+          f"each measurement in a process of its own\n")
 
-    seconds, nbytes = measure_decode_limit(array)
+    seconds, nbytes = in_fresh_process(measure_decode_limit, path)
     limit = nbytes / seconds / block_bytes
     print(f"decode limit   {limit:8.0f} blocks/s  {nbytes / seconds / 2**20:7.0f} MB/s "
           f"(whole store, one process, best of 3 passes: {seconds:.2f} s)")
@@ -555,47 +625,43 @@ def benchmark_stream(path, args):
     print(f"{processes}-process limit {parallel:8.0f} blocks/s  {nbytes / seconds / 2**20:7.0f} "
           f"MB/s (whole store, disjoint slabs, one pass: {seconds:.2f} s)")
 
-    rows = []
     context = "spawn" if args.zarrs else None
     naive = NaiveBlocks(path, block, args.naive_batches * args.batch_size)
     stream = VesuviusStream([path], *block, return_coords=True,
                             samples_per_epoch=args.batches * args.batch_size,
-                            samples_per_region=args.samples_per_region,
-                            region_mb=args.region_mb, open_regions=args.open_regions)
+                            **stream_options(args))
     loaders = [("naive", naive), ("VesuviusStream", stream)]
     if importlib.util.find_spec("tensorstore"):
         loaders.insert(1, (TENSORSTORE, TensorstoreBlocks(path, block, naive.samples)))
     else:
         print(f"{TENSORSTORE} row skipped: pip install tensorstore gives it\n")
-    for name, dataset in loaders:
-        seconds, first_batch, samples, coords, rss = run_loader(dataset, args.batch_size,
-                                                                args.workers, context)
-        if isinstance(dataset, NaiveBlocks):
-            decoded = sum(decoded_bytes(array, c[1:].tolist(), block)
-                          for batch in coords for c in batch)
-        else:
-            decoded = stream_decoded_bytes(stream, array, args.workers)
-        rows.append((name, samples / seconds, first_batch, decoded / (samples * block_bytes),
-                     tiles_per_batch(coords, block), rss))
+    rows = [(name, *in_fresh_process(loader_row, path, dataset, args, context))
+            for name, dataset in loaders]
+    breakdown = in_fresh_process(stream_breakdown, stream, array.dtype, args, context)
 
     naive_rate = rows[0][1]
     width = max(len(row[0]) for row in rows) + 2
     print(f"{'':{width}}{'samples/s':>10}{'MB/s':>8}{'x naive':>9}{'of limit':>10}"
           f"{'of N-proc':>10}{'read amp':>10}{'tiles/batch':>13}{'1st batch':>11}  peak RSS")
-    for name, rate, first_batch, amplification, tiles, rss in rows:
+    for name, rate, first_batch, decoded, tiles, rss in rows:
+        decoded = breakdown["decoded"] if decoded is None else decoded
         print(f"{name:{width}}{rate:10.0f}{rate * block_bytes / 2**20:8.0f}"
               f"{rate / naive_rate:9.1f}{rate / limit:10.2f}{rate / parallel:10.2f}"
-              f"{amplification:10.2f}{tiles:13.1f}{first_batch:10.2f}s  {rss}")
+              f"{decoded / block_bytes:10.2f}{tiles:13.1f}{first_batch:10.2f}s  {rss}")
     first_batch = {row[0]: row[2] for row in rows}
     if TENSORSTORE in first_batch:
         print(f"first batch: VesuviusStream {first_batch['VesuviusStream']:.2f} s, "
               f"{TENSORSTORE} {first_batch[TENSORSTORE]:.2f} s "
               f"({first_batch['VesuviusStream'] / first_batch[TENSORSTORE]:.2f}x)")
-    if not args.zarrs:       # spawned workers would not carry the timers
-        print_breakdown(stream, array.dtype, args)
+    print(f"(VesuviusStream's read amp: bytes its workers decoded in a second, timed epoch)\n"
+          f"\nper sample, VesuviusStream, timed epoch (worker seconds, summed over workers; "
+          f"wall {breakdown['wall'] * 1e6:.0f} us):\n"
+          f"  decode {breakdown['decode'] * 1e6:.0f} us, cut {breakdown['cut'] * 1e6:.0f} us, "
+          f"collate + transfer {breakdown['transfer'] * 1e6:.0f} us (wall, ready blocks "
+          f"through the same DataLoader)")
 
     samples = min(int(args.shard_samples), stream.capacity)
-    first, last = shard_starts(path, block, samples)
+    first, last = in_fresh_process(shard_starts, path, block, samples)
     print(f"\nfirst item of shard 0 / shard 63 of 64, samples_per_epoch={samples:.0e}: "
           f"{first:.2f} s / {last:.2f} s ({last / first:.2f}x)")
 
@@ -604,22 +670,54 @@ def benchmark_stream(path, args):
           f"pixels, in {INK_AREAS} areas:")
     balanced = {}
     for fraction in (None, 0.5):
-        start = time.perf_counter()
-        dataset = VesuviusStream([{"volume": array, "labels": labels}], *block,
-                                 return_coords=True, positive_fraction=fraction,
-                                 samples_per_epoch=args.batches * args.batch_size,
-                                 samples_per_region=args.samples_per_region,
-                                 region_mb=args.region_mb, open_regions=args.open_regions)
-        built = time.perf_counter() - start
-        seconds, first_batch, samples, coords, rss = run_loader(dataset, args.batch_size,
-                                                                args.workers)
-        inked = sum(bool(labels[y:y + block[1], x:x + block[2]].any())
-                    for batch in coords for _, _, y, x in batch.tolist())
-        balanced[fraction] = samples / seconds
-        print(f"  positive_fraction={fraction!s:5} {samples / seconds:8.0f} samples/s "
-              f"({samples / seconds / naive_rate:.1f}x naive), {inked / samples:5.1%} of the "
+        rate, inked, built, rss = in_fresh_process(ink_row, array, labels, fraction, args,
+                                                   context)
+        balanced[fraction] = rate
+        print(f"  positive_fraction={fraction!s:5} {rate:8.0f} samples/s "
+              f"({rate / naive_rate:.1f}x naive), {inked:5.1%} of the "
               f"blocks with ink, built in {built:.2f} s, peak RSS {rss}")
     print(f"  0.5 / None: {balanced[0.5] / balanced[None]:.2f}")
+
+
+def stream_options(args):
+    """VesuviusStream's reading options given on the command line (else its defaults)."""
+    options = {"samples_per_region": args.samples_per_region, "region_mb": args.region_mb,
+               "open_regions": args.open_regions}
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def ink_row(array, labels, fraction, args, context=None):
+    """VesuviusStream with 2D ``labels`` (in a fresh process): samples/s, the share of
+    blocks with ink, seconds to build it, peak RSS."""
+    start = time.perf_counter()
+    dataset = VesuviusStream([{"volume": array, "labels": labels}], *args.block,
+                             return_coords=True, positive_fraction=fraction,
+                             samples_per_epoch=args.batches * args.batch_size,
+                             **stream_options(args))
+    built = time.perf_counter() - start
+    seconds, _, samples, coords, rss = run_loader(dataset, args.batch_size, args.workers,
+                                                  context)
+    _, height, width = args.block
+    inked = sum(bool(labels[y:y + height, x:x + width].any())
+                for batch in coords for _, _, y, x in batch.tolist())
+    return samples / seconds, inked / samples, built, str(rss)
+
+
+def stream_breakdown(stream, dtype, args, context=None):
+    """Per sample (in a fresh process): the workers' seconds decoding and cutting and
+    bytes decoded in an epoch with timers, and the DataLoader's own cost (a dict)."""
+    spent = torch.zeros(max(args.workers, 1), 3, dtype=torch.float64).share_memory_()
+    init = functools.partial(install_timers, spent) if args.workers else None
+    if not args.workers:
+        install_timers(spent)           # this process reads
+    seconds, _, samples, _, _ = run_loader(stream, args.batch_size, args.workers, context,
+                                           init)
+    decode, cut, decoded = (spent.sum(0) / samples).tolist()
+    torch_dtype = torch.from_numpy(np.zeros(0, dtype.newbyteorder("="))).dtype
+    ready = ReadyBlocks(stream.block, torch_dtype, samples)
+    transfer = run_loader(ready, args.batch_size, args.workers, context)[0] / samples
+    return {"wall": seconds / samples, "decode": decode, "cut": cut, "decoded": decoded,
+            "transfer": transfer}
 
 
 INK_AREAS = 6
@@ -635,64 +733,6 @@ def synthetic_ink(shape, areas=INK_AREAS, fraction=0.05, seed=0):
     for cy, cx in centres:
         labels[(y - cy) ** 2 + (x - cx) ** 2 <= radius ** 2] = 255
     return labels
-
-
-def print_breakdown(stream, dtype, args):
-    """Per sample: worker seconds decoding and cutting, and the loader's own cost."""
-    torch_dtype = torch.from_numpy(np.zeros(0, dtype.newbyteorder("="))).dtype
-    SPENT.zero_()
-    with patched(streamer._Source, "read", timing(streamer._Source.read, 0)), \
-            patched(streamer._Source, "cut", timing(streamer._Source.cut, 1)):
-        seconds, _, samples, _, _ = run_loader(stream, args.batch_size, args.workers)
-    decode, cut = (float(s) / samples for s in SPENT)
-    ready = ReadyBlocks(stream.block, torch_dtype, samples)
-    transfer = run_loader(ready, args.batch_size, args.workers)[0] / samples
-    wall = seconds / samples
-    print(f"\nper sample, VesuviusStream (worker seconds, summed over workers; wall "
-          f"{wall * 1e6:.0f} us):\n  decode {decode * 1e6:.0f} us, cut {cut * 1e6:.0f} us, "
-          f"collate + transfer {transfer * 1e6:.0f} us (wall, ready blocks through the same "
-          f"DataLoader)")
-
-
-@contextlib.contextmanager
-def patched(owner, name, value):
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
-
-
-def stream_decoded_bytes(stream, array, workers):
-    """Bytes the workers decode for one epoch: each box once while visits share it,
-    and the first blocks each worker reads alone.
-
-    A box stays decoded while a visit of this group or of the next needs it.
-    A worker's first group reads up to ``streamer._FIRST_BLOCKS`` blocks of
-    its boxes above ``streamer._SMALL_BOX`` alone (counted here even when
-    their box then needs no decoding, which is rare).
-    """
-    shards = max(workers, 1)
-    plan, source = stream._plan(0), stream._sources[0]
-    total = 0
-    for shard in range(shards):
-        live = set()
-        groups = plan.groups(*_shard_bounds(stream.samples_per_epoch, shards, shard))
-        for number, group in enumerate(groups):
-            keys = [source.lattice.voxel_box(visit.origin, visit.shape)
-                    for visit in group.visits]
-            for origin, end in set(keys) - live:
-                total += decoded_bytes(array, origin, np.subtract(end, origin))
-            live = set(keys)
-            if number == 0:
-                corners = {lane: source.lattice.corners(source.positions_of(group.visits[lane]))
-                           for lane, key in enumerate(keys)
-                           if source.nbytes(*key) > streamer._SMALL_BOX}
-                alone = [corners[lane][index] for lane, index in group.order if lane in corners]
-                total += sum(decoded_bytes(array, corner.tolist(), stream.block)
-                             for corner in alone[:streamer._FIRST_BLOCKS])
-    return total
 
 
 if __name__ == "__main__":
