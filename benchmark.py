@@ -378,19 +378,22 @@ def install_timers(spent, worker_id=None):
     or in the process itself without workers.
     """
     row = spent[worker_id or 0]
+    lock = threading.Lock()         # both the reader thread and the cutting thread read
     read, cut = streamer._Source.read, streamer._Source.cut
 
     def timed_read(source, origin, end):
         start = time.perf_counter()
         box = read(source, origin, end)
-        row[0] += time.perf_counter() - start
-        row[2] += decoded_bytes(source.volume, origin, np.subtract(end, origin))
+        with lock:
+            row[0] += time.perf_counter() - start
+            row[2] += decoded_bytes(source.volume, origin, np.subtract(end, origin))
         return box
 
     def timed_cut(source, box, corner):
         start = time.perf_counter()
         item = cut(source, box, corner)
-        row[1] += time.perf_counter() - start
+        with lock:
+            row[1] += time.perf_counter() - start
         return item
 
     streamer._Source.read, streamer._Source.cut = timed_read, timed_cut
