@@ -57,7 +57,7 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import streamer
-from streamer import VesuviusStream, _shard_bounds
+from streamer import VesuviusStream
 
 SYNTHETIC_SHAPE = (65, 2048, 2048)
 SYNTHETIC_CHUNKS = (16, 256, 256)
@@ -300,7 +300,7 @@ def measure_decode_limit(path, passes=3):
     return min(times), math.prod(array.shape) * array.dtype.itemsize
 
 
-def run_loader(dataset, batch_size, workers, context=None, worker_init_fn=None):
+def run_loader(dataset, batch_size, workers, worker_init_fn=None):
     """Consume one epoch; return (seconds, first batch seconds, samples, coords per batch,
     peak RSS).
 
@@ -308,7 +308,7 @@ def run_loader(dataset, batch_size, workers, context=None, worker_init_fn=None):
     loader pays it every epoch unless its workers persist.
     """
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        multiprocessing_context=context if workers else None,
+                        multiprocessing_context=start_method() if workers else None,
                         worker_init_fn=worker_init_fn)
     coords = []
     with PeakRSS() as rss:
@@ -322,17 +322,21 @@ def run_loader(dataset, batch_size, workers, context=None, worker_init_fn=None):
     return seconds, first_batch, sum(len(c) for c in coords), coords, rss
 
 
+def start_method():
+    """How the benchmark's processes (children, DataLoader workers) start: as the
+    platform starts them (fork on Linux, which is cheap), but by spawn with zarr's
+    zarrs codec pipeline, which hangs in a forked process."""
+    return "spawn" if streamer._zarrs_pipeline() else None
+
+
 def in_fresh_process(function, *args):
     """``function(*args)``, run in a child process; raises what it raised.
 
     Every measurement runs in a child of the main process, which decodes
     nothing itself: no measurement's memory (and forked workers' copies of it)
-    counts in the next one's peak RSS. Forked, which is cheap, where possible;
-    spawned with the zarrs codec pipeline, which hangs in a forked process.
+    counts in the next one's peak RSS.
     """
-    zarrs = "zarrs" in str(zarr.config.get("codec_pipeline.path"))
-    context = multiprocessing.get_context(
-        "fork" if "fork" in multiprocessing.get_all_start_methods() and not zarrs else "spawn")
+    context = multiprocessing.get_context(start_method())
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_send_result, args=(send, function, args))
     child.start()
@@ -355,11 +359,11 @@ def _send_result(send, function, args):
         send.send((True, traceback.format_exc()))
 
 
-def loader_row(path, dataset, args, context=None):
+def loader_row(path, dataset, args):
     """One epoch of ``dataset`` (in a fresh process): samples/s, first batch (s),
     bytes decoded per sample (per-sample loaders; else None), tiles per batch, peak RSS."""
     seconds, first_batch, samples, coords, rss = run_loader(dataset, args.batch_size,
-                                                            args.workers, context)
+                                                            args.workers)
     decoded = None
     if isinstance(dataset, NaiveBlocks):
         array = open_volume(path)
@@ -628,7 +632,6 @@ def benchmark_stream(path, args):
     print(f"{processes}-process limit {parallel:8.0f} blocks/s  {nbytes / seconds / 2**20:7.0f} "
           f"MB/s (whole store, disjoint slabs, one pass: {seconds:.2f} s)")
 
-    context = "spawn" if args.zarrs else None
     naive = NaiveBlocks(path, block, args.naive_batches * args.batch_size)
     stream = VesuviusStream([path], *block, return_coords=True,
                             samples_per_epoch=args.batches * args.batch_size,
@@ -638,9 +641,9 @@ def benchmark_stream(path, args):
         loaders.insert(1, (TENSORSTORE, TensorstoreBlocks(path, block, naive.samples)))
     else:
         print(f"{TENSORSTORE} row skipped: pip install tensorstore gives it\n")
-    rows = [(name, *in_fresh_process(loader_row, path, dataset, args, context))
+    rows = [(name, *in_fresh_process(loader_row, path, dataset, args))
             for name, dataset in loaders]
-    breakdown = in_fresh_process(stream_breakdown, stream, array.dtype, args, context)
+    breakdown = in_fresh_process(stream_breakdown, stream, array.dtype, args)
 
     naive_rate = rows[0][1]
     width = max(len(row[0]) for row in rows) + 2
@@ -673,8 +676,7 @@ def benchmark_stream(path, args):
           f"pixels, in {INK_AREAS} areas:")
     balanced = {}
     for fraction in (None, 0.5):
-        rate, inked, built, rss = in_fresh_process(ink_row, array, labels, fraction, args,
-                                                   context)
+        rate, inked, built, rss = in_fresh_process(ink_row, array, labels, fraction, args)
         balanced[fraction] = rate
         print(f"  positive_fraction={fraction!s:5} {rate:8.0f} samples/s "
               f"({rate / naive_rate:.1f}x naive), {inked:5.1%} of the "
@@ -689,7 +691,7 @@ def stream_options(args):
     return {name: value for name, value in options.items() if value is not None}
 
 
-def ink_row(array, labels, fraction, args, context=None):
+def ink_row(array, labels, fraction, args):
     """VesuviusStream with 2D ``labels`` (in a fresh process): samples/s, the share of
     blocks with ink, seconds to build it, peak RSS."""
     start = time.perf_counter()
@@ -698,27 +700,25 @@ def ink_row(array, labels, fraction, args, context=None):
                              samples_per_epoch=args.batches * args.batch_size,
                              **stream_options(args))
     built = time.perf_counter() - start
-    seconds, _, samples, coords, rss = run_loader(dataset, args.batch_size, args.workers,
-                                                  context)
+    seconds, _, samples, coords, rss = run_loader(dataset, args.batch_size, args.workers)
     _, height, width = args.block
     inked = sum(bool(labels[y:y + height, x:x + width].any())
                 for batch in coords for _, _, y, x in batch.tolist())
     return samples / seconds, inked / samples, built, str(rss)
 
 
-def stream_breakdown(stream, dtype, args, context=None):
+def stream_breakdown(stream, dtype, args):
     """Per sample (in a fresh process): the workers' seconds decoding and cutting and
     bytes decoded in an epoch with timers, and the DataLoader's own cost (a dict)."""
     spent = torch.zeros(max(args.workers, 1), 3, dtype=torch.float64).share_memory_()
     init = functools.partial(install_timers, spent) if args.workers else None
     if not args.workers:
         install_timers(spent)           # this process reads
-    seconds, _, samples, _, _ = run_loader(stream, args.batch_size, args.workers, context,
-                                           init)
+    seconds, _, samples, _, _ = run_loader(stream, args.batch_size, args.workers, init)
     decode, cut, decoded = (spent.sum(0) / samples).tolist()
     torch_dtype = torch.from_numpy(np.zeros(0, dtype.newbyteorder("="))).dtype
     ready = ReadyBlocks(stream.block, torch_dtype, samples)
-    transfer = run_loader(ready, args.batch_size, args.workers, context)[0] / samples
+    transfer = run_loader(ready, args.batch_size, args.workers)[0] / samples
     return {"wall": seconds / samples, "decode": decode, "cut": cut, "decoded": decoded,
             "transfer": transfer}
 

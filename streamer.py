@@ -459,7 +459,7 @@ class VesuviusStream(IterableDataset):
         self._resume = dict(state)
 
     def __iter__(self):
-        if os.getpid() != _IMPORTED_BY and 'zarrs' in str(zarr.config.get('codec_pipeline.path')):
+        if os.getpid() != _IMPORTED_BY and _zarrs_pipeline():
             # Its Rust thread pools do not survive a fork: the first read hangs.
             raise RuntimeError("zarr's codec pipeline is zarrs "
                                f"({zarr.config.get('codec_pipeline.path')}), which hangs in a "
@@ -1433,6 +1433,11 @@ class _Reader:
             if slot.users:          # else released while it was decoded
                 slot.box = box
         slot.ready.set()
+
+
+def _zarrs_pipeline():
+    """Whether zarr decodes with the zarrs codec pipeline (which hangs in a forked process)."""
+    return 'zarrs' in str(zarr.config.get('codec_pipeline.path'))
 
 
 def _keep_freed_memory():
