@@ -24,8 +24,11 @@ import contextlib
 import copy
 import ctypes
 import email.utils
+import fractions
+import heapq
 import hashlib
 import itertools
+import json
 import math
 import os
 import pickle
@@ -67,6 +70,9 @@ _IMPORTED_BY = os.getpid()
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3           # mallopt's parameter numbers
 _TRIM_THRESHOLD, _MMAP_THRESHOLD = 64 * 2**20, 32 * 2**20
 _MALLOC_TUNED = set()                                  # pids where it was done
+# The plan keeps a few numbers per region (counts, rates, a round's order): a volume whose
+# regions would take more than _PLAN_BYTES is refused, asking for larger regions.
+_PLAN_BYTES_PER_REGION, _PLAN_BYTES = 160, 2**30
 
 
 class VesuviusStream(IterableDataset):
@@ -367,6 +373,12 @@ class VesuviusStream(IterableDataset):
         self.sampling_method = sampling_method
         self.shuffle = bool(shuffle) and not grid
         self.positive_fraction = self._check_positive_fraction(positive_fraction)
+        # The mask's and labels' counts per region fix the epoch's order: a state
+        # saved over other counts (a mask moved, labels edited) would resume another one.
+        self._counts_digest = hashlib.sha256(b''.join(
+            np.ascontiguousarray(counts, dtype='<i8').tobytes()
+            for s in self._sources for counts in (s.region_counts, s.positive_counts)
+            if counts is not None)).hexdigest()[:16]
         self.seed = seed
         self.return_coords = bool(return_coords)
         self.transform = transform
@@ -444,18 +456,44 @@ class VesuviusStream(IterableDataset):
     def load_state_dict(self, state):
         """Continue from a ``state_dict()``: the next iteration resumes its epoch.
 
-        Raises ValueError when the state comes from another configuration
-        (sources, block, seed, samples_per_epoch, ...), naming what differs.
+        A state saved through JSON (lists for tuples) is accepted. Raises
+        TypeError for a value of the wrong type, ValueError for a state that is
+        not one, out of range (``yielded`` beyond its shard's share), or from
+        another configuration (sources, the mask's and labels' counts, block,
+        seed, samples_per_epoch, ...), naming what differs.
         """
-        if not isinstance(state, dict) or not {'epoch', 'shard', 'shards', 'yielded',
-                                               'config'} <= state.keys():
-            raise ValueError(f"not a VesuviusStream state: {state!r}")
-        mine = self._config()
-        differ = [f"{key}: saved {state['config'].get(key)!r}, here {value!r}"
-                  for key, value in mine.items() if state['config'].get(key) != value]
-        if differ:
+        if not isinstance(state, dict):
+            raise TypeError(f"a VesuviusStream state is a dict, got {type(state).__name__}")
+        keys = {'epoch', 'shard', 'shards', 'yielded', 'config'}
+        if state.keys() != keys:
+            raise ValueError(f"not a VesuviusStream state: keys {sorted(map(str, state))}, "
+                             f"expected {sorted(keys)}")
+        if not isinstance(state['config'], dict):
+            raise TypeError(f"the state's config is a dict, got "
+                            f"{type(state['config']).__name__}")
+        mine, saved = self._config(), state['config']
+        differ = [f"{key}: saved {saved.get(key)!r}, here {value!r}"
+                  for key, value in mine.items() if _plain(saved.get(key)) != _plain(value)]
+        if differ or saved.keys() != mine.keys():
             raise ValueError("this state was saved by a VesuviusStream with another "
-                             "configuration: " + "; ".join(differ))
+                             "configuration: " + "; ".join(differ or [
+                                 f"keys {sorted(map(str, saved))}, here {sorted(mine)}"]))
+        if state['shard'] is None:            # saved before this worker yielded anything
+            if (state['epoch'], state['shards'], state['yielded']) != (None, None, 0):
+                raise ValueError(f"a state without a shard has epoch None, shards None and "
+                                 f"yielded 0, got {state!r}")
+        else:
+            for name in ('epoch', 'shard', 'shards', 'yielded'):
+                if not _is_int(state[name]):
+                    raise TypeError(f"the state's {name} is an int, got {state[name]!r}")
+            shards, shard = state['shards'], state['shard']
+            if state['epoch'] < 0 or not 0 <= shard < shards:
+                raise ValueError(f"the state's epoch {state['epoch']} or shard {shard} of "
+                                 f"{shards} is out of range")
+            first, stop = _shard_bounds(self.samples_per_epoch, shards, shard)
+            if not 0 <= state['yielded'] <= stop - first:
+                raise ValueError(f"the state's yielded={state['yielded']} is outside [0, "
+                                 f"{stop - first}], the share of shard {shard} of {shards}")
         self._resume = dict(state)
 
     def __iter__(self):
@@ -530,6 +568,7 @@ class VesuviusStream(IterableDataset):
         """What an epoch's order depends on, to check a saved state against."""
         return {'sources': [[list(s.shape), str(s.volume.dtype), s.positions]
                             for s in self._sources],
+                'counts': self._counts_digest,
                 'block': list(self.block), 'samples_per_epoch': self.samples_per_epoch,
                 'sampling_method': self.sampling_method, 'shuffle': self.shuffle,
                 'seed': self.seed, 'z_range': self._z_range, 'stride': list(self._step),
@@ -738,7 +777,10 @@ class _RasterVisits:
         self.rows, self.piece = (min(rows, ey), ex) if rows else (1, lattice.region[2])
         self.pieces = -(-ex // self.piece)
         self.per_plane = -(-ey // self.rows) * self.pieces
-        self._cursor = (0, 0)          # (run, start): how far a masked stream was counted
+        # With a mask, the counts so far: (run, positions before it) of the furthest run
+        # counted and of the one before, so that a shard walking its runs in order counts
+        # each run's mask once (and the runs before its share once).
+        self._counted = [(0, 0), (0, 0)]
 
     def run(self, index):
         """Lattice box (origin, shape) of run ``index``."""
@@ -755,11 +797,12 @@ class _RasterVisits:
             (z, y, x), _ = self.run(index)
             _, ey, ex = self.lattice.extent
             return min(self.total, (z * ey + y) * ex + x)
-        run, start = self._cursor if self._cursor[0] <= index else (0, 0)
+        run, start = max((c for c in self._counted if c[0] <= index), default=(0, 0))
         while run < index and start < self.total:
+            self._counted = [self._counted[1], (run, start)]
             start += self.count_on_mask(*self.run(run))
             run += 1
-        self._cursor = run, start
+            self._counted[1] = (run, start)
         return min(start, self.total)
 
     def locate(self, sample):
@@ -784,18 +827,17 @@ class _EpochPlan:
     """The epoch as one sequence: the sources' visit streams merged, in groups.
 
     Interleaved (random epochs), the streams are merged by how far through its
-    own stream each visit ends (ties: lower source first), so that every
-    source is spread over the whole epoch; a shard reads ``group_size``
-    consecutive visits of its share at a time and takes their positions in
-    turn (round robin), so that consecutive items come from different places.
-    Otherwise sources follow each other and a group is one visit. Either way
-    sample s of the epoch is found by arithmetic on visit lengths: a shard
-    starts at once.
+    own stream each visit ends, (v + 1) / count for visit v (ties: lower source
+    first), so that every source is spread over the whole epoch; a shard reads
+    ``group_size`` consecutive visits of its share at a time and takes their
+    positions in turn (round robin), so that consecutive items come from
+    different places. Otherwise sources follow each other and a group is one
+    visit. Either way sample s of the epoch is found by arithmetic on visit
+    lengths: a shard starts at once.
     """
 
     def __init__(self, streams, group_size, interleave):
         self.streams, self.group_size, self.interleave = streams, group_size, interleave
-        self.counts = [s.count for s in streams] if interleave else None
         self.totals = np.cumsum([0] + [s.total for s in streams])
 
     def groups(self, first, stop, skip=0):
@@ -808,30 +850,25 @@ class _EpochPlan:
         if not self.interleave:
             yield from self._one_visit_groups(first + skip, stop)
             return
-        origin, visits = self._ordinal_at(first), sum(self.counts)
-
-        def samples(group):          # the share's samples [lo, hi) in ``group``
-            lo, hi = (origin + group * self.group_size, origin + (group + 1) * self.group_size)
-            return max(first, self._start(lo)), min(stop, self._start(min(hi, visits)))
-
-        low, high = 0, -(-(visits - origin) // self.group_size) - 1
-        while low < high:            # the group holding item ``skip``
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if samples(mid)[0] <= first + skip else (low, mid - 1)
-        group = low
-        while samples(group)[0] < stop:
-            lo, hi = samples(group)
+        if first + skip >= stop:
+            return
+        merge = _Merge(self.streams)
+        origin = merge.seek(first).ordinal
+        if skip:                     # resume at the group holding item ``skip``
+            holding = merge.seek(first + skip).ordinal
+            merge.seek_ordinal(origin + (holding - origin) // self.group_size * self.group_size)
+        while merge.sample < stop and not merge.done:
+            begin, visits = merge.sample, []
+            while len(visits) < self.group_size and not merge.done:
+                visits.append((merge.sample, merge.advance()))
+            lo, hi = max(first, begin), min(stop, merge.sample)
             trimmed = []
-            for ordinal in range(origin + group * self.group_size,
-                                 min(origin + (group + 1) * self.group_size, visits)):
-                visit, begin = self._visit(ordinal), self._start(ordinal)
-                a = max(first - begin, 0)
-                b = min(stop - begin, visit.stop - visit.first)
+            for start, visit in visits:
+                a, b = max(first - start, 0), min(stop - start, visit.stop - visit.first)
                 if a < b:
                     trimmed.append(visit._replace(first=visit.first + a, stop=visit.first + b))
             if trimmed:              # visits of a round may all be empty (tiny regions)
                 yield _Group.of(trimmed, first + skip - lo, hi - lo)
-            group += 1
 
     def _one_visit_groups(self, first, stop):
         """Sources one after the other, one visit a group, samples [first, stop)."""
@@ -848,50 +885,80 @@ class _EpochPlan:
                 yield _Group.of([visit], first - begin, stop - begin)
             first, index = max(first, begin + visit.stop - visit.first), index + 1
 
-    # Ordinal arithmetic of the merge: visit v of source i ends at fraction
-    # (v + 1) / count_i of its stream.
 
-    def _ordinal(self, source, visit):
-        """Place of visit ``visit`` of ``source`` in the merged sequence."""
-        ordinal = visit
-        for other, count in enumerate(self.counts):
-            if other != source:
-                numerator, denominator = (visit + 1) * count, self.counts[source]
-                before = (numerator // denominator if other < source
-                          else -(-numerator // denominator) - 1)
-                ordinal += min(max(before, 0), count)
-        return ordinal
+class _Merge:
+    """A place in the merge of visit streams: the next visit of each stream.
 
-    def _before(self, source, ordinal):
-        """Visits of ``source`` among the first ``ordinal`` of the merge."""
-        low, high = 0, self.counts[source]
-        while low < high:
-            mid = (low + high) // 2
-            if self._ordinal(source, mid) < ordinal:
-                low = mid + 1
-            else:
-                high = mid
-        return low
+    Visit v of stream i ends at fraction (v + 1) / count_i of its stream; the
+    merge orders visits by (fraction, i). The visits at or before fraction t
+    are a prefix of it, the first floor(t * count_i) of each stream, so a seek
+    bisects t (at a resolution finer than any two fractions differ: counts**2)
+    and then steps through the visits that share the next fraction. Stepping
+    on is a heap of each stream's next visit: O(log streams) a visit.
+    """
 
-    def _visit(self, ordinal):
-        for source, stream in enumerate(self.streams):
-            index = self._before(source, ordinal)
-            if index < stream.count and self._ordinal(source, index) == ordinal:
-                return stream.visit(index)
-        raise AssertionError(f"no visit at ordinal {ordinal}")   # unreachable
+    def __init__(self, streams):
+        self.streams = streams
+        self.counts = [s.count for s in streams]
+        self._scale = 1 << (2 * max(self.counts).bit_length() + 1)
+        self._place([0] * len(streams))
 
-    def _start(self, ordinal):
-        """Samples of the epoch before the visit at ``ordinal``."""
-        return sum(stream.start(self._before(source, ordinal))
-                   for source, stream in enumerate(self.streams))
+    def _place(self, nexts):
+        self.nexts = list(nexts)
+        self.ordinal = sum(nexts)                    # visits before this place
+        self.sample = sum(s.start(n) for s, n in zip(self.streams, nexts))   # samples before
+        self._heap = [(fractions.Fraction(n + 1, c), i)
+                      for i, (n, c) in enumerate(zip(nexts, self.counts)) if n < c]
+        heapq.heapify(self._heap)
 
-    def _ordinal_at(self, sample):
-        """The visit holding ``sample`` (the last one starting at or before it)."""
-        low, high = 0, sum(self.counts) - 1
+    @property
+    def done(self):
+        return not self._heap
+
+    def advance(self):
+        """The next visit of the merge; step past it."""
+        _, source = heapq.heappop(self._heap)
+        index = self.nexts[source]
+        visit = self.streams[source].visit(index)
+        self.nexts[source] = index + 1
+        self.ordinal += 1
+        self.sample += visit.stop - visit.first
+        if index + 1 < self.counts[source]:
+            heapq.heappush(self._heap,
+                           (fractions.Fraction(index + 2, self.counts[source]), source))
+        return visit
+
+    def _length(self):
+        """Length of the next visit."""
+        source = self._heap[0][1]
+        stream, index = self.streams[source], self.nexts[source]
+        return stream.start(index + 1) - stream.start(index)
+
+    def _bisect(self, measure, target):
+        """Place at the largest fraction t whose prefix has ``measure(nexts) <= target``."""
+        low, high = 0, self._scale
         while low < high:
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if self._start(mid) <= sample else (low, mid - 1)
-        return low
+            if measure([min(c, mid * c // self._scale) for c in self.counts]) <= target:
+                low = mid
+            else:
+                high = mid - 1
+        self._place([min(c, low * c // self._scale) for c in self.counts])
+
+    def seek(self, sample):
+        """Place at the visit holding epoch sample ``sample`` (at the end, if none)."""
+        self._bisect(lambda nexts: sum(s.start(n) for s, n in zip(self.streams, nexts)),
+                     sample)
+        while not self.done and self.sample + self._length() <= sample:
+            self.advance()
+        return self
+
+    def seek_ordinal(self, ordinal):
+        """Place before visit ``ordinal`` of the merge."""
+        self._bisect(sum, ordinal)
+        while self.ordinal < ordinal:
+            self.advance()
+        return self
 
 
 class _Group(typing.NamedTuple):
@@ -1013,11 +1080,10 @@ class _Lattice:
 
 
 class _Band:
-    """Rows ``band`` of a 2D array, read once, sliced like the array."""
+    """The rows from ``start`` on of a 2D array, read once, sliced like the array."""
 
-    def __init__(self, array, band):
-        self.ndim, self.start = 2, band.start
-        self.data = np.asarray(array[band])
+    def __init__(self, data, start):
+        self.ndim, self.start, self.data = 2, start, data
 
     def __getitem__(self, index):
         rows, columns = index
@@ -1051,11 +1117,17 @@ class _Source:
                  samples_per_region, min_mask_fraction):
         self.index, self.name = index, name
         self.volume, self.labels, self.mask = arrays
-        self._metadata = _local_metadata(self.volume)
         self._process = os.getpid()
         shape = self.shape = tuple(int(s) for s in self.volume.shape)
         if len(shape) != 3:
             raise ValueError(f"source {index}: the volume must be 3D (z, y, x), got shape {shape}")
+        for name, array in self.arrays():
+            if not _torch_carries(array.dtype):
+                raise TypeError(f"source {index} ({self.name}): its {name} has dtype "
+                                f"{array.dtype}; give bool, integer or float data (what a "
+                                f"torch tensor holds)")
+        # Local zarr arrays, checked after each read (see _LocalVersion).
+        self._versions = {name: _LocalVersion.of(array) for name, array in self.arrays()}
         for name, array in (('labels', self.labels), ('mask', self.mask)):
             if array is not None and tuple(array.shape) not in (shape, shape[1:]):
                 raise ValueError(f"source {index}: {name} of shape {tuple(array.shape)} do not "
@@ -1078,6 +1150,13 @@ class _Source:
         chunks = shape if isinstance(self.volume, np.ndarray) else tuple(self.volume.chunks)
         lattice = self.lattice = _Lattice(shape, block, lo, hi, step, chunks, region_bytes,
                                           self.volume.dtype.itemsize)
+        if lattice.regions * _PLAN_BYTES_PER_REGION > _PLAN_BYTES:
+            box = math.prod(lattice.box(lattice.region)) * self.volume.dtype.itemsize
+            raise ValueError(
+                f"source {index} ({self.name}) of shape {shape} makes {lattice.regions:,} "
+                f"regions of {box / 2**20:.3g} MiB, whose plan would take about "
+                f"{lattice.regions * _PLAN_BYTES_PER_REGION / 2**30:.1f} GiB; raise region_mb "
+                f"(regions grow with it) or crop the volume")
         self.per_visit = samples_per_region or max(
             1, 4 * math.prod(lattice.box(lattice.region)) // math.prod(block))
         self.threshold = None
@@ -1087,6 +1166,12 @@ class _Source:
         self.region_counts = self._count_regions(kind=None)
         self.positions = int(self.region_counts.sum())
         self.positive_counts = None       # per region, counted when positive_fraction asks
+
+    def arrays(self):
+        """``(name, array)`` of the volume, labels and mask this source has."""
+        return [(name, array) for name, array in
+                (('volume', self.volume), ('labels', self.labels), ('mask', self.mask))
+                if array is not None]
 
     # which positions an epoch may draw: on the mask, and of a kind
 
@@ -1110,11 +1195,13 @@ class _Source:
         # row of cells reads its band of rows once (zarr calls cost more than sums).
         layers, rows, columns = self.lattice.regions_per_axis
         banded = copy.copy(self)
+        banded._versions = {}              # its bands were checked when read
         for row in range(rows):
             start, end = self.lattice.voxel_box(*self.lattice.region_bounds(row * columns))
-            band = slice(start[1], end[1])
-            banded.mask, banded.labels = (None if a is None else _Band(a, band)
-                                          for a in (self.mask, self.labels))
+            band = (slice(start[1], end[1]), slice(0, self.shape[2]))
+            banded.mask, banded.labels = (
+                None if a is None else _Band(self._decode(name, a, band), band[0].start)
+                for name, a in (('mask', self.mask), ('labels', self.labels)))
             for cell in range(row * columns, (row + 1) * columns):
                 in_cell = int(banded.selected(*self.lattice.region_bounds(cell), kind).sum())
                 for layer in range(layers):
@@ -1132,9 +1219,9 @@ class _Source:
         """
         parts = []
         if self.mask is not None:
-            parts.append(self._footprint_hits(self.mask, origin, shape) >= self.threshold)
+            parts.append(self._footprint_hits('mask', origin, shape) >= self.threshold)
         if kind is not None:
-            positive = self._footprint_hits(self.labels, origin, shape) > 0
+            positive = self._footprint_hits('labels', origin, shape) > 0
             parts.append(positive if kind else ~positive)
         if not parts:
             return None
@@ -1142,16 +1229,17 @@ class _Source:
             parts = [np.broadcast_to(part, tuple(shape)) for part in parts]
         return np.logical_and.reduce(parts)
 
-    def _footprint_hits(self, array, origin, shape):
-        """Nonzero voxels of ``array`` under each block's footprint in a lattice box.
+    def _footprint_hits(self, name, origin, shape):
+        """Nonzero voxels of array ``name`` under each block's footprint in a lattice box.
 
         (ny, nx) counts for a 2D array (the block's (y, x) footprint), (nz, ny,
         nx) for a 3D one, from a summed-area table of the box's window.
         """
+        array = getattr(self, name)
         axes = self.lattice.axis_corners(origin, shape)[3 - array.ndim:]
         block = self.block[3 - array.ndim:]
         lo, hi = (bounds[3 - array.ndim:] for bounds in self.lattice.voxel_box(origin, shape))
-        window = np.asarray(array[tuple(slice(l, h) for l, h in zip(lo, hi))]) != 0
+        window = self._decode(name, array, tuple(slice(l, h) for l, h in zip(lo, hi))) != 0
         if not window.any():         # unwritten label chunks, empty mask: nothing to sum
             return np.zeros([len(a) for a in axes], dtype=np.int64)
         table = np.pad(window.astype(np.int32), [(1, 0)] * window.ndim)   # sizes < 2**31
@@ -1224,18 +1312,17 @@ class _Source:
         volume = self._decode('volume', self.volume, box)
         labels = (None if self.labels is None
                   else self._decode('labels', self.labels, box[3 - self.labels.ndim:]))
-        # Zarr reads the chunks of a vanished local store as fill value: check,
-        # after the decode, that the store was there all along.
-        if self._metadata is not None and not os.path.exists(self._metadata):
-            raise FileNotFoundError(f"source {self.index} ({self.name}): the store is gone: "
-                                    f"{self._metadata} no longer exists (deleted, moved or "
-                                    f"unmounted?)")
         return _Box(np.asarray(origin), volume, labels)
 
     def _decode(self, name, array, box):
-        """``array[box]`` in native byte order; a failure names the source, box and chunk."""
+        """``array[box]`` in native byte order; a failure names the source, box and chunk.
+
+        Zarr reads the chunks of a vanished local store as fill value, and those
+        of a replaced one under the old metadata: after the decode, the array's
+        store is checked to be the one this dataset was built on.
+        """
         try:
-            return _native(np.asarray(array[box]))
+            data = _native(np.asarray(array[box]))
         except Exception as error:
             where = ', '.join(f"{axis} {s.start}:{s.stop}"
                               for axis, s in zip('zyx'[3 - len(box):], box))
@@ -1244,6 +1331,9 @@ class _Source:
             raise OSError(f"source {self.index} ({self.name}): cannot read its {name} at "
                           f"voxels {where}" + (f", chunk {chunk!r}" if chunk else "")
                           + f": {type(error).__name__}: {error}") from error
+        if self._versions.get(name) is not None:
+            self._versions[name].check(f"source {self.index} ({self.name})", name)
+        return data
 
     def cut(self, box, corner):
         """``(block,)`` or ``(block, label)`` tensors at ``corner`` from a read box."""
@@ -1477,12 +1567,62 @@ def _converter_offset(volume):
         return None
 
 
-def _local_metadata(array):
-    """The metadata file of a zarr array in a local store, else None."""
-    if not (isinstance(array, zarr.Array) and isinstance(array.store, zarr.storage.LocalStore)):
+class _LocalVersion:
+    """What a zarr array in a local store was when the dataset was built, to check reads against.
+
+    The identity is that of the array's folder and of its metadata file (device, inode; the
+    file's size and mtime): a store replaced (converter.py --overwrite renames a new one into
+    place) has a new folder, and a rewritten metadata file a new stat. Two ``os.stat`` calls,
+    a few microseconds, after each decode; the metadata is parsed again only when the file's
+    stat changed. Chunks rewritten in place under unchanged metadata are not detected.
+    """
+
+    def __init__(self, array):
+        name = 'zarr.json' if array.metadata.zarr_format == 3 else '.zarray'
+        self.folder = os.path.join(array.store.root, *filter(None, array.path.split('/')))
+        self.path = os.path.join(self.folder, name)
+        self.identity = self._identity()
+        self.layout = self._layout()
+
+    @classmethod
+    def of(cls, array):
+        """The version of ``array`` if it is a zarr array in a local store, else None."""
+        if isinstance(array, zarr.Array) and isinstance(array.store, zarr.storage.LocalStore):
+            return cls(array)
         return None
-    name = 'zarr.json' if array.metadata.zarr_format == 3 else '.zarray'
-    return os.path.join(array.store.root, *filter(None, array.path.split('/')), name)
+
+    def _identity(self):
+        folder, file = os.stat(self.folder), os.stat(self.path)
+        return folder.st_dev, folder.st_ino, file.st_ino, file.st_size, file.st_mtime_ns
+
+    def _layout(self):
+        """The metadata document without its attributes: what decoding depends on."""
+        with open(self.path, 'rb') as file:
+            layout = json.load(file)
+        layout.pop('attributes', None)
+        return layout
+
+    def check(self, source, name):
+        """Raise, naming ``source`` and its array ``name``, if the array changed since."""
+        todo = f"its {name} no longer holds the data this dataset was built on: build it again"
+        try:
+            identity = self._identity()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{source}: the store is gone: {self.path} no longer "
+                                    f"exists (deleted, moved or unmounted?)") from None
+        if identity == self.identity:
+            return
+        if identity[:2] != self.identity[:2]:
+            raise OSError(f"{source}: the store was replaced: {self.folder} is another folder "
+                          f"than when the dataset was built; {todo}")
+        layout = self._layout()
+        changed = [f"{key} {self.layout.get(key)!r} -> {layout.get(key)!r}"
+                   for key in sorted(self.layout.keys() | layout.keys())
+                   if self.layout.get(key) != layout.get(key)]
+        if changed:
+            raise OSError(f"{source}: the metadata of {self.path} changed: "
+                          + "; ".join(changed) + f"; {todo}")
+        self.identity = identity          # rewritten with the same layout (attributes)
 
 
 def _failing_chunk(array, box):
@@ -1510,6 +1650,20 @@ def _describe(source):
     if isinstance(source, (zarr.Array, zarr.Group)):
         return f"{type(source).__name__} at {source.store_path}"
     return f"a {type(source).__name__}"
+
+
+def _plain(value):
+    """``value`` as JSON gives it back (lists for tuples), to compare a saved state."""
+    return json.loads(json.dumps(value))
+
+
+def _torch_carries(dtype):
+    """Whether torch has a tensor type for numpy ``dtype`` (bool, integers, floats)."""
+    try:
+        torch.from_numpy(np.empty(0, np.dtype(dtype).newbyteorder('=')))
+    except (TypeError, ValueError):
+        return False
+    return np.dtype(dtype).kind in 'biuf'
 
 
 def _native(array):
@@ -1744,18 +1898,19 @@ def _resolve_ranks(rank, world_size):
 # -- keyed bijections ------------------------------------------------------
 
 def _mix64(x):
-    """SplitMix64's finaliser on a uint64 array (wraps mod 2**64)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    """SplitMix64's finaliser, mod 2**64, on a uint64 array or a Python int."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
 
 
 def _key(*parts):
-    """A 64-bit key derived from integers, for seeding one permutation."""
-    state = np.array([0x9E3779B97F4A7C15], dtype=np.uint64)
+    """A 64-bit key derived from integers, for seeding one permutation (Python ints:
+    numpy's overhead on one number costs more than the arithmetic)."""
+    state = 0x9E3779B97F4A7C15
     for part in parts:
-        state = _mix64(state ^ np.uint64(int(part) & _MASK64))
-    return int(state[0])
+        state = _mix64(state ^ (int(part) & _MASK64))
+    return state
 
 
 def _uniform(key, ids):

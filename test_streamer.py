@@ -6,6 +6,7 @@ import contextlib
 import email.utils
 import errno
 import itertools
+import json
 import math
 import os
 import pathlib
@@ -100,6 +101,13 @@ def check_blocks(ds, sources):
         assert torch.equal(block, expected), (f, z, y, x)
         n += 1
     return n
+
+
+def blocks_are_slices(items, sources, block):
+    """Every (block, coords) item equals the slice of its source at its coordinates."""
+    d, h, w = block
+    return all(torch.equal(b, torch.from_numpy(sources[f][z:z + d, y:y + h, x:x + w]))
+               for b, (f, z, y, x) in ((b, c.tolist()) for b, c in items))
 
 
 @pytest.fixture
@@ -617,9 +625,9 @@ class PlanningWork:
             self.permuted += np.size(index)
             return permute(index, n, key)
 
-        def counting_hits(source, array, origin, shape):
+        def counting_hits(source, name, origin, shape):
             self.mask_reads += 1
-            return hits(source, array, origin, shape)
+            return hits(source, name, origin, shape)
 
         monkeypatch.setattr(streamer, "_permute", counting_permute)
         monkeypatch.setattr(streamer._Source, "_footprint_hits", counting_hits)
@@ -669,6 +677,48 @@ def test_the_last_of_64_shards_starts_with_the_work_of_the_first(tmp_path, monke
     # Masks: the eight visits of the first group, of the one posted ahead of it and
     # at most of the one after (the background reader's lead), wherever the share lies.
     assert max(reads_first, reads_last) <= 3 * 8 * masked
+
+
+def test_raster_order_with_a_mask_counts_each_run_once_per_shard(monkeypatch):
+    # Runs of a few positions: a shard counts the mask of the runs before its share
+    # once, and those of its share twice (their length, then their positions).
+    data = volume((1, 20, 100))
+    work = PlanningWork(monkeypatch)
+    coords = []
+    for rank in range(4):
+        ds = VesuviusStream([{"volume": data, "mask": np.ones((20, 100), np.uint8)}], 1, 1, 1,
+                            2000, shuffle=False, region_mb=0.0005, rank=rank, world_size=4,
+                            return_coords=True)
+        stream = ds._plan(0).streams[0]
+        runs = stream.lattice.extent[0] * stream.per_plane
+        work.mask_reads = 0
+        coords += [tuple(c.tolist()) for _, c in ds]
+        assert runs == 500 and work.mask_reads <= runs // 4 * (rank + 2) + 2
+    assert coords == [(0, 0, y, x) for y in range(20) for x in range(100)]
+
+
+def test_planning_work_per_item_does_not_grow_with_the_number_of_sources(monkeypatch):
+    calls = collections.Counter()
+    for name in ("start", "visit", "locate"):
+        method = getattr(streamer._ShuffledVisits, name)
+        monkeypatch.setattr(streamer._ShuffledVisits, name,
+                            lambda self, *args, method=method, name=name:
+                            calls.update([name]) or method(self, *args))
+    per_item = {}
+    for sources in (30, 300):
+        ds = VesuviusStream([np.zeros((4, 32, 32), np.uint8)] * sources, 2, 8, 8,
+                            100 * sources, "proportional", rank=1, world_size=2)
+        calls.clear()
+        per_item[sources] = sum(calls.values()) / sum(1 for _ in ds)
+    assert per_item[300] <= 1.2 * per_item[30]
+
+
+def test_three_thousand_sources_build_and_stream_exactly():
+    sources = [volume((3, 10, 10), np.uint8, seed=i) for i in range(3000)]
+    ds = VesuviusStream(sources, 2, 8, 8, 3000, return_coords=True)
+    items = list(ds)
+    assert len({tuple(c.tolist()) for _, c in items}) == 3000
+    assert blocks_are_slices(items, sources, ds.block)
 
 
 # -- resuming an epoch -----------------------------------------------------------
@@ -753,6 +803,50 @@ def test_a_state_from_another_configuration_is_refused(tmp_path):
         next(iter(ds))
 
 
+def test_edited_or_malformed_states_are_refused(tmp_path):
+    path, _, _ = segment_group(tmp_path / "s.zarr")
+    ds = resumable(path)
+    items = iter(ds)
+    for _ in range(20):
+        next(items)
+    state = ds.state_dict()
+    for edit, error, message in [
+            (dict(yielded=-20), ValueError, "yielded=-20 is outside [0, 300]"),
+            (dict(yielded=1000), ValueError, "yielded=1000 is outside [0, 300]"),
+            (dict(yielded="20"), TypeError, "the state's yielded is an int, got '20'"),
+            (dict(epoch=1.5), TypeError, "the state's epoch is an int, got 1.5"),
+            (dict(shard=3), ValueError, "shard 3 of 1 is out of range"),
+            (dict(config=[]), TypeError, "the state's config is a dict, got list"),
+            (dict(extra=1), ValueError, "not a VesuviusStream state: keys"),
+    ]:
+        with pytest.raises(error, match=re.escape(message)):
+            resumable(path).load_state_dict({**state, **edit})
+    with pytest.raises(TypeError, match="a VesuviusStream state is a dict, got list"):
+        resumable(path).load_state_dict([state])
+    # A mask moved elsewhere, with as many positions: another order, refused.
+    mask = disk_mask((60, 70), (30, 30), 15)
+    masked, _, _ = segment_group(tmp_path / "m.zarr", mask=mask)
+    moved, _, _ = segment_group(tmp_path / "moved.zarr", mask=np.roll(mask, 9, axis=1))
+    original = resumable(masked)
+    assert resumable(moved).capacity == original.capacity
+    next(iter(original))
+    with pytest.raises(ValueError, match="another configuration: counts: saved '"):
+        resumable(moved).load_state_dict(original.state_dict())
+
+
+def test_a_state_saved_through_json_resumes_exactly(tmp_path):
+    path, _, _ = segment_group(tmp_path / "s.zarr")
+    ds = resumable(path, z_range=(1, 9), stride=None)
+    items = iter(ds)
+    for _ in range(40):
+        next(items)
+    saved = json.loads(json.dumps(ds.state_dict()))         # tuples become lists
+    rest = [tuple(c.tolist()) for _, _, c in items]
+    again = resumable(path, z_range=(1, 9))
+    again.load_state_dict(saved)
+    assert [tuple(c.tolist()) for _, _, c in again] == rest
+
+
 # -- bad input ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -826,6 +920,31 @@ def test_dict_keys_dtypes_and_grid_strides_are_checked_at_construction():
         VesuviusStream([data], 2, 2, 2, None, "grid", stride=(2, 3, 2))
 
 
+@pytest.mark.parametrize("source, named", [
+    (np.empty((4, 4, 4), dtype=object), "its volume has dtype object"),
+    (zarr.create_array({}, shape=(4, 4, 4), dtype=str), "its volume has dtype StringDType()"),
+    ({"volume": np.zeros((4, 4, 4), np.uint8), "mask": np.zeros((4, 4), np.complex64)},
+     "its mask has dtype complex64"),
+], ids=["numpy-object", "zarr-string", "complex-mask"])
+def test_only_data_a_torch_tensor_holds_is_accepted(source, named):
+    with pytest.raises(TypeError, match=re.escape(f"source 0 (") + ".*" + re.escape(named)
+                       + ".*bool, integer or float"):
+        VesuviusStream([source], 2, 2, 2, 2)
+
+
+def test_a_volume_whose_plan_would_not_fit_is_refused_before_it_takes_memory(tmp_path):
+    path = str(tmp_path / "vast.zarr")
+    zarr.create_array(path, shape=(10**5,) * 3, chunks=(128,) * 3, dtype="uint8")
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=re.escape(f"source 0 ({path!r}) of shape (100000, "
+                                                   f"100000, 100000) makes ")
+                       + r"[\d,]+ regions .* GiB; raise region_mb"):
+        VesuviusStream([path], 64, 64, 64, 1000)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 2**20
+
+
 def test_a_transform_returning_none_raises_naming_it():
     def forgets_to_return(block):
         block.zero_()
@@ -893,6 +1012,68 @@ def test_missing_chunks_of_a_store_still_there_read_as_fill_value(tmp_path):
     os.remove(tmp_path / "v.zarr" / "c" / "0" / "0" / "1")
     blocks = list(VesuviusStream([path], 8, 8, 8, None, "grid"))
     assert [int(np.count_nonzero(b.numpy())) for b in blocks] == [512, 0, 512, 512]
+
+
+def replace_store(path, data, chunks):
+    """Put a new store at ``path`` as converter.py --overwrite does: built aside, renamed in."""
+    fresh = zarr_v3(f"{path}.new", data, chunks)
+    os.rename(path, f"{path}.old")
+    os.rename(fresh, path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("replaced", "the store was replaced: "),
+    ("resized", "changed: shape [8, 32, 32] -> [8, 16, 32]"),
+    ("attributes", None),
+])
+def test_a_store_replaced_or_changed_mid_epoch_fails_at_the_next_read(tmp_path, change,
+                                                                      message):
+    data = volume((8, 32, 32))
+    path = zarr_v3(tmp_path / "v.zarr", data, chunks=(8, 8, 8))
+    ds = VesuviusStream([path], 8, 8, 8, 25, shuffle=False, region_mb=0.001,
+                        return_coords=True)
+    items = iter(ds)
+    yielded = [next(items)]
+    if change == "replaced":       # same layout, other values: only the folder tells
+        replace_store(path, volume((8, 32, 32), seed=9), (8, 8, 8))
+    elif change == "resized":
+        zarr.open_array(path, mode="r+").resize((8, 16, 32))
+    else:
+        zarr.open_array(path, mode="r+").attrs["note"] = "does not change the data"
+    if message is None:
+        yielded.extend(items)
+        assert len(yielded) == 25
+    else:
+        with pytest.raises(OSError, match=re.escape(f"source 0 ({path!r}): ") + ".*"
+                           + re.escape(message) + ".*build it again"):
+            yielded.extend(items)
+    assert blocks_are_slices(yielded, [data], ds.block)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_store_with_a_mask_that_vanishes_mid_epoch_is_file_not_found(tmp_path, workers):
+    path, _, _ = segment_group(tmp_path / "s.zarr", shape=(4, 40, 40),
+                               mask=np.ones((40, 40), np.uint8), chunks=(4, 8, 8))
+    ds = VesuviusStream([path], 4, 4, 4, 600, shuffle=False, region_mb=0.002)
+    batches = iter(DataLoader(ds, batch_size=5, num_workers=workers))
+    next(batches)
+    shutil.rmtree(path)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"source 0 ({path!r}): the store "
+                                                          f"is gone: ")):
+        for _ in batches:
+            pass
+
+
+@pytest.mark.parametrize("name", ["mask", "labels"])
+def test_a_corrupt_mask_or_labels_chunk_read_at_construction_names_source_array_and_chunk(
+        tmp_path, name):
+    path, _, _ = segment_group(tmp_path / "s.zarr", shape=(4, 32, 32),
+                               mask=np.ones((32, 32), np.uint8), chunks=(4, 16, 16))
+    (tmp_path / "s.zarr" / name / "c" / "1" / "0").write_bytes(b"not zstd at all")
+    with pytest.raises(OSError, match=re.escape(f"source 0 ({path!r}): cannot read its {name} "
+                                                f"at voxels y ") + ".*"
+                       + re.escape(f"chunk '{name}/c/1/0'")):
+        VesuviusStream([path], 2, 8, 8, 10, positive_fraction=0.5 if name == "labels" else None)
 
 
 def test_set_epoch_rejects_negative_or_non_int():
