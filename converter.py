@@ -2,8 +2,9 @@
 
     python converter.py SRC_DIR DEST.zarr [options]
 
-Slices are the files ``*.tif`` / ``*.tiff`` whose names are numbers (``00.tif``,
-``000.tif``, ``0001.tiff``), ordered numerically: slice i is the file numbered i.
+Slices are the files ``*.tif`` / ``*.tiff`` whose names are numbers in ASCII digits
+(``00.tif``, ``000.tif``, ``0001.tiff``; not ``٢.tif``, nor a name with anything after
+the extension), ordered numerically: slice i is the file numbered i.
 All slices of the requested z range must exist and share shape and dtype.
 
 The output is a Zarr group: ``DEST/volume`` (z, y, x), and optionally
@@ -32,6 +33,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import errno
+import logging
 import math
 import os
 import re
@@ -45,7 +47,8 @@ import numpy as np
 import tifffile
 import zarr
 
-SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
+# Matched whole (fullmatch): ASCII digits only, nothing after the extension.
+SLICE_NAME = re.compile(r"([0-9]+)\.tiff?", re.IGNORECASE | re.ASCII)
 DEFAULT_CHUNKS = (16, 256, 256)
 COMPRESSORS = ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "gzip", "none")
 # Largest slab of input (bytes) one thread holds at a time.
@@ -120,7 +123,7 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
     missing = [n for n in range(z0, z1) if n not in slices]
     if missing:
         name = os.path.basename(slices[numbers[0]])
-        width, ext = len(SLICE_NAME.match(name).group(1)), os.path.splitext(name)[1]
+        width, ext = len(SLICE_NAME.fullmatch(name).group(1)), os.path.splitext(name)[1]
         listed = ", ".join(f"{n:0{width}d}{ext}" for n in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise ConversionError(f"missing slices in z range [{z0}, {z1}): {listed}{more}")
@@ -271,7 +274,7 @@ def find_slices(src_dir):
         raise ConversionError(f"cannot read source folder {src_dir}: {error.strerror}") from error
     slices = {}
     for name in names:
-        match = SLICE_NAME.match(name)
+        match = SLICE_NAME.fullmatch(name)
         if not match:
             continue
         number = int(match.group(1))
@@ -302,12 +305,7 @@ def _check_slices(paths):
     """Shape (height, width) and dtype shared by all slices, read from their headers."""
     expected = None
     for path in paths:
-        try:
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                found = (tuple(series.shape), np.dtype(series.dtype))
-        except Exception as error:
-            raise ConversionError(f"cannot read {path}: {error}") from error
+        found = _read_header(path)
         if len(found[0]) != 2:
             raise ConversionError(f"{path} holds an image of shape {found[0]}; "
                                   f"each slice must be one 2D image")
@@ -318,6 +316,45 @@ def _check_slices(paths):
                 f"{path} has shape {found[0]} and dtype {found[1]}, but "
                 f"{os.path.basename(first)} has shape {expected[0]} and dtype {expected[1]}")
     return expected[0][0], expected[0][1], expected[1]
+
+
+def _read_header(path):
+    """(shape, dtype) of the image in one slice, from its header."""
+    with _held_log(tifffile.logger()) as held:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                if tif.series:
+                    return tuple(tif.series[0].shape), np.dtype(tif.series[0].dtype)
+            reason = "not a readable TIFF image"      # tifffile logged why, if anything
+        except Exception as error:
+            reason = str(error)
+        if held:
+            # Without the "<tifffile.TiffPages @offset> " that tifffile puts first.
+            reason += f" ({re.sub(r'^<tifffile[^>]*> ', '', held[0].getMessage())})"
+        raise ConversionError(f"cannot read {path}: {reason}")
+
+
+@contextlib.contextmanager
+def _held_log(logger):
+    """Hold the records ``logger`` logs in the block (the list yielded); pass them on after it.
+
+    tifffile logs, rather than raises, some of what is wrong with a file: a
+    block that fails can put that in its one line instead of leaving it on
+    stderr beside it. A filter, not a handler, so that no handler (the user's
+    on that logger included) sees a record twice; removed after the block.
+    """
+    held = []
+
+    def hold(record):
+        held.append(record)
+        return False
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+    for record in held:                 # the block succeeded: as if never held
+        logger.handle(record)
 
 
 def _read_band(path, rows, cols):

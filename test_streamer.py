@@ -6,6 +6,7 @@ import contextlib
 import email.utils
 import errno
 import itertools
+import logging
 import math
 import os
 import pathlib
@@ -1838,6 +1839,42 @@ def test_converter_names_unreadable_files_and_the_missing_codec_package(tmp_path
         garbage.write(b"not a tiff at all")
     line = one_error_line(*run_converter(capsys, src, tmp_path / "o.zarr"))
     assert "cannot read" in line and "01.tif" in line
+
+
+def test_converter_names_a_slice_with_a_tiff_signature_and_garbage_in_one_line(tmp_path,
+                                                                               stack):
+    src = write_stack(tmp_path / "slices", stack[:3])
+    garbage = os.path.join(src, "01.tif")
+    with open(garbage, "wb") as file:
+        file.write(b"II*\x00" + np.random.default_rng(0).bytes(200))
+    logger = logging.getLogger("tifffile")
+    before = (logger.propagate, list(logger.handlers), list(logger.filters))
+    # A fresh process: no test runner's handler takes what tifffile logs.
+    result = subprocess.run([sys.executable, os.path.join(HERE, "converter.py"), src,
+                             str(tmp_path / "o.zarr")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"converter.py: error: cannot read {garbage}: not a "
+                                    f"readable TIFF image (") and \
+        result.stderr.count("\n") == 1, result.stderr
+    assert os.listdir(tmp_path) == ["slices"]
+    with pytest.raises(converter.ConversionError, match="not a readable TIFF image"):
+        converter.convert(src, tmp_path / "o.zarr")
+    assert (logger.propagate, logger.handlers, logger.filters) == before    # restored
+
+
+def test_converter_takes_only_ascii_digits_before_the_extension_as_slice_numbers(
+        tmp_path, capsys, stack):
+    # A trailing newline or an Arabic-Indic two are not slice 2.
+    src = write_stack(tmp_path / "slices", stack[:4], ["00.tif", "01.tif", "02.tif\n",
+                                                       "\u0662.tif"])
+    status, err = run_converter(capsys, src, tmp_path / "o.zarr")
+    assert status == 0, err
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "o.zarr"))["volume"][:],
+                                  stack[:2])
+    tifffile.imwrite(os.path.join(src, "03.tif"), stack[3])
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "p.zarr"))
+    assert line.endswith("missing slices in z range [0, 4): 02.tif")
 
 
 def test_converter_rejects_bad_labels(tmp_path, capsys, stack, monkeypatch):
