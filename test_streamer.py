@@ -2329,21 +2329,22 @@ def test_converter_second_run_to_the_same_dest_refuses_at_once_naming_the_first_
     dest = tmp_path / "o.zarr"
     assert run_converter(capsys, src, dest, "--z_end", 1)[0] == 0
     os.symlink(dest, tmp_path / "link.zarr")                 # another path to the same DEST
-    first = subprocess.Popen([sys.executable, "-B", "-c", HOLD_THE_LOCK, HERE, str(dest)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert select.select([first.stdout], [], [], 60)[0], "the first run took no lock"
-        assert first.stdout.readline() == "locked\n"
-        for path in (dest, tmp_path / "link.zarr"):
-            line = one_error_line(*run_converter(capsys, src, path, "--overwrite"))
-            assert line == (f"converter.py: error: another conversion to {path} is running "
-                            f"(PID {first.pid}); wait for it to end, or choose another "
-                            f"destination")
-        assert sorted(os.listdir(tmp_path)) == [".o.zarr.lock", "link.zarr", "o.zarr", "slices"]
-        assert zarr.open_group(str(dest))["volume"].shape == (1, 40, 50)     # untouched
-    finally:
-        first.stdin.close()
-        first.wait(timeout=60)
+    with subprocess.Popen([sys.executable, "-B", "-c", HOLD_THE_LOCK, HERE, str(dest)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as first:
+        try:
+            assert select.select([first.stdout], [], [], 60)[0], "the first run took no lock"
+            assert first.stdout.readline() == "locked\n"
+            for path in (dest, tmp_path / "link.zarr"):
+                line = one_error_line(*run_converter(capsys, src, path, "--overwrite"))
+                assert line == (f"converter.py: error: another conversion to {path} is "
+                                f"running (PID {first.pid}); wait for it to end, or choose "
+                                f"another destination")
+            assert sorted(os.listdir(tmp_path)) == [".o.zarr.lock", "link.zarr", "o.zarr",
+                                                    "slices"]
+            assert zarr.open_group(str(dest))["volume"].shape == (1, 40, 50)   # untouched
+        finally:
+            first.stdin.close()                  # the first run ends
+            first.wait(timeout=60)
     status, err = run_converter(capsys, src, dest, "--overwrite")     # the first has ended
     assert status == 0, err
     assert zarr.open_group(str(dest))["volume"].shape == (3, 40, 50)
