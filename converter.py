@@ -2,9 +2,10 @@
 
     python converter.py SRC_DIR DEST.zarr [options]
 
-Slices are the files ``*.tif`` / ``*.tiff`` whose names are numbers (``00.tif``,
-``000.tif``, ``0001.tiff``), ordered numerically: slice i is the file numbered i.
-All slices of the requested z range must exist and share shape and dtype.
+Slices are the files ``*.tif`` / ``*.tiff`` whose names are numbers in ASCII
+digits (``00.tif``, ``000.tif``, ``0001.tiff``; not ``٢.tif``, nor a name with
+anything after the extension), ordered numerically: slice i is the file numbered
+i. All slices of the requested z range must exist and share shape and dtype.
 
 The output is a Zarr group: ``DEST/volume`` (z, y, x), and optionally
 ``DEST/labels`` and ``DEST/mask`` ((y, x), their values as stored in the file:
@@ -18,9 +19,15 @@ Every range is half-open, [start, end), as in Python slicing:
 Guarantees: the whole stack is never held in memory (slabs of a few chunks are
 read as bands of rows, decoded and encoded in parallel threads); the output is
 written to a hidden sibling ``.DEST.partial-PID`` and renamed into place at the
-end, so an interrupted or failed run leaves DEST as it was; bad input, an
-unwritable destination or a full disk end with exit status 2 and one line on
-stderr; on success one summary line goes to stdout (unless ``--quiet``).
+end, so an interrupted or failed run leaves DEST as it was; DEST is replaced
+only if it is still what was checked at the start (nothing, or with
+``--overwrite`` the same Zarr store): if it changed meanwhile, the run ends with
+one line and writes nothing there; while a run writes it holds the lock file
+``.DEST.lock`` beside DEST (an ``flock``, released by the system when the run
+dies; there is none on Windows), so a second run to the same DEST refuses at
+once, naming the first one's PID; bad input, an unwritable destination or a full
+disk end with exit status 2 and one line on stderr; on success one summary line
+goes to stdout (unless ``--quiet``).
 
 Example (Python)::
 
@@ -32,6 +39,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import errno
+import logging
 import math
 import os
 import re
@@ -45,7 +53,8 @@ import numpy as np
 import tifffile
 import zarr
 
-SLICE_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
+# Matched whole (fullmatch): ASCII digits only, nothing after the extension.
+SLICE_NAME = re.compile(r"([0-9]+)\.tiff?", re.IGNORECASE | re.ASCII)
 DEFAULT_CHUNKS = (16, 256, 256)
 COMPRESSORS = ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "gzip", "none")
 # Largest slab of input (bytes) one thread holds at a time.
@@ -98,6 +107,8 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
         overwrite: replace an existing Zarr store at ``dest`` (nothing else: a
             destination that is, holds or lies in ``src_dir`` is always
             refused); through a symlink, the store it points to is replaced.
+            Only what was there at the start is replaced, never what another
+            process put there since.
         threads: decoding/encoding threads (default: the number of CPUs).
         progress: print progress on stderr.
 
@@ -105,13 +116,18 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
         The written group, opened read-only.
 
     Raises:
-        ConversionError: bad input, or the output could not be written (disk
-            full, no permission); ``dest`` is left as it was.
+        ConversionError: bad input, the output could not be written (disk
+            full, no permission), another conversion to ``dest`` is running,
+            or ``dest`` changed during the conversion; ``dest`` is left as
+            it was.
         Interrupted: Ctrl-C; its message says what is at ``dest``.
     """
     chunks = _check_options(chunks, zarr_format, compressor, dtype, window, threads)
     if not os.path.isdir(src_dir):
         raise ConversionError(f"source folder {src_dir} does not exist or is not a folder")
+    # Only this is ever replaced; taken before the checks, so that no change after them
+    # goes unseen.
+    checked = _what_is_at(dest)
     _check_dest(src_dir, dest, (("labels", labels), ("mask", mask)), overwrite)
 
     slices = find_slices(src_dir)
@@ -120,7 +136,7 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
     missing = [n for n in range(z0, z1) if n not in slices]
     if missing:
         name = os.path.basename(slices[numbers[0]])
-        width, ext = len(SLICE_NAME.match(name).group(1)), os.path.splitext(name)[1]
+        width, ext = len(SLICE_NAME.fullmatch(name).group(1)), os.path.splitext(name)[1]
         listed = ", ".join(f"{n:0{width}d}{ext}" for n in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise ConversionError(f"missing slices in z range [{z0}, {z1}): {listed}{more}")
@@ -154,11 +170,13 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
     }
 
     # Through a symlink, the store it points to is replaced where it lives.
-    target = os.path.realpath(dest)
+    target = checked[0]
     partial = _hidden(target, "partial")
     at_dest = f"nothing was written at {dest}"        # updated once the output is in place
-    writes = _Gate()
+    writes, lock = _Gate(), contextlib.ExitStack()
     try:
+        lock.enter_context(_locked(dest, target))
+        _check_unchanged(dest, checked)    # e.g. another run finished after our checks
         _remove_leftovers(dest, target)
         group = zarr.open_group(_GatedStore(zarr.storage.LocalStore(partial), writes),
                                 mode="w", zarr_format=zarr_format)
@@ -177,7 +195,8 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
                                     **_codecs(compressor, zarr_format, out_dtype))
         _copy_slabs(paths, volume, (y0, x0), source_dtype, window, threads, progress)
         with _signals_held():              # so that DEST is never missing
-            old = _swap(partial, target)
+            _check_unchanged(dest, checked)     # _swap checks what it moves aside too
+            old = _swap(partial, target, checked[1])
             at_dest = f"{dest} holds the new output"
             if old is not None:
                 at_dest += (f"; the old one is not fully deleted: delete {old}, or the next "
@@ -191,6 +210,7 @@ def convert(src_dir, dest, z_range=None, y_range=None, x_range=None,
     finally:
         writes.close()
         shutil.rmtree(partial, ignore_errors=True)
+        lock.close()                       # last: the next run finds nothing of this one
     return zarr.open_group(dest, mode="r")
 
 
@@ -252,6 +272,87 @@ def _check_dest(src_dir, dest, images, overwrite):
                               " replaces only a Zarr store: move or delete it yourself")
 
 
+def _what_is_at(dest):
+    """What ``dest`` names now: (its real path, the identity of what is there, or None).
+
+    The identity is device, inode and ctime: a folder deleted and made again
+    may get the freed inode number back, but not its ctime (which also changes
+    when entries are added to or removed from the folder).
+    """
+    target = os.path.realpath(dest)
+    try:
+        status = os.lstat(target)
+    except OSError:                   # nothing there (or nothing we may see: writing fails too)
+        return target, None
+    return target, (status.st_dev, status.st_ino, status.st_ctime_ns)
+
+
+def _check_unchanged(dest, checked):
+    """Refuse to go on if ``dest`` no longer names what ``_what_is_at`` found at the start."""
+    if _what_is_at(dest) != checked:
+        raise _changed(dest)
+
+
+def _changed(dest):
+    """The error of a run whose DEST is not what it checked at the start."""
+    return ConversionError(f"{dest} changed during the conversion (something else made, "
+                           f"replaced or removed it); nothing was written at {dest}: see what "
+                           f"is there now, then convert again")
+
+
+@contextlib.contextmanager
+def _locked(dest, target):
+    """Hold the lock of the conversions to ``target``: the hidden file ``.NAME.lock`` beside it.
+
+    A second run to the same store (by any path to it) refuses at once, naming
+    the PID of the run that holds the lock. The lock is an ``flock``, which the
+    system releases when its holder dies: a killed run leaves at most an
+    unlocked file, which the next run takes over. Where there is no ``fcntl``
+    (Windows), there is no lock: run one conversion to a DEST at a time.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder, name = os.path.split(target)
+    path = os.path.join(folder, f".{name}.lock")
+    os.makedirs(folder, exist_ok=True)            # zarr would make it for the output anyway
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "not yet written"
+            os.close(fd)
+            raise ConversionError(f"another conversion to {dest} is running (PID {holder}); "
+                                  f"wait for it to end, or choose another destination") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # A holder removes the file while it still holds it: if that came between our open
+        # and our flock, we hold a file that no other run will open. Open the one there now.
+        if _is_at(fd, path):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        if _is_at(fd, path):                      # someone may have removed it meanwhile
+            os.unlink(path)
+        os.close(fd)
+
+
+def _is_at(fd, path):
+    """Whether the open file ``fd`` is the one at ``path``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 def _within(path, folder):
     """Whether ``path`` lies strictly inside ``folder`` (both real, absolute paths)."""
     return path != folder and os.path.commonpath([path, folder]) == folder
@@ -271,7 +372,7 @@ def find_slices(src_dir):
         raise ConversionError(f"cannot read source folder {src_dir}: {error.strerror}") from error
     slices = {}
     for name in names:
-        match = SLICE_NAME.match(name)
+        match = SLICE_NAME.fullmatch(name)
         if not match:
             continue
         number = int(match.group(1))
@@ -302,12 +403,7 @@ def _check_slices(paths):
     """Shape (height, width) and dtype shared by all slices, read from their headers."""
     expected = None
     for path in paths:
-        try:
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                found = (tuple(series.shape), np.dtype(series.dtype))
-        except Exception as error:
-            raise ConversionError(f"cannot read {path}: {error}") from error
+        found = _read_header(path)
         if len(found[0]) != 2:
             raise ConversionError(f"{path} holds an image of shape {found[0]}; "
                                   f"each slice must be one 2D image")
@@ -318,6 +414,45 @@ def _check_slices(paths):
                 f"{path} has shape {found[0]} and dtype {found[1]}, but "
                 f"{os.path.basename(first)} has shape {expected[0]} and dtype {expected[1]}")
     return expected[0][0], expected[0][1], expected[1]
+
+
+def _read_header(path):
+    """(shape, dtype) of the image in one slice, from its header."""
+    with _held_log(tifffile.logger()) as held:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                if tif.series:
+                    return tuple(tif.series[0].shape), np.dtype(tif.series[0].dtype)
+            reason = "not a readable TIFF image"      # tifffile logged why, if anything
+        except Exception as error:
+            reason = str(error)
+        if held:
+            # Without the "<tifffile.TiffPages @offset> " that tifffile puts first.
+            reason += f" ({re.sub(r'^<tifffile[^>]*> ', '', held[0].getMessage())})"
+        raise ConversionError(f"cannot read {path}: {reason}")
+
+
+@contextlib.contextmanager
+def _held_log(logger):
+    """Hold the records ``logger`` logs in the block (the list yielded); pass them on after it.
+
+    tifffile logs, rather than raises, some of what is wrong with a file: a
+    block that fails can put that in its one line instead of leaving it on
+    stderr beside it. A filter, not a handler, so that no handler (the user's
+    on that logger included) sees a record twice; removed after the block.
+    """
+    held = []
+
+    def hold(record):
+        held.append(record)
+        return False
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+    for record in held:                 # the block succeeded: as if never held
+        logger.handle(record)
 
 
 def _read_band(path, rows, cols):
@@ -570,18 +705,24 @@ def _running(pid):
     return True
 
 
-def _swap(partial, dest):
+def _swap(partial, dest, checked):
     """Rename the finished ``partial`` to ``dest``; return where the old ``dest`` went, or None.
 
-    If the second rename fails, the old store is put back: ``dest`` is never
-    left missing by an error (run it with signals held for interrupts).
+    ``checked`` is the identity (``_what_is_at``) of what ``dest`` held when
+    checked, or None if nothing. What is moved aside is compared with it, so
+    that nothing put there since is ever replaced. If the second rename fails,
+    the old store is put back: ``dest`` is never left missing by an error (run
+    it with signals held for interrupts).
     """
-    if not os.path.lexists(dest):
-        os.rename(partial, dest)
+    if checked is None:
+        os.rename(partial, dest)      # fails if a file or a non-empty folder is there
         return None
     old = _hidden(dest, "old")
     os.rename(dest, old)
     try:
+        moved = os.lstat(old)         # a rename may change the ctime: device and inode
+        if (moved.st_dev, moved.st_ino) != checked[:2]:
+            raise _changed(dest)
         os.rename(partial, dest)
     except BaseException:
         os.rename(old, dest)

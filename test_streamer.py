@@ -7,11 +7,13 @@ import email.utils
 import errno
 import itertools
 import json
+import logging
 import math
 import os
 import pathlib
 import platform
 import re
+import select
 import shutil
 import signal
 import socket
@@ -2021,6 +2023,42 @@ def test_converter_names_unreadable_files_and_the_missing_codec_package(tmp_path
     assert "cannot read" in line and "01.tif" in line
 
 
+def test_converter_names_a_slice_with_a_tiff_signature_and_garbage_in_one_line(tmp_path,
+                                                                               stack):
+    src = write_stack(tmp_path / "slices", stack[:3])
+    garbage = os.path.join(src, "01.tif")
+    with open(garbage, "wb") as file:
+        file.write(b"II*\x00" + np.random.default_rng(0).bytes(200))
+    logger = logging.getLogger("tifffile")
+    before = (logger.propagate, list(logger.handlers), list(logger.filters))
+    # A fresh process: no test runner's handler takes what tifffile logs.
+    result = subprocess.run([sys.executable, os.path.join(HERE, "converter.py"), src,
+                             str(tmp_path / "o.zarr")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"converter.py: error: cannot read {garbage}: not a "
+                                    f"readable TIFF image (") and \
+        result.stderr.count("\n") == 1, result.stderr
+    assert os.listdir(tmp_path) == ["slices"]
+    with pytest.raises(converter.ConversionError, match="not a readable TIFF image"):
+        converter.convert(src, tmp_path / "o.zarr")
+    assert (logger.propagate, logger.handlers, logger.filters) == before    # restored
+
+
+def test_converter_takes_only_ascii_digits_before_the_extension_as_slice_numbers(
+        tmp_path, capsys, stack):
+    # A trailing newline or an Arabic-Indic two are not slice 2.
+    src = write_stack(tmp_path / "slices", stack[:4], ["00.tif", "01.tif", "02.tif\n",
+                                                       "\u0662.tif"])
+    status, err = run_converter(capsys, src, tmp_path / "o.zarr")
+    assert status == 0, err
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "o.zarr"))["volume"][:],
+                                  stack[:2])
+    tifffile.imwrite(os.path.join(src, "03.tif"), stack[3])
+    line = one_error_line(*run_converter(capsys, src, tmp_path / "p.zarr"))
+    assert line.endswith("missing slices in z range [0, 4): 02.tif")
+
+
 def test_converter_rejects_bad_labels(tmp_path, capsys, stack, monkeypatch):
     src = write_stack(tmp_path / "slices", stack[:2])
     tifffile.imwrite(tmp_path / "small.tif", np.zeros((39, 50), np.uint8))
@@ -2399,6 +2437,135 @@ def test_converter_overwrites_through_a_symlink_replacing_the_store_it_points_to
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "disk" / "o.zarr"))
                                   ["volume"][:], stack[:3])
     assert os.listdir(tmp_path / "disk") == ["o.zarr"]
+
+
+def during_the_run(monkeypatch, change):
+    """Make ``change()`` happen mid-run: after the checks and the lock, as the volume's copy
+    begins."""
+    copy = converter._copy_slabs
+
+    def change_then_copy(*args, **kwargs):
+        change()
+        return copy(*args, **kwargs)
+    monkeypatch.setattr(converter, "_copy_slabs", change_then_copy)
+
+
+def changed_line(dest):
+    return (f"converter.py: error: {dest} changed during the conversion (something else made, "
+            f"replaced or removed it); nothing was written at {dest}: see what is there now, "
+            f"then convert again")
+
+
+def test_converter_never_replaces_a_folder_that_appeared_at_dest_during_the_run(
+        tmp_path, capsys, stack, monkeypatch):
+    src = write_stack(tmp_path / "slices", stack[:3])
+    dest = tmp_path / "o.zarr"
+
+    def notes_appear():
+        dest.mkdir()
+        (dest / "my_notes.txt").write_text("mine")
+    during_the_run(monkeypatch, notes_appear)
+    assert one_error_line(*run_converter(capsys, src, dest)) == changed_line(dest)
+    assert tree(dest) == {"my_notes.txt": b"mine"}
+    assert sorted(os.listdir(tmp_path)) == ["o.zarr", "slices"]
+    assert no_hidden_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("replacement", ["another store", "a folder"])
+def test_converter_overwrite_replaces_only_the_store_it_checked_at_the_start(
+        tmp_path, capsys, stack, monkeypatch, replacement):
+    src = write_stack(tmp_path / "slices", stack[:3])
+    dest = tmp_path / "o.zarr"
+    assert run_converter(capsys, src, dest, "--z_end", 1)[0] == 0
+    put_there = {}
+
+    def replaced():
+        os.rename(dest, tmp_path / "moved.zarr")      # kept, so its inode is not reused
+        if replacement == "another store":
+            zarr.open_group(str(dest), mode="w").attrs["mine"] = True
+        else:
+            dest.mkdir()
+            (dest / "my_notes.txt").write_text("mine")
+        put_there.update(tree(dest))
+    during_the_run(monkeypatch, replaced)
+    line = one_error_line(*run_converter(capsys, src, dest, "--overwrite"))
+    assert line == changed_line(dest)
+    assert tree(dest) == put_there
+    assert sorted(os.listdir(tmp_path)) == ["moved.zarr", "o.zarr", "slices"]
+
+
+HOLD_THE_LOCK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import converter
+with converter._locked(sys.argv[2], sys.argv[2]):
+    print("locked", flush=True)
+    sys.stdin.read()                     # until the test closes it
+"""
+
+
+def test_converter_second_run_to_the_same_dest_refuses_at_once_naming_the_first_runs_pid(
+        tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack[:3])
+    dest = tmp_path / "o.zarr"
+    assert run_converter(capsys, src, dest, "--z_end", 1)[0] == 0
+    os.symlink(dest, tmp_path / "link.zarr")                 # another path to the same DEST
+    with subprocess.Popen([sys.executable, "-B", "-c", HOLD_THE_LOCK, HERE, str(dest)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as first:
+        try:
+            assert select.select([first.stdout], [], [], 60)[0], "the first run took no lock"
+            assert first.stdout.readline() == "locked\n"
+            for path in (dest, tmp_path / "link.zarr"):
+                line = one_error_line(*run_converter(capsys, src, path, "--overwrite"))
+                assert line == (f"converter.py: error: another conversion to {path} is "
+                                f"running (PID {first.pid}); wait for it to end, or choose "
+                                f"another destination")
+            assert sorted(os.listdir(tmp_path)) == [".o.zarr.lock", "link.zarr", "o.zarr",
+                                                    "slices"]
+            assert zarr.open_group(str(dest))["volume"].shape == (1, 40, 50)   # untouched
+        finally:
+            first.stdin.close()                  # the first run ends
+            first.wait(timeout=60)
+    status, err = run_converter(capsys, src, dest, "--overwrite")     # the first has ended
+    assert status == 0, err
+    assert zarr.open_group(str(dest))["volume"].shape == (3, 40, 50)
+    assert sorted(os.listdir(tmp_path)) == ["link.zarr", "o.zarr", "slices"]
+
+
+def test_converter_removes_its_lock_after_success_or_failure_and_a_dead_runs_lock_is_no_lock(
+        tmp_path, capsys, stack):
+    src = write_stack(tmp_path / "slices", stack[:3])
+    (tmp_path / ".o.zarr.lock").write_text(f"{dead_pid()}\n")     # left by a killed run
+    status, err = run_converter(capsys, src, tmp_path / "o.zarr")
+    assert status == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["o.zarr", "slices"]
+    last = os.path.join(src, "02.tif")         # header intact, pixel data cut: fails mid-run
+    with open(last, "r+b") as tiff:
+        tiff.truncate(os.path.getsize(last) - 3000)
+    for dest, extra in ((tmp_path / "new.zarr", []), (tmp_path / "o.zarr", ["--overwrite"])):
+        line = one_error_line(*run_converter(capsys, src, dest, "--z_chunksize", 1, *extra))
+        assert "02.tif" in line
+        assert sorted(os.listdir(tmp_path)) == ["o.zarr", "slices"]
+
+
+def test_converter_lock_on_a_file_its_holder_removed_meanwhile_is_taken_again(tmp_path,
+                                                                            monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    dest, path = str(tmp_path / "o.zarr"), tmp_path / ".o.zarr.lock"
+    flock, calls = fcntl.flock, []
+
+    def holder_leaves_between_open_and_flock(fd, operation):
+        calls.append(operation)
+        if len(calls) == 1:
+            os.unlink(path)            # the run before ours ends: it removes the lock file
+        return flock(fd, operation)
+    monkeypatch.setattr(fcntl, "flock", holder_leaves_between_open_and_flock)
+    with converter._locked(dest, dest):
+        assert len(calls) == 2 and path.read_text() == f"{os.getpid()}\n"
+        with open(path) as other:                  # the file there is the one locked
+            with pytest.raises(BlockingIOError):
+                flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("window", [("0", "inf"), ("nan", "9"), ("5", "5"), ("9", "5")])
