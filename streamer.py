@@ -119,7 +119,9 @@ class VesuviusStream(IterableDataset):
       ``StatefulDataLoader`` continue an interrupted epoch exactly, batch for
       batch; with a plain DataLoader, ``set_epoch(e, skip_batches=B,
       batch_size=S)`` does the same after B batches (same ``num_workers``).
-      Random augmentations in ``transform`` are not replayed.
+      A state saved through JSON is accepted; one edited, or saved over
+      other data (the mask's or labels' counts per region differ), is
+      refused. Random augmentations in ``transform`` are not replayed.
 
     How it reads: the positions of each volume are partitioned into *regions*
     aligned to its chunk grid, each small enough that ``open_regions`` of them
@@ -159,9 +161,14 @@ class VesuviusStream(IterableDataset):
     Read failures: a chunk that cannot be decoded (corrupt, truncated) raises
     ``OSError`` naming the source, the voxels being read and the chunk's key,
     with the decoder's error as its cause. A local store that vanishes
-    (deleted, unmounted) raises ``FileNotFoundError`` at the next read; a
+    (deleted, unmounted) raises ``FileNotFoundError`` at the next read, and
+    one replaced (another folder at its path) or whose array metadata changed
+    (shape, dtype, chunks, codecs) raises ``OSError`` saying what changed; a
     chunk missing from a store that is still there reads as the array's fill
-    value, as Zarr defines.
+    value, as Zarr defines. Chunks rewritten in place under the same metadata
+    are not detected. The same holds for the mask and labels read when the
+    dataset is built. Volumes, labels and masks must hold bool, integer or
+    float data (``TypeError`` otherwise).
 
     Remote sources: ``http(s)://``, ``s3://`` and other fsspec URLs are read
     through zarr's fsspec store (install ``fsspec aiohttp``, plus ``s3fs`` for
@@ -194,7 +201,7 @@ class VesuviusStream(IterableDataset):
             source, sources in order, each source's share fixed by
             ``sampling_method`` (equal or proportional). Ignored by ``'grid'``.
             Meant for inspection: with a mask, each shard counts the mask's
-            positions before its share (the one plan that reads data).
+            positions before its share once (the one plan that reads data).
         seed (int): the seed of every random choice, any int (seeds equal
             modulo 2**64 give the same epochs). Default 0.
         return_coords (bool): append the block's ``(file_index, z, y, x)``.
