@@ -683,6 +683,23 @@ def benchmark_stream(path, args):
               f"blocks with ink, built in {built:.2f} s, peak RSS {rss}")
     print(f"  0.5 / None: {balanced[0.5] / balanced[None]:.2f}")
 
+    rates = {sources: in_fresh_process(many_sources_rate, sources) for sources in (30, 300)}
+    print(f"\nmany small sources (numpy {MANY_SHAPE}, blocks {MANY_BLOCK}, {MANY_ITEMS} items, "
+          f"no workers): 30 sources {rates[30]:.0f} items/s, 300 sources {rates[300]:.0f} "
+          f"items/s ({rates[300] / rates[30]:.2f}x)")
+
+
+MANY_SHAPE, MANY_BLOCK, MANY_ITEMS = (4, 32, 32), (2, 8, 8), 3000
+
+
+def many_sources_rate(sources):
+    """Items/s of one epoch over ``sources`` small numpy volumes, in this process."""
+    dataset = VesuviusStream([np.zeros(MANY_SHAPE, np.uint8)] * sources, *MANY_BLOCK,
+                             samples_per_epoch=MANY_ITEMS)
+    start = time.perf_counter()
+    count = sum(1 for _ in dataset)
+    return count / (time.perf_counter() - start)
+
 
 def stream_options(args):
     """VesuviusStream's reading options given on the command line (else its defaults)."""

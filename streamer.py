@@ -899,15 +899,17 @@ class _Merge:
     Visit v of stream i ends at fraction (v + 1) / count_i of its stream; the
     merge orders visits by (fraction, i). The visits at or before fraction t
     are a prefix of it, the first floor(t * count_i) of each stream, so a seek
-    bisects t (at a resolution finer than any two fractions differ: counts**2)
-    and then steps through the visits that share the next fraction. Stepping
-    on is a heap of each stream's next visit: O(log streams) a visit.
+    bisects t = p / scale and then steps through the visits that share the
+    next fraction. The scale tells every two fractions apart: their common
+    denominator, or past counts**2 when that is smaller. Stepping on is a
+    heap of each stream's next visit: O(log streams) a visit.
     """
 
     def __init__(self, streams):
         self.streams = streams
         self.counts = [s.count for s in streams]
-        self._scale = 1 << (2 * max(self.counts).bit_length() + 1)
+        self._scale = min(math.lcm(*filter(None, self.counts)),
+                          1 << (2 * max(self.counts).bit_length() + 1))
         self._place([0] * len(streams))
 
     def _place(self, nexts):
