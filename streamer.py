@@ -52,6 +52,9 @@ _KIND_KEYS = {None: (), True: (1,), False: (2,)}
 _METHODS = ('uniform', 'proportional', 'grid')
 # Remote stores: attempts per request, first backoff and longest wait (s).
 _ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
+# Seconds an HTTP(S) attempt may take (aiohttp.ClientTimeout's fields): in all, to
+# connect, and between two reads of the answer (a server that accepts and never answers).
+_HTTP_TIMEOUT = {'total': 60, 'sock_connect': 10, 'sock_read': 20}
 # What fsspec needs, per URL scheme, beyond fsspec itself.
 _URL_PACKAGES = {'http': 'aiohttp', 'https': 'aiohttp', 's3': 's3fs', 'gs': 'gcsfs',
                  'gcs': 'gcsfs'}
@@ -159,14 +162,20 @@ class VesuviusStream(IterableDataset):
 
     Remote sources: ``http(s)://``, ``s3://`` and other fsspec URLs are read
     through zarr's fsspec store (install ``fsspec aiohttp``, plus ``s3fs`` for
-    S3). Transient failures (HTTP 429 and 5xx, dropped connections, timeouts)
-    are retried up to 10 times with exponential backoff from 0.2 s, waiting
-    what a Retry-After header asks (at most 30 s); 401 and 403 raise
-    ``PermissionError`` at once, and a URL without Zarr metadata raises
-    ``FileNotFoundError``. A host that cannot be reached before it ever
-    answered (unknown name, refused connection) raises ``ConnectionError``
-    at construction, naming the URL, without retries. Each DataLoader
-    worker opens its own connections.
+    S3). An HTTP(S) attempt gives up after 60 s in all, 10 s to connect or
+    20 s without a byte (``aiohttp.ClientTimeout(total=60, sock_connect=10,
+    sock_read=20)``, unless ``storage_options`` gives ``client_kwargs``
+    a ``timeout``). Transient failures (HTTP 429 and 5xx, dropped
+    connections, timeouts) are retried up to 10 times with exponential
+    backoff from 0.2 s, waiting what a Retry-After header asks (at most 30 s),
+    then raise ``OSError`` naming the URL: a request waits at most 10 x 60 s
+    + 81 s of backoff (681 s; 870 s if every Retry-After asks 30 s), and one
+    to a server that accepts and never answers fails after 10 x 20 s + 81 s
+    (281 s). 401 and 403 raise ``PermissionError`` at once, and a URL without
+    Zarr metadata raises ``FileNotFoundError``. A host that cannot be reached
+    before it ever answered (unknown name, refused connection) raises
+    ``ConnectionError`` at construction, naming the URL, without retries.
+    Each DataLoader worker opens its own connections.
 
     Args:
         file_paths (list): the sources (see above).
@@ -225,7 +234,9 @@ class VesuviusStream(IterableDataset):
         open_regions (int): regions a worker interleaves. Default 8.
         storage_options (dict, optional): fsspec options for URL sources, e.g.
             ``{'anon': True}`` for a public S3 bucket, or
-            ``{'client_kwargs': {'headers': {...}}}`` for HTTP.
+            ``{'client_kwargs': {'headers': {...}}}`` for HTTP;
+            ``{'client_kwargs': {'timeout': aiohttp.ClientTimeout(...)}}``
+            replaces the HTTP timeout of each attempt (see Remote sources).
         cache_dir (str, optional): a local folder keeping every chunk fetched
             from URL sources (shared by workers, kept across runs; delete it
             yourself). Chunks read in parts (sharded stores) are not cached.
@@ -1586,10 +1597,12 @@ class _RemoteStore(zarr.storage.WrapperStore):
     429, 5xx, dropped connections and timeouts are retried with exponential
     backoff (waiting what Retry-After asks, when the server says); 401 and 403
     fail at once, and so does a host that cannot be reached before it ever
-    answered (a wrong URL: nothing to wait for). With ``cache_dir``, every
-    chunk fetched whole is kept in ``cache_dir/<hash of the URL>/<key>`` and
-    read from there afterwards; a failed cache write warns once and ends
-    caching for this store in this process, the read goes on.
+    answered (a wrong URL: nothing to wait for). An HTTP(S) attempt waits at
+    most ``_HTTP_TIMEOUT`` unless ``storage_options`` sets aiohttp's timeout.
+    With ``cache_dir``, every chunk fetched whole is kept in
+    ``cache_dir/<hash of the URL>/<key>`` and read from there afterwards; a
+    failed cache write warns once and ends caching for this store in this
+    process, the read goes on.
     """
 
     def __init__(self, store, url, cache_dir=None, state=None):
@@ -1605,6 +1618,14 @@ class _RemoteStore(zarr.storage.WrapperStore):
     def from_url(cls, url, index, storage_options, cache_dir):
         scheme = url.split('://', 1)[0]
         try:
+            if scheme in ('http', 'https'):
+                import aiohttp      # here: s3:// and other URLs do without it
+                # Without a timeout a server that accepts and never answers makes
+                # each attempt wait for aiohttp's 5 minutes. The user's, if given.
+                client = (storage_options or {}).get('client_kwargs') or {}
+                if 'timeout' not in client:
+                    client = {**client, 'timeout': aiohttp.ClientTimeout(**_HTTP_TIMEOUT)}
+                    storage_options = {**(storage_options or {}), 'client_kwargs': client}
             store = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options,
                                                       read_only=True)
         except ImportError as error:
@@ -1663,8 +1684,13 @@ class _RemoteStore(zarr.storage.WrapperStore):
                 if not _transient(error, status):
                     raise
                 if attempt == _ATTEMPTS - 1:
+                    timeout = getattr(self._store.fs, 'client_kwargs', {}).get('timeout')
+                    waited = ("" if not isinstance(error, TimeoutError) or timeout is None else
+                              f" (no answer within the timeout of an attempt, {timeout!r}; "
+                              f"storage_options={{'client_kwargs': {{'timeout': "
+                              f"aiohttp.ClientTimeout(...)}}}} sets another)")
                     raise _GaveUp(f"{self.url}/{key}: still failing after {_ATTEMPTS} "
-                                  f"attempts: {error!r}") from error
+                                  f"attempts{waited}: {error!r}") from error
                 await asyncio.sleep(_retry_wait(error, attempt))
 
 

@@ -1380,6 +1380,56 @@ def test_chunk_cache_serves_the_second_read_from_disk(scroll):
     assert sum(len(files) for _, _, files in os.walk(cache)) == fetched[0]
 
 
+def never_answering_chunks():
+    """A handler answering metadata but never a chunk request, an Event set when a chunk
+    request arrives, and one to set at the end (the handler's threads then end)."""
+    arrived, over = threading.Event(), threading.Event()
+
+    class Handler(benchmark.QuietHandler):
+        def do_GET(self):
+            if self.path.rsplit("/", 1)[-1] in METADATA:
+                return super().do_GET()
+            arrived.set()
+            over.wait(120)
+
+    return Handler, arrived, over
+
+
+def test_a_server_that_never_answers_times_out_each_attempt_then_fails_naming_the_url(
+        scroll, waits):
+    import aiohttp
+    root, _ = scroll
+    short = aiohttp.ClientTimeout(total=0.3)
+    with socket.socket() as silent:        # the kernel accepts connections; nothing answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(256)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/scroll.zarr"
+        started = time.monotonic()
+        with pytest.raises(OSError, match=re.escape(url) + r".*still failing after "
+                           rf"{streamer._ATTEMPTS} attempts \(no answer within the timeout "
+                           r"of an attempt, ClientTimeout\(total=0.3,"):
+            VesuviusStream([url], 4, 4, 4, 1, storage_options={"client_kwargs":
+                                                               {"timeout": short}})
+        assert time.monotonic() - started < 20
+    assert len(waits) >= streamer._ATTEMPTS - 1          # retried, the waits not waited
+    # The default timeout, and in a DataLoader worker (which reopens the store from a
+    # pickle) the one given: chunks that never come fail the epoch, naming the URL.
+    handler, arrived, over = never_answering_chunks()
+    try:
+        with benchmark.serve(str(root), handler=handler) as url:
+            default = VesuviusStream([f"{url}/scroll.zarr"], 4, 4, 4, 1)
+            assert default._sources[0].volume.store._store.fs.client_kwargs["timeout"] == (
+                aiohttp.ClientTimeout(total=60, sock_connect=10, sock_read=20))
+            ds = VesuviusStream([f"{url}/scroll.zarr"], 4, 4, 4, 1,
+                                storage_options={"client_kwargs": {"timeout": short}})
+            with pytest.raises(OSError, match=re.escape(url) + r"/scroll.zarr/0/\d+/\d+/\d+: "
+                               r"still failing after .*ClientTimeout\(total=0.3,"):
+                next(iter(DataLoader(ds, num_workers=1, timeout=60)))
+    finally:
+        over.set()
+    assert arrived.is_set()
+
+
 @pytest.fixture
 def waits(monkeypatch):
     """The retry waits taken (each one is an attempt that failed and is retried), not waited."""
