@@ -26,6 +26,7 @@ import ctypes
 import email.utils
 import hashlib
 import itertools
+import json
 import math
 import os
 import pickle
@@ -55,6 +56,8 @@ _ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
 # Seconds an HTTP(S) attempt may take (aiohttp.ClientTimeout's fields): in all, to
 # connect, and between two reads of the answer (a server that accepts and never answers).
 _HTTP_TIMEOUT = {'total': 60, 'sock_connect': 10, 'sock_read': 20}
+# What fsspec's info dates a remote file by (HTTP headers; S3's names).
+_VERSION_KEYS = ('ETag', 'Last-Modified', 'LastModified')
 # What fsspec needs, per URL scheme, beyond fsspec itself.
 _URL_PACKAGES = {'http': 'aiohttp', 'https': 'aiohttp', 's3': 's3fs', 'gs': 'gcsfs',
                  'gcs': 'gcsfs'}
@@ -175,7 +178,15 @@ class VesuviusStream(IterableDataset):
     Zarr metadata raises ``FileNotFoundError``. A host that cannot be reached
     before it ever answered (unknown name, refused connection) raises
     ``ConnectionError`` at construction, naming the URL, without retries.
-    Each DataLoader worker opens its own connections.
+    Each DataLoader worker opens its own connections. Versions: at the start
+    of every iteration, in each worker, each remote array's metadata is
+    fetched again (two small requests at once: its ``zarr.json`` or
+    ``.zarray``, and its ETag / Last-Modified); if the store no longer holds
+    the version the dataset was built on, the iteration raises ``OSError``
+    naming the source, the URL and what changed (shape, dtype, chunks,
+    codecs, or "replaced" when only ETag / Last-Modified did): build the
+    dataset again. A store replaced during an epoch is noticed at the next
+    iteration.
 
     Args:
         file_paths (list): the sources (see above).
@@ -239,9 +250,17 @@ class VesuviusStream(IterableDataset):
             replaces the HTTP timeout of each attempt (see Remote sources).
         cache_dir (str, optional): a local folder keeping every chunk fetched
             from URL sources (shared by workers, kept across runs; delete it
-            yourself). Chunks read in parts (sharded stores) are not cached.
-            A failed cache write (disk full) warns once and ends caching in
-            that process; the read goes on.
+            yourself). A cached chunk is used only for the version of its
+            array it came from: chunks are kept in a folder per version,
+            named by a digest of the URL, the array's path, its metadata
+            document (the bytes of its ``zarr.json`` or ``.zarray``) and the
+            ETag / Last-Modified the server gives for that document; a store
+            converted again (new values, dtype or chunks) is so fetched anew.
+            A server that sends neither ETag nor Last-Modified gets a warning
+            (its versions are told apart by their metadata alone). Chunks
+            read in parts (sharded stores) are not cached. A failed cache
+            write (disk full) warns once and ends caching in that process;
+            the read goes on.
 
     Example::
 
@@ -1203,22 +1222,27 @@ class _Source:
     # reading and cutting
 
     def attach(self):
-        """Reopen remote arrays once in a new process (a DataLoader worker).
+        """At the start of each iteration: reopen remote arrays in a new process (a
+        DataLoader worker), and check that their stores still hold the version this
+        dataset was built on (``_RemoteStore.verify``: two small requests per remote
+        array, concurrently, in each worker at each iteration).
 
         fsspec's HTTP sessions belong to the event loop of the process that
         opened them and fail after a fork; a pickle round trip opens new ones.
         """
-        if self._process == os.getpid():
-            return
-        self._process = os.getpid()
-        # The parent's arrays are kept, not collected: collecting them would
-        # make aiohttp warn of sessions that cannot be closed from here.
-        self._parents_arrays = (self.volume, self.labels, self.mask)
-        self.volume, self.labels, self.mask = (
-            pickle.loads(pickle.dumps(array))
-            if isinstance(array, zarr.Array)
-            and not isinstance(array.store, (zarr.storage.LocalStore, zarr.storage.MemoryStore))
-            else array for array in (self.volume, self.labels, self.mask))
+        if self._process != os.getpid():
+            self._process = os.getpid()
+            # The parent's arrays are kept, not collected: collecting them would
+            # make aiohttp warn of sessions that cannot be closed from here.
+            self._parents_arrays = (self.volume, self.labels, self.mask)
+            self.volume, self.labels, self.mask = (
+                pickle.loads(pickle.dumps(array))
+                if isinstance(array, zarr.Array)
+                and not isinstance(array.store, (zarr.storage.LocalStore,
+                                                 zarr.storage.MemoryStore))
+                else array for array in (self.volume, self.labels, self.mask))
+        _RemoteStore.verify(f"source {self.index} ({self.name})",
+                            (self.volume, self.labels, self.mask))
 
     def nbytes(self, origin, end):
         """Bytes that decoding the box ``[origin, end)`` holds (numpy sources: views, none)."""
@@ -1591,6 +1615,17 @@ class _Unreachable(ConnectionError):
     """A host that never answered: its name does not resolve, or it refuses connections."""
 
 
+class _StoreChanged(OSError):
+    """A remote array whose store no longer holds the version the dataset was built on."""
+
+
+class _Version(typing.NamedTuple):
+    """A remote array's metadata document as fetched, and what the server dates it by."""
+    document: bytes
+    stamp: dict             # ETag / Last-Modified, as fsspec's info gives them
+    digest: str             # the array's folder in cache_dir
+
+
 class _RemoteStore(zarr.storage.WrapperStore):
     """An fsspec store that retries transient failures and may cache chunks on disk.
 
@@ -1599,17 +1634,23 @@ class _RemoteStore(zarr.storage.WrapperStore):
     fail at once, and so does a host that cannot be reached before it ever
     answered (a wrong URL: nothing to wait for). An HTTP(S) attempt waits at
     most ``_HTTP_TIMEOUT`` unless ``storage_options`` sets aiohttp's timeout.
-    With ``cache_dir``, every chunk fetched whole is kept in
-    ``cache_dir/<hash of the URL>/<key>`` and read from there afterwards; a
-    failed cache write warns once and ends caching for this store in this
-    process, the read goes on.
+
+    Versions: when zarr fetches an array's metadata document (``zarr.json``,
+    ``.zarray``), the store keeps it with its ETag / Last-Modified (one HEAD
+    request more). With ``cache_dir``, every chunk fetched whole is kept in
+    ``cache_dir/<digest of URL, array path, metadata, ETag/Last-Modified>/<key>``
+    and read from there afterwards, so that a chunk is only ever used for the
+    version of the array it came from; a failed cache write warns once and
+    ends caching for this store in this process, the read goes on.
+    ``changes(array)`` fetches the document again and says what differs.
     """
 
     def __init__(self, store, url, cache_dir=None, state=None):
         super().__init__(store)
         self.url, self.cache_dir = url, cache_dir
         # Shared by the copies zarr makes of this store (and pickled with them).
-        self._state = state or {'answered': False, 'caching': True}
+        self._state = state or {'answered': False, 'caching': True, 'versions': {},
+                                'unstamped': False}
 
     def _with_store(self, store):
         return type(self)(store, self.url, self.cache_dir, self._state)
@@ -1636,17 +1677,122 @@ class _RemoteStore(zarr.storage.WrapperStore):
         return cls(store, url, cache_dir)
 
     async def get(self, key, prototype, byte_range=None):
-        cached = None
-        if self.cache_dir and byte_range is None and key.rsplit('/', 1)[-1] not in _METADATA_KEYS:
-            digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-            cached = os.path.join(self.cache_dir, digest, *key.split('/'))
-            if os.path.exists(cached):
-                with open(cached, 'rb') as file:
-                    return prototype.buffer.from_bytes(file.read())
-        value = await self._get_with_retries(key, prototype, byte_range)
+        name = key.rsplit('/', 1)[-1]
+        if name in _METADATA_KEYS:
+            value = await self._request(key, lambda: self._store.get(key, prototype, byte_range))
+            if name in ('zarr.json', '.zarray') and byte_range is None and value is not None:
+                await self._remember(key, value.to_bytes())
+            return value
+        cached = self._cached(key) if byte_range is None else None
+        if cached and os.path.exists(cached):
+            with open(cached, 'rb') as file:
+                return prototype.buffer.from_bytes(file.read())
+        value = await self._request(key, lambda: self._store.get(key, prototype, byte_range))
         if cached and value is not None and self._state['caching']:
             self._keep(key, cached, value.to_bytes())
         return value
+
+    def _cached(self, key):
+        """Where chunk ``key`` is kept in cache_dir: under its array's version (the
+        array whose path is the longest prefix of the key); None if not cached."""
+        if not self.cache_dir:
+            return None
+        parts = key.split('/')
+        for end in range(len(parts) - 1, -1, -1):
+            version = self._state['versions'].get('/'.join(parts[:end]))
+            if version is not None:
+                return os.path.join(self.cache_dir, version.digest, *parts)
+        return None      # its array's metadata was not fetched (consolidated metadata)
+
+    async def _remember(self, key, document, stamp=None):
+        """Keep the version of the array whose metadata document ``key`` holds
+        ``document`` (not a group's), with the server's ETag / Last-Modified for it:
+        ``stamp``, else asked for with a HEAD request."""
+        directory = key.rpartition('/')[0]
+        known = self._state['versions'].get(directory)
+        if known is not None and known.document == document:
+            return           # opening a group fetches an array's document more than once
+        try:
+            array = key.endswith('.zarray') or json.loads(document).get('node_type') == 'array'
+        except (ValueError, AttributeError):       # not a JSON object: zarr will say so
+            array = False
+        if not array:
+            return
+        stamp = await self._stamp(key) if stamp is None else stamp
+        if self.cache_dir and not stamp and not self._state['unstamped']:
+            self._state['unstamped'] = True
+            warnings.warn(f"cache_dir {self.cache_dir!r}: {self.url}/{key} comes without ETag "
+                          f"or Last-Modified, so cached chunks are told apart by the array's "
+                          f"metadata alone: a store converted again with the same layout "
+                          f"would be read from the old chunks; delete the cache when it changes",
+                          RuntimeWarning)
+        digest = hashlib.sha256(repr((self.url, key, document, sorted(stamp.items())))
+                                .encode()).hexdigest()[:16]
+        self._state['versions'][directory] = _Version(document, stamp, digest)
+
+    async def _stamp(self, key):
+        """The ETag / Last-Modified the server gives for ``key`` (a HEAD request)."""
+        path = f"{self._store.path.rstrip('/')}/{key}"
+        info = await self._request(key, lambda: self._store.fs._info(path))
+        return {name: str(info[name]) for name in _VERSION_KEYS if info.get(name)}
+
+    async def changes(self, array):
+        """What differs in ``array``'s metadata on the server from what it was opened
+        with (attributes aside): ``[]`` if nothing. Two small requests, at once."""
+        directory = array.path
+        key = '/'.join(filter(None, [directory, 'zarr.json' if array.metadata.zarr_format == 3
+                                     else '.zarray']))
+        # The HEAD for its ETag / Last-Modified goes with the GET: one round trip.
+        dated = asyncio.ensure_future(self._stamp(key))
+        dated.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen
+        try:
+            value = await self._request(key, lambda: self._store.get(
+                key, zarr.core.buffer.default_buffer_prototype()))
+            if value is None:       # the HEAD fails too: not waited for
+                return [f"its metadata {key} is gone (deleted, moved, or of another zarr "
+                        f"format)"]
+            stamp = await dated
+        finally:
+            dated.cancel()          # if the GET failed first
+        document = value.to_bytes()
+        try:
+            now = type(array.metadata).from_dict(json.loads(document))
+        except Exception as error:
+            return [f"its metadata {key} no longer describes such an array ({error})"]
+        changed = _metadata_changes(array.metadata, now)
+        known = self._state['versions'].get(directory)
+        if known is None:       # not fetched when opened (consolidated metadata): from now
+            await self._remember(key, document, stamp)
+        elif not changed and stamp != known.stamp:
+            changed = ["replaced (ETag/Last-Modified changed: "
+                       f"{_stamp_text(known.stamp)} -> {_stamp_text(stamp)})"]
+        return changed
+
+    @staticmethod
+    def verify(source, arrays):
+        """Raise unless every remote array of ``source`` (as errors name it) is still the
+        version the dataset was built on."""
+        remote = [array for array in arrays if isinstance(array, zarr.Array)
+                  and isinstance(array.store, _RemoteStore)]
+        if not remote:
+            return
+
+        async def check():
+            return await asyncio.gather(*(array.store.changes(array) for array in remote))
+
+        try:
+            changes = zarr.core.sync.sync(check())
+        except Exception as error:
+            raise OSError(f"{source}: cannot check that its remote store still holds "
+                          f"the version this dataset was built on: {type(error).__name__}: "
+                          f"{error}") from error
+        changed = [f"{'/'.join(filter(None, [array.store.url, array.path]))}: "
+                   f"{', '.join(change)}" for array, change in zip(remote, changes) if change]
+        if changed:
+            raise _StoreChanged(f"{source}: the remote store changed since this dataset "
+                                f"was built: {'; '.join(changed)}. Its plan and any cached "
+                                f"chunks are of the old version: build the dataset again "
+                                f"(VesuviusStream(...)) to read the new one")
 
     def _keep(self, key, cached, data):
         """Write a fetched chunk to the cache; a failure (disk full, read-only) only warns."""
@@ -1664,13 +1810,17 @@ class _RemoteStore(zarr.storage.WrapperStore):
                           f"({error}); {self.url} is no longer cached by this process",
                           RuntimeWarning)
 
-    async def _get_with_retries(self, key, prototype, byte_range):
+    async def _request(self, key, request):
+        """``await request()`` (a request about ``key``), retried as the class says."""
         for attempt in range(_ATTEMPTS):
             try:
-                value = await self._store.get(key, prototype, byte_range)
+                value = await request()
                 self._state['answered'] = True
                 return value
-            except Exception as error:
+            except Exception as failure:
+                # fsspec's HTTP info reports any failure as FileNotFoundError from its cause.
+                error = (failure.__cause__ if type(failure) is FileNotFoundError
+                         and failure.__cause__ is not None else failure)
                 status = getattr(error, 'status', None)
                 if not self._state['answered'] and _unreachable(error):
                     raise _Unreachable(f"{self.url}: cannot reach the host, it never "
@@ -1692,6 +1842,33 @@ class _RemoteStore(zarr.storage.WrapperStore):
                     raise _GaveUp(f"{self.url}/{key}: still failing after {_ATTEMPTS} "
                                   f"attempts{waited}: {error!r}") from error
                 await asyncio.sleep(_retry_wait(error, attempt))
+
+
+def _metadata_changes(old, new):
+    """What differs between two metadata of an array, attributes aside, as errors say it:
+    shape, dtype and chunks with their values, then codecs and any other field by name."""
+    before, after = old.to_dict(), new.to_dict()
+    names = {'data_type': 'dtype', 'chunk_grid': 'chunks', 'compressor': 'codecs',
+             'filters': 'codecs'}
+    changed = {names.get(key, key) for key in before.keys() | after.keys()
+               if key != 'attributes' and before.get(key) != after.get(key)}
+    values = {'shape': lambda fields: tuple(fields['shape']),
+              'dtype': lambda fields: fields.get('data_type', fields.get('dtype')),
+              'chunks': lambda fields: tuple(fields['chunks'] if 'chunks' in fields else
+                                             fields['chunk_grid']['configuration']['chunk_shape'])}
+    order = [*values, 'codecs']
+    described = []
+    for name in sorted(changed, key=lambda name: (order.index(name) if name in order
+                                                  else len(order), name)):
+        try:
+            described.append(f"{name} {values[name](before)} -> {values[name](after)}")
+        except (KeyError, TypeError):     # named only (or chunks of an irregular grid)
+            described.append(name)
+    return described
+
+
+def _stamp_text(stamp):
+    return ', '.join(f"{name} {value}" for name, value in stamp.items()) or 'none'
 
 
 def _transient(error, status):
