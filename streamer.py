@@ -186,7 +186,9 @@ class VesuviusStream(IterableDataset):
     naming the source, the URL and what changed (shape, dtype, chunks,
     codecs, or "replaced" when only ETag / Last-Modified did): build the
     dataset again. A store replaced during an epoch is noticed at the next
-    iteration.
+    iteration. Ending an iteration (``break``, an error, Ctrl-C) cancels its
+    remote requests in flight, so that it ends at once even while the server
+    does not answer.
 
     Args:
         file_paths (list): the sources (see above).
@@ -1391,6 +1393,13 @@ class _Reader:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+        if self._thread.is_alive():
+            # It may wait on a server that stopped answering (and Ctrl-C does not reach
+            # it): cancel the remote requests of its sources, so that it ends now.
+            for source in self._sources:
+                for array in (source.volume, source.labels, source.mask):
+                    if isinstance(getattr(array, 'store', None), _RemoteStore):
+                        array.store.cancel()
         self._thread.join()
 
     def _run(self):
@@ -1615,6 +1624,10 @@ class _Unreachable(ConnectionError):
     """A host that never answered: its name does not resolve, or it refuses connections."""
 
 
+class _Cancelled(OSError):
+    """A remote read cancelled because the iteration it was for ended (``_Reader.close``)."""
+
+
 class _StoreChanged(OSError):
     """A remote array whose store no longer holds the version the dataset was built on."""
 
@@ -1624,6 +1637,21 @@ class _Version(typing.NamedTuple):
     document: bytes
     stamp: dict             # ETag / Last-Modified, as fsspec's info gives them
     digest: str             # the array's folder in cache_dir
+
+
+class _InFlight:
+    """The requests a store (and its copies) has in flight, to cancel from another thread.
+
+    Pickled empty and not cancelled: tasks and locks belong to one process.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tasks = set()
+        self.cancelled = False
+
+    def __reduce__(self):
+        return _InFlight, ()
 
 
 class _RemoteStore(zarr.storage.WrapperStore):
@@ -1643,6 +1671,10 @@ class _RemoteStore(zarr.storage.WrapperStore):
     version of the array it came from; a failed cache write warns once and
     ends caching for this store in this process, the read goes on.
     ``changes(array)`` fetches the document again and says what differs.
+
+    ``cancel()`` (from any thread) cancels the requests in flight and refuses
+    new ones until ``resume()``, so that a thread waiting on a server that
+    stopped answering can be joined at once.
     """
 
     def __init__(self, store, url, cache_dir=None, state=None):
@@ -1650,7 +1682,7 @@ class _RemoteStore(zarr.storage.WrapperStore):
         self.url, self.cache_dir = url, cache_dir
         # Shared by the copies zarr makes of this store (and pickled with them).
         self._state = state or {'answered': False, 'caching': True, 'versions': {},
-                                'unstamped': False}
+                                'requests': _InFlight(), 'unstamped': False}
 
     def _with_store(self, store):
         return type(self)(store, self.url, self.cache_dir, self._state)
@@ -1675,6 +1707,24 @@ class _RemoteStore(zarr.storage.WrapperStore):
                               f"packages {packages} (pip install {packages}); "
                               f"{error}") from error
         return cls(store, url, cache_dir)
+
+    # cancelling (thread-safe)
+
+    def cancel(self):
+        """Cancel the requests in flight; refuse new ones until ``resume()``."""
+        requests = self._state['requests']
+        with requests.lock:
+            requests.cancelled = True
+            tasks = list(requests.tasks)
+        for task in tasks:
+            with contextlib.suppress(RuntimeError):     # its loop is closed: nothing runs
+                task.get_loop().call_soon_threadsafe(task.cancel)
+
+    def resume(self):
+        with self._state['requests'].lock:
+            self._state['requests'].cancelled = False
+
+    # reading
 
     async def get(self, key, prototype, byte_range=None):
         name = key.rsplit('/', 1)[-1]
@@ -1771,11 +1821,13 @@ class _RemoteStore(zarr.storage.WrapperStore):
     @staticmethod
     def verify(source, arrays):
         """Raise unless every remote array of ``source`` (as errors name it) is still the
-        version the dataset was built on."""
+        version the dataset was built on; let their stores take requests again."""
         remote = [array for array in arrays if isinstance(array, zarr.Array)
                   and isinstance(array.store, _RemoteStore)]
         if not remote:
             return
+        for array in remote:
+            array.store.resume()
 
         async def check():
             return await asyncio.gather(*(array.store.changes(array) for array in remote))
@@ -1811,7 +1863,28 @@ class _RemoteStore(zarr.storage.WrapperStore):
                           RuntimeWarning)
 
     async def _request(self, key, request):
-        """``await request()`` (a request about ``key``), retried as the class says."""
+        """``await request()`` (a request about ``key``), retried as the class says;
+        cancelled by ``cancel()``."""
+        requests, task = self._state['requests'], asyncio.current_task()
+        ended = f"{self.url}/{key}: not read, the iteration reading it ended"
+        with requests.lock:
+            if requests.cancelled:
+                raise _Cancelled(ended)
+            requests.tasks.add(task)
+        try:
+            return await self._with_retries(key, request)
+        except asyncio.CancelledError:
+            if not requests.cancelled:      # not by cancel(): let the task be cancelled
+                raise
+            # An error, not a cancelled read: zarr then raises it as it is, and the
+            # failed read is not searched for a corrupt chunk.
+            task.uncancel()
+            raise _Cancelled(ended) from None
+        finally:
+            with requests.lock:
+                requests.tasks.discard(task)
+
+    async def _with_retries(self, key, request):
         for attempt in range(_ATTEMPTS):
             try:
                 value = await request()

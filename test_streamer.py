@@ -1524,6 +1524,51 @@ def test_a_server_that_never_answers_times_out_each_attempt_then_fails_naming_th
     assert arrived.is_set()
 
 
+INTERRUPTED = """
+import signal, sys, threading
+import aiohttp
+sys.path.insert(0, {here!r})
+from streamer import VesuviusStream
+signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started ignoring it
+# Each attempt may wait 10 minutes: only cancelling the request ends it at once.
+ds = VesuviusStream([{url!r}], 6, 10, 12, 50, storage_options={{
+    "client_kwargs": {{"timeout": aiohttp.ClientTimeout(total=600)}}}})
+try:
+    for item in ds:
+        pass
+except KeyboardInterrupt:
+    print("caught KeyboardInterrupt", flush=True)
+    print("threads:", sorted(t.name for t in threading.enumerate()), flush=True)
+"""
+
+
+def test_ctrl_c_while_a_remote_read_hangs_ends_the_epoch_at_once_without_threads(scroll):
+    root, _ = scroll
+    handler, arrived, over = never_answering_chunks()
+    script = root / "interrupted.py"
+    try:
+        with benchmark.serve(str(root), handler=handler) as url:
+            script.write_text(INTERRUPTED.format(here=HERE, url=f"{url}/scroll.zarr"))
+            process = subprocess.Popen([sys.executable, "-B", str(script)], cwd=root,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+            try:
+                if not arrived.wait(120):          # the read now hangs
+                    process.kill()
+                    pytest.fail(f"no chunk request came: {process.communicate()}")
+                process.send_signal(signal.SIGINT)
+                interrupted = time.monotonic()
+                out, err = process.communicate(timeout=30)
+                took = time.monotonic() - interrupted
+            finally:
+                process.kill()
+    finally:
+        over.set()
+    assert "caught KeyboardInterrupt" in out, err
+    assert "threads:" in out and "VesuviusStream reader" not in out
+    assert took < 5, err
+
+
 @pytest.fixture
 def waits(monkeypatch):
     """The retry waits taken (each one is an attempt that failed and is retried), not waited."""
