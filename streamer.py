@@ -55,6 +55,11 @@ _KIND_KEYS = {None: (), True: (1,), False: (2,)}
 _METHODS = ('uniform', 'proportional', 'grid')
 # Remote stores: attempts per request, first backoff and longest wait (s).
 _ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
+# Seconds an HTTP(S) attempt may take (aiohttp.ClientTimeout's fields): in all, to
+# connect, and between two reads of the answer (a server that accepts and never answers).
+_HTTP_TIMEOUT = {'total': 60, 'sock_connect': 10, 'sock_read': 20}
+# What fsspec's info dates a remote file by (HTTP headers; S3's names).
+_VERSION_KEYS = ('ETag', 'Last-Modified', 'LastModified')
 # What fsspec needs, per URL scheme, beyond fsspec itself.
 _URL_PACKAGES = {'http': 'aiohttp', 'https': 'aiohttp', 's3': 's3fs', 'gs': 'gcsfs',
                  'gcs': 'gcsfs'}
@@ -172,14 +177,30 @@ class VesuviusStream(IterableDataset):
 
     Remote sources: ``http(s)://``, ``s3://`` and other fsspec URLs are read
     through zarr's fsspec store (install ``fsspec aiohttp``, plus ``s3fs`` for
-    S3). Transient failures (HTTP 429 and 5xx, dropped connections, timeouts)
-    are retried up to 10 times with exponential backoff from 0.2 s, waiting
-    what a Retry-After header asks (at most 30 s); 401 and 403 raise
-    ``PermissionError`` at once, and a URL without Zarr metadata raises
-    ``FileNotFoundError``. A host that cannot be reached before it ever
-    answered (unknown name, refused connection) raises ``ConnectionError``
-    at construction, naming the URL, without retries. Each DataLoader
-    worker opens its own connections.
+    S3). An HTTP(S) attempt gives up after 60 s in all, 10 s to connect or
+    20 s without a byte (``aiohttp.ClientTimeout(total=60, sock_connect=10,
+    sock_read=20)``, unless ``storage_options`` gives ``client_kwargs``
+    a ``timeout``). Transient failures (HTTP 429 and 5xx, dropped
+    connections, timeouts) are retried up to 10 times with exponential
+    backoff from 0.2 s, waiting what a Retry-After header asks (at most 30 s),
+    then raise ``OSError`` naming the URL: a request waits at most 10 x 60 s
+    + 81 s of backoff (681 s; 870 s if every Retry-After asks 30 s), and one
+    to a server that accepts and never answers fails after 10 x 20 s + 81 s
+    (281 s). 401 and 403 raise ``PermissionError`` at once, and a URL without
+    Zarr metadata raises ``FileNotFoundError``. A host that cannot be reached
+    before it ever answered (unknown name, refused connection) raises
+    ``ConnectionError`` at construction, naming the URL, without retries.
+    Each DataLoader worker opens its own connections. Versions: at the start
+    of every iteration, in each worker, each remote array's metadata is
+    fetched again (two small requests at once: its ``zarr.json`` or
+    ``.zarray``, and its ETag / Last-Modified); if the store no longer holds
+    the version the dataset was built on, the iteration raises ``OSError``
+    naming the source, the URL and what changed (shape, dtype, chunks,
+    codecs, or "replaced" when only ETag / Last-Modified did): build the
+    dataset again. A store replaced during an epoch is noticed at the next
+    iteration. Ending an iteration (``break``, an error, Ctrl-C) cancels its
+    remote requests in flight, so that it ends at once even while the server
+    does not answer.
 
     Args:
         file_paths (list): the sources (see above).
@@ -238,12 +259,22 @@ class VesuviusStream(IterableDataset):
         open_regions (int): regions a worker interleaves. Default 8.
         storage_options (dict, optional): fsspec options for URL sources, e.g.
             ``{'anon': True}`` for a public S3 bucket, or
-            ``{'client_kwargs': {'headers': {...}}}`` for HTTP.
+            ``{'client_kwargs': {'headers': {...}}}`` for HTTP;
+            ``{'client_kwargs': {'timeout': aiohttp.ClientTimeout(...)}}``
+            replaces the HTTP timeout of each attempt (see Remote sources).
         cache_dir (str, optional): a local folder keeping every chunk fetched
             from URL sources (shared by workers, kept across runs; delete it
-            yourself). Chunks read in parts (sharded stores) are not cached.
-            A failed cache write (disk full) warns once and ends caching in
-            that process; the read goes on.
+            yourself). A cached chunk is used only for the version of its
+            array it came from: chunks are kept in a folder per version,
+            named by a digest of the URL, the array's path, its metadata
+            document (the bytes of its ``zarr.json`` or ``.zarray``) and the
+            ETag / Last-Modified the server gives for that document; a store
+            converted again (new values, dtype or chunks) is so fetched anew.
+            A server that sends neither ETag nor Last-Modified gets a warning
+            (its versions are told apart by their metadata alone). Chunks
+            read in parts (sharded stores) are not cached. A failed cache
+            write (disk full) warns once and ends caching in that process;
+            the read goes on.
 
     Example::
 
@@ -1289,22 +1320,27 @@ class _Source:
     # reading and cutting
 
     def attach(self):
-        """Reopen remote arrays once in a new process (a DataLoader worker).
+        """At the start of each iteration: reopen remote arrays in a new process (a
+        DataLoader worker), and check that their stores still hold the version this
+        dataset was built on (``_RemoteStore.verify``: two small requests per remote
+        array, concurrently, in each worker at each iteration).
 
         fsspec's HTTP sessions belong to the event loop of the process that
         opened them and fail after a fork; a pickle round trip opens new ones.
         """
-        if self._process == os.getpid():
-            return
-        self._process = os.getpid()
-        # The parent's arrays are kept, not collected: collecting them would
-        # make aiohttp warn of sessions that cannot be closed from here.
-        self._parents_arrays = (self.volume, self.labels, self.mask)
-        self.volume, self.labels, self.mask = (
-            pickle.loads(pickle.dumps(array))
-            if isinstance(array, zarr.Array)
-            and not isinstance(array.store, (zarr.storage.LocalStore, zarr.storage.MemoryStore))
-            else array for array in (self.volume, self.labels, self.mask))
+        if self._process != os.getpid():
+            self._process = os.getpid()
+            # The parent's arrays are kept, not collected: collecting them would
+            # make aiohttp warn of sessions that cannot be closed from here.
+            self._parents_arrays = (self.volume, self.labels, self.mask)
+            self.volume, self.labels, self.mask = (
+                pickle.loads(pickle.dumps(array))
+                if isinstance(array, zarr.Array)
+                and not isinstance(array.store, (zarr.storage.LocalStore,
+                                                 zarr.storage.MemoryStore))
+                else array for array in (self.volume, self.labels, self.mask))
+        _RemoteStore.verify(f"source {self.index} ({self.name})",
+                            (self.volume, self.labels, self.mask))
 
     def nbytes(self, origin, end):
         """Bytes that decoding the box ``[origin, end)`` holds (numpy sources: views, none)."""
@@ -1455,6 +1491,13 @@ class _Reader:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+        if self._thread.is_alive():
+            # It may wait on a server that stopped answering (and Ctrl-C does not reach
+            # it): cancel the remote requests of its sources, so that it ends now.
+            for source in self._sources:
+                for array in (source.volume, source.labels, source.mask):
+                    if isinstance(getattr(array, 'store', None), _RemoteStore):
+                        array.store.cancel()
         self._thread.join()
 
     def _run(self):
@@ -1743,23 +1786,65 @@ class _Unreachable(ConnectionError):
     """A host that never answered: its name does not resolve, or it refuses connections."""
 
 
+class _Cancelled(OSError):
+    """A remote read cancelled because the iteration it was for ended (``_Reader.close``)."""
+
+
+class _StoreChanged(OSError):
+    """A remote array whose store no longer holds the version the dataset was built on."""
+
+
+class _Version(typing.NamedTuple):
+    """A remote array's metadata document as fetched, and what the server dates it by."""
+    document: bytes
+    stamp: dict             # ETag / Last-Modified, as fsspec's info gives them
+    digest: str             # the array's folder in cache_dir
+
+
+class _InFlight:
+    """The requests a store (and its copies) has in flight, to cancel from another thread.
+
+    Pickled empty and not cancelled: tasks and locks belong to one process.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tasks = set()
+        self.cancelled = False
+
+    def __reduce__(self):
+        return _InFlight, ()
+
+
 class _RemoteStore(zarr.storage.WrapperStore):
     """An fsspec store that retries transient failures and may cache chunks on disk.
 
     429, 5xx, dropped connections and timeouts are retried with exponential
     backoff (waiting what Retry-After asks, when the server says); 401 and 403
     fail at once, and so does a host that cannot be reached before it ever
-    answered (a wrong URL: nothing to wait for). With ``cache_dir``, every
-    chunk fetched whole is kept in ``cache_dir/<hash of the URL>/<key>`` and
-    read from there afterwards; a failed cache write warns once and ends
-    caching for this store in this process, the read goes on.
+    answered (a wrong URL: nothing to wait for). An HTTP(S) attempt waits at
+    most ``_HTTP_TIMEOUT`` unless ``storage_options`` sets aiohttp's timeout.
+
+    Versions: when zarr fetches an array's metadata document (``zarr.json``,
+    ``.zarray``), the store keeps it with its ETag / Last-Modified (one HEAD
+    request more). With ``cache_dir``, every chunk fetched whole is kept in
+    ``cache_dir/<digest of URL, array path, metadata, ETag/Last-Modified>/<key>``
+    and read from there afterwards, so that a chunk is only ever used for the
+    version of the array it came from; a failed cache write warns once and
+    ends caching for this store in this process, the read goes on.
+    ``changes(array)`` fetches the document again and says what differs.
+
+    ``cancel()`` (from any thread) cancels the requests in flight and refuses
+    new ones until ``resume()``, so that a thread waiting on a server that
+    stopped answering can be joined at once.
     """
 
     def __init__(self, store, url, cache_dir=None, state=None):
         super().__init__(store)
         self.url, self.cache_dir = url, cache_dir
         # Shared by the copies zarr makes of this store (and pickled with them).
-        self._state = state or {'answered': False, 'caching': True}
+        self._state = state or {'answered': False, 'caching': True, 'versions': {},
+                                'requests': _InFlight(), 'unstamped': False}
 
     def _with_store(self, store):
         return type(self)(store, self.url, self.cache_dir, self._state)
@@ -1768,6 +1853,14 @@ class _RemoteStore(zarr.storage.WrapperStore):
     def from_url(cls, url, index, storage_options, cache_dir):
         scheme = url.split('://', 1)[0]
         try:
+            if scheme in ('http', 'https'):
+                import aiohttp      # here: s3:// and other URLs do without it
+                # Without a timeout a server that accepts and never answers makes
+                # each attempt wait for aiohttp's 5 minutes. The user's, if given.
+                client = (storage_options or {}).get('client_kwargs') or {}
+                if 'timeout' not in client:
+                    client = {**client, 'timeout': aiohttp.ClientTimeout(**_HTTP_TIMEOUT)}
+                    storage_options = {**(storage_options or {}), 'client_kwargs': client}
             store = zarr.storage.FsspecStore.from_url(url, storage_options=storage_options,
                                                       read_only=True)
         except ImportError as error:
@@ -1777,18 +1870,143 @@ class _RemoteStore(zarr.storage.WrapperStore):
                               f"{error}") from error
         return cls(store, url, cache_dir)
 
+    # cancelling (thread-safe)
+
+    def cancel(self):
+        """Cancel the requests in flight; refuse new ones until ``resume()``."""
+        requests = self._state['requests']
+        with requests.lock:
+            requests.cancelled = True
+            tasks = list(requests.tasks)
+        for task in tasks:
+            with contextlib.suppress(RuntimeError):     # its loop is closed: nothing runs
+                task.get_loop().call_soon_threadsafe(task.cancel)
+
+    def resume(self):
+        with self._state['requests'].lock:
+            self._state['requests'].cancelled = False
+
+    # reading
+
     async def get(self, key, prototype, byte_range=None):
-        cached = None
-        if self.cache_dir and byte_range is None and key.rsplit('/', 1)[-1] not in _METADATA_KEYS:
-            digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-            cached = os.path.join(self.cache_dir, digest, *key.split('/'))
-            if os.path.exists(cached):
-                with open(cached, 'rb') as file:
-                    return prototype.buffer.from_bytes(file.read())
-        value = await self._get_with_retries(key, prototype, byte_range)
+        name = key.rsplit('/', 1)[-1]
+        if name in _METADATA_KEYS:
+            value = await self._request(key, lambda: self._store.get(key, prototype, byte_range))
+            if name in ('zarr.json', '.zarray') and byte_range is None and value is not None:
+                await self._remember(key, value.to_bytes())
+            return value
+        cached = self._cached(key) if byte_range is None else None
+        if cached and os.path.exists(cached):
+            with open(cached, 'rb') as file:
+                return prototype.buffer.from_bytes(file.read())
+        value = await self._request(key, lambda: self._store.get(key, prototype, byte_range))
         if cached and value is not None and self._state['caching']:
             self._keep(key, cached, value.to_bytes())
         return value
+
+    def _cached(self, key):
+        """Where chunk ``key`` is kept in cache_dir: under its array's version (the
+        array whose path is the longest prefix of the key); None if not cached."""
+        if not self.cache_dir:
+            return None
+        parts = key.split('/')
+        for end in range(len(parts) - 1, -1, -1):
+            version = self._state['versions'].get('/'.join(parts[:end]))
+            if version is not None:
+                return os.path.join(self.cache_dir, version.digest, *parts)
+        return None      # its array's metadata was not fetched (consolidated metadata)
+
+    async def _remember(self, key, document, stamp=None):
+        """Keep the version of the array whose metadata document ``key`` holds
+        ``document`` (not a group's), with the server's ETag / Last-Modified for it:
+        ``stamp``, else asked for with a HEAD request."""
+        directory = key.rpartition('/')[0]
+        known = self._state['versions'].get(directory)
+        if known is not None and known.document == document:
+            return           # opening a group fetches an array's document more than once
+        try:
+            array = key.endswith('.zarray') or json.loads(document).get('node_type') == 'array'
+        except (ValueError, AttributeError):       # not a JSON object: zarr will say so
+            array = False
+        if not array:
+            return
+        stamp = await self._stamp(key) if stamp is None else stamp
+        if self.cache_dir and not stamp and not self._state['unstamped']:
+            self._state['unstamped'] = True
+            warnings.warn(f"cache_dir {self.cache_dir!r}: {self.url}/{key} comes without ETag "
+                          f"or Last-Modified, so cached chunks are told apart by the array's "
+                          f"metadata alone: a store converted again with the same layout "
+                          f"would be read from the old chunks; delete the cache when it changes",
+                          RuntimeWarning)
+        digest = hashlib.sha256(repr((self.url, key, document, sorted(stamp.items())))
+                                .encode()).hexdigest()[:16]
+        self._state['versions'][directory] = _Version(document, stamp, digest)
+
+    async def _stamp(self, key):
+        """The ETag / Last-Modified the server gives for ``key`` (a HEAD request)."""
+        path = f"{self._store.path.rstrip('/')}/{key}"
+        info = await self._request(key, lambda: self._store.fs._info(path))
+        return {name: str(info[name]) for name in _VERSION_KEYS if info.get(name)}
+
+    async def changes(self, array):
+        """What differs in ``array``'s metadata on the server from what it was opened
+        with (attributes aside): ``[]`` if nothing. Two small requests, at once."""
+        directory = array.path
+        key = '/'.join(filter(None, [directory, 'zarr.json' if array.metadata.zarr_format == 3
+                                     else '.zarray']))
+        # The HEAD for its ETag / Last-Modified goes with the GET: one round trip.
+        dated = asyncio.ensure_future(self._stamp(key))
+        dated.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen
+        try:
+            value = await self._request(key, lambda: self._store.get(
+                key, zarr.core.buffer.default_buffer_prototype()))
+            if value is None:       # the HEAD fails too: not waited for
+                return [f"its metadata {key} is gone (deleted, moved, or of another zarr "
+                        f"format)"]
+            stamp = await dated
+        finally:
+            dated.cancel()          # if the GET failed first
+        document = value.to_bytes()
+        try:
+            now = type(array.metadata).from_dict(json.loads(document))
+        except Exception as error:
+            return [f"its metadata {key} no longer describes such an array ({error})"]
+        changed = _metadata_changes(array.metadata, now)
+        known = self._state['versions'].get(directory)
+        if known is None:       # not fetched when opened (consolidated metadata): from now
+            await self._remember(key, document, stamp)
+        elif not changed and stamp != known.stamp:
+            changed = ["replaced (ETag/Last-Modified changed: "
+                       f"{_stamp_text(known.stamp)} -> {_stamp_text(stamp)})"]
+        return changed
+
+    @staticmethod
+    def verify(source, arrays):
+        """Raise unless every remote array of ``source`` (as errors name it) is still the
+        version the dataset was built on; let their stores take requests again."""
+        remote = [array for array in arrays if isinstance(array, zarr.Array)
+                  and isinstance(array.store, _RemoteStore)]
+        if not remote:
+            return
+        for array in remote:
+            array.store.resume()
+
+        async def check():
+            return await asyncio.gather(*(array.store.changes(array) for array in remote))
+
+        try:
+            changes = zarr.core.sync.sync(check())
+        except Exception as error:
+            raise OSError(f"{source}: cannot check that its remote store still holds "
+                          f"the version this dataset was built on: {type(error).__name__}: "
+                          f"{error}") from error
+        changed = [f"{'/'.join(filter(None, [array.store.url, array.path]))}: "
+                   f"{', '.join(change)}" for array, change in zip(remote, changes) if change]
+        if changed:
+            raise _StoreChanged(f"{source}: the remote store changed since this dataset "
+                                f"was built: {'; '.join(changed)}. Its plan and any cached "
+                                f"chunks are of the old version: build the dataset again "
+                                f"(VesuviusStream(...)) to read the new one")
 
     def _keep(self, key, cached, data):
         """Write a fetched chunk to the cache; a failure (disk full, read-only) only warns."""
@@ -1806,13 +2024,38 @@ class _RemoteStore(zarr.storage.WrapperStore):
                           f"({error}); {self.url} is no longer cached by this process",
                           RuntimeWarning)
 
-    async def _get_with_retries(self, key, prototype, byte_range):
+    async def _request(self, key, request):
+        """``await request()`` (a request about ``key``), retried as the class says;
+        cancelled by ``cancel()``."""
+        requests, task = self._state['requests'], asyncio.current_task()
+        ended = f"{self.url}/{key}: not read, the iteration reading it ended"
+        with requests.lock:
+            if requests.cancelled:
+                raise _Cancelled(ended)
+            requests.tasks.add(task)
+        try:
+            return await self._with_retries(key, request)
+        except asyncio.CancelledError:
+            if not requests.cancelled:      # not by cancel(): let the task be cancelled
+                raise
+            # An error, not a cancelled read: zarr then raises it as it is, and the
+            # failed read is not searched for a corrupt chunk.
+            task.uncancel()
+            raise _Cancelled(ended) from None
+        finally:
+            with requests.lock:
+                requests.tasks.discard(task)
+
+    async def _with_retries(self, key, request):
         for attempt in range(_ATTEMPTS):
             try:
-                value = await self._store.get(key, prototype, byte_range)
+                value = await request()
                 self._state['answered'] = True
                 return value
-            except Exception as error:
+            except Exception as failure:
+                # fsspec's HTTP info reports any failure as FileNotFoundError from its cause.
+                error = (failure.__cause__ if type(failure) is FileNotFoundError
+                         and failure.__cause__ is not None else failure)
                 status = getattr(error, 'status', None)
                 if not self._state['answered'] and _unreachable(error):
                     raise _Unreachable(f"{self.url}: cannot reach the host, it never "
@@ -1826,9 +2069,41 @@ class _RemoteStore(zarr.storage.WrapperStore):
                 if not _transient(error, status):
                     raise
                 if attempt == _ATTEMPTS - 1:
+                    timeout = getattr(self._store.fs, 'client_kwargs', {}).get('timeout')
+                    waited = ("" if not isinstance(error, TimeoutError) or timeout is None else
+                              f" (no answer within the timeout of an attempt, {timeout!r}; "
+                              f"storage_options={{'client_kwargs': {{'timeout': "
+                              f"aiohttp.ClientTimeout(...)}}}} sets another)")
                     raise _GaveUp(f"{self.url}/{key}: still failing after {_ATTEMPTS} "
-                                  f"attempts: {error!r}") from error
+                                  f"attempts{waited}: {error!r}") from error
                 await asyncio.sleep(_retry_wait(error, attempt))
+
+
+def _metadata_changes(old, new):
+    """What differs between two metadata of an array, attributes aside, as errors say it:
+    shape, dtype and chunks with their values, then codecs and any other field by name."""
+    before, after = old.to_dict(), new.to_dict()
+    names = {'data_type': 'dtype', 'chunk_grid': 'chunks', 'compressor': 'codecs',
+             'filters': 'codecs'}
+    changed = {names.get(key, key) for key in before.keys() | after.keys()
+               if key != 'attributes' and before.get(key) != after.get(key)}
+    values = {'shape': lambda fields: tuple(fields['shape']),
+              'dtype': lambda fields: fields.get('data_type', fields.get('dtype')),
+              'chunks': lambda fields: tuple(fields['chunks'] if 'chunks' in fields else
+                                             fields['chunk_grid']['configuration']['chunk_shape'])}
+    order = [*values, 'codecs']
+    described = []
+    for name in sorted(changed, key=lambda name: (order.index(name) if name in order
+                                                  else len(order), name)):
+        try:
+            described.append(f"{name} {values[name](before)} -> {values[name](after)}")
+        except (KeyError, TypeError):     # named only (or chunks of an irregular grid)
+            described.append(name)
+    return described
+
+
+def _stamp_text(stamp):
+    return ', '.join(f"{name} {value}" for name, value in stamp.items()) or 'none'
 
 
 def _transient(error, status):

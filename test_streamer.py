@@ -1558,6 +1558,195 @@ def test_chunk_cache_serves_the_second_read_from_disk(scroll):
     assert sum(len(files) for _, _, files in os.walk(cache)) == fetched[0]
 
 
+def served_group(folder, data, labels, mtime):
+    """A converter-style group (volume, 2D labels) written anew at ``folder``, every
+    file dated ``mtime``: the server's Last-Modified counts whole seconds."""
+    group = zarr.open_group(str(folder), mode="w")
+    group.create_array("volume", shape=data.shape, chunks=(4, 16, 4096 // data.itemsize // 64),
+                       dtype=data.dtype)[:] = data
+    group.create_array("labels", shape=labels.shape, chunks=(16, 32), dtype="uint8")[:] = labels
+    for place, _, files in os.walk(folder):
+        for name in files:
+            os.utime(os.path.join(place, name), (mtime, mtime))
+
+
+def blocks_equal(ds, data, labels):
+    """How many items of an epoch equal the slices of ``data`` and ``labels``."""
+    d, h, w = ds.block
+    equal = 0
+    for block, label, coords in ds:
+        _, z, y, x = coords.tolist()
+        equal += (torch.equal(block, torch.from_numpy(data[z:z + d, y:y + h, x:x + w]))
+                  and torch.equal(label, torch.from_numpy(labels[y:y + h, x:x + w])))
+    return equal
+
+
+@pytest.mark.parametrize("change", ["values", "dtype"])
+def test_cached_chunks_serve_only_the_store_version_they_came_from(tmp_path, change):
+    # Converted again with new values and the same layout, or as uint8 with chunks
+    # of the same byte size (4 KiB: 4x16x32 uint16, 4x16x64 uint8): the old chunks
+    # would decode, wrongly, under either.
+    versions = [(volume((8, 32, 64), np.uint16, seed=1), volume((32, 64), np.uint8, seed=2)),
+                (volume((8, 32, 64), np.uint16 if change == "values" else np.uint8, seed=3),
+                 volume((32, 64), np.uint8, seed=4))]
+    cache = tmp_path / "cache"
+    with benchmark.serve(str(tmp_path / "served")) as url:
+        for mtime, (data, labels) in zip((1_700_000_000, 1_700_000_010), versions):
+            served_group(tmp_path / "served" / "segment.zarr", data, labels, mtime)
+            for _ in range(2):            # from the server, then from the cache
+                ds = VesuviusStream([f"{url}/segment.zarr"], 4, 8, 8, 32, return_coords=True,
+                                    cache_dir=cache)
+                assert blocks_equal(ds, data, labels) == 32
+    # One folder per version of each array (volume, labels), nothing else.
+    assert len(os.listdir(cache)) == 4
+
+
+def test_a_cache_dir_over_a_server_that_dates_nothing_warns_once(scroll):
+    root, data = scroll
+
+    class Undated(benchmark.QuietHandler):
+        def send_header(self, name, value):
+            if name not in ("Last-Modified", "ETag"):
+                super().send_header(name, value)
+
+    with benchmark.serve(str(root), handler=Undated) as url:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 20, return_coords=True,
+                                cache_dir=root / "cache")
+        assert check_blocks(ds, [data]) == 20
+    undated = [w for w in caught if "without ETag or Last-Modified" in str(w.message)]
+    assert len(undated) == 1 and "delete the cache" in str(undated[0].message)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("values", r"replaced \(ETag/Last-Modified changed: Last-Modified .* -> Last-Modified "),
+    ("shape", r"shape \(8, 32, 64\) -> \(8, 32, 48\)"),
+    ("dtype", r"dtype uint16 -> uint8, chunks \(4, 16, 32\) -> \(4, 16, 64\), codecs;"),
+    ("gone", r"its metadata volume/zarr.json is gone")],
+    ids=["values", "shape", "dtype", "gone"])
+def test_a_remote_store_replaced_between_epochs_fails_the_next_one_naming_what_changed(
+        tmp_path, change, message):
+    store = tmp_path / "served" / "segment.zarr"
+    data, labels = volume((8, 32, 64), np.uint16, seed=1), volume((32, 64), np.uint8, seed=2)
+    served_group(store, data, labels, 1_700_000_000)
+    with benchmark.serve(str(tmp_path / "served")) as url:
+        ds = VesuviusStream([f"{url}/segment.zarr"], 4, 8, 8, 16)
+        # A persistent worker opens its stores once, and checks them at every epoch.
+        loader = DataLoader(ds, batch_size=8, num_workers=1, persistent_workers=True,
+                            timeout=60)
+        for epoch in range(2):
+            assert sum(len(blocks) for blocks, _ in loader) == 16
+        if change == "gone":
+            shutil.rmtree(store / "volume")
+        else:
+            new = {"values": data + 1, "shape": data[:, :, :48],
+                   "dtype": data.astype(np.uint8)}[change]
+            served_group(store, new, labels, 1_700_000_010)
+        with pytest.raises(OSError, match=rf"source 0 \('{re.escape(url)}/segment.zarr'\): "
+                                          rf"the remote store changed since this dataset was "
+                                          rf"built: {re.escape(url)}/segment.zarr/volume: "
+                                          rf"{message}.*build the dataset again"):
+            next(iter(loader))
+        with pytest.raises(OSError, match="changed since this dataset was built"):
+            next(iter(ds))                    # in this process too
+
+
+def never_answering_chunks():
+    """A handler answering metadata but never a chunk request, an Event set when a chunk
+    request arrives, and one to set at the end (the handler's threads then end)."""
+    arrived, over = threading.Event(), threading.Event()
+
+    class Handler(benchmark.QuietHandler):
+        def do_GET(self):
+            if self.path.rsplit("/", 1)[-1] in METADATA:
+                return super().do_GET()
+            arrived.set()
+            over.wait(120)
+
+    return Handler, arrived, over
+
+
+def test_a_server_that_never_answers_times_out_each_attempt_then_fails_naming_the_url(
+        scroll, waits):
+    import aiohttp
+    root, _ = scroll
+    short = aiohttp.ClientTimeout(total=0.3)
+    with socket.socket() as silent:        # the kernel accepts connections; nothing answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(256)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/scroll.zarr"
+        started = time.monotonic()
+        with pytest.raises(OSError, match=re.escape(url) + r".*still failing after "
+                           rf"{streamer._ATTEMPTS} attempts \(no answer within the timeout "
+                           r"of an attempt, ClientTimeout\(total=0.3,"):
+            VesuviusStream([url], 4, 4, 4, 1, storage_options={"client_kwargs":
+                                                               {"timeout": short}})
+        assert time.monotonic() - started < 20
+    assert len(waits) >= streamer._ATTEMPTS - 1          # retried, the waits not waited
+    # The default timeout, and in a DataLoader worker (which reopens the store from a
+    # pickle) the one given: chunks that never come fail the epoch, naming the URL.
+    handler, arrived, over = never_answering_chunks()
+    try:
+        with benchmark.serve(str(root), handler=handler) as url:
+            default = VesuviusStream([f"{url}/scroll.zarr"], 4, 4, 4, 1)
+            assert default._sources[0].volume.store._store.fs.client_kwargs["timeout"] == (
+                aiohttp.ClientTimeout(total=60, sock_connect=10, sock_read=20))
+            ds = VesuviusStream([f"{url}/scroll.zarr"], 4, 4, 4, 1,
+                                storage_options={"client_kwargs": {"timeout": short}})
+            with pytest.raises(OSError, match=re.escape(url) + r"/scroll.zarr/0/\d+/\d+/\d+: "
+                               r"still failing after .*ClientTimeout\(total=0.3,"):
+                next(iter(DataLoader(ds, num_workers=1, timeout=60)))
+    finally:
+        over.set()
+    assert arrived.is_set()
+
+
+INTERRUPTED = """
+import signal, sys, threading
+import aiohttp
+sys.path.insert(0, {here!r})
+from streamer import VesuviusStream
+signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started ignoring it
+# Each attempt may wait 10 minutes: only cancelling the request ends it at once.
+ds = VesuviusStream([{url!r}], 6, 10, 12, 50, storage_options={{
+    "client_kwargs": {{"timeout": aiohttp.ClientTimeout(total=600)}}}})
+try:
+    for item in ds:
+        pass
+except KeyboardInterrupt:
+    print("caught KeyboardInterrupt", flush=True)
+    print("threads:", sorted(t.name for t in threading.enumerate()), flush=True)
+"""
+
+
+def test_ctrl_c_while_a_remote_read_hangs_ends_the_epoch_at_once_without_threads(scroll):
+    root, _ = scroll
+    handler, arrived, over = never_answering_chunks()
+    script = root / "interrupted.py"
+    try:
+        with benchmark.serve(str(root), handler=handler) as url:
+            script.write_text(INTERRUPTED.format(here=HERE, url=f"{url}/scroll.zarr"))
+            process = subprocess.Popen([sys.executable, "-B", str(script)], cwd=root,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+            try:
+                if not arrived.wait(120):          # the read now hangs
+                    process.kill()
+                    pytest.fail(f"no chunk request came: {process.communicate()}")
+                process.send_signal(signal.SIGINT)
+                interrupted = time.monotonic()
+                out, err = process.communicate(timeout=30)
+                took = time.monotonic() - interrupted
+            finally:
+                process.kill()
+    finally:
+        over.set()
+    assert "caught KeyboardInterrupt" in out, err
+    assert "threads:" in out and "VesuviusStream reader" not in out
+    assert took < 5, err
+
+
 @pytest.fixture
 def waits(monkeypatch):
     """The retry waits taken (each one is an attempt that failed and is retried), not waited."""
@@ -1589,8 +1778,8 @@ def test_a_host_that_goes_away_mid_epoch_is_retried_before_failing(scroll, waits
     with pytest.raises(OSError, match=f"source 0 .*still failing after {streamer._ATTEMPTS} "
                                       f"attempts"):
         next(iter(ds))
-    # Each chunk request waited between its attempts (requests run concurrently, and
-    # the others are cancelled when the first one gives up).
+    # Each request waited between its attempts: here the epoch's first ones, which
+    # check the store's metadata (they run concurrently; the first to give up fails it).
     assert len(waits) >= streamer._ATTEMPTS - 1
 
 
