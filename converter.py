@@ -39,7 +39,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import errno
-import logging
 import math
 import os
 import re

@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 import tracemalloc
-import types
 import warnings
 
 import numpy as np
@@ -924,7 +923,7 @@ def test_dict_keys_dtypes_and_grid_strides_are_checked_at_construction():
      "its mask has dtype complex64"),
 ], ids=["numpy-object", "zarr-string", "complex-mask"])
 def test_only_data_a_torch_tensor_holds_is_accepted(source, named):
-    with pytest.raises(TypeError, match=re.escape(f"source 0 (") + ".*" + re.escape(named)
+    with pytest.raises(TypeError, match=re.escape("source 0 (") + ".*" + re.escape(named)
                        + ".*bool, integer or float"):
         VesuviusStream([source], 2, 2, 2, 2)
 
