@@ -1634,7 +1634,7 @@ class _LocalVersion:
         self.folder = os.path.join(array.store.root, *filter(None, array.path.split('/')))
         self.path = os.path.join(self.folder, name)
         self.identity = self._identity()
-        self.layout = self._layout()
+        self.metadata = array.metadata
 
     @classmethod
     def of(cls, array):
@@ -1646,13 +1646,6 @@ class _LocalVersion:
     def _identity(self):
         folder, file = os.stat(self.folder), os.stat(self.path)
         return folder.st_dev, folder.st_ino, file.st_ino, file.st_size, file.st_mtime_ns
-
-    def _layout(self):
-        """The metadata document without its attributes: what decoding depends on."""
-        with open(self.path, 'rb') as file:
-            layout = json.load(file)
-        layout.pop('attributes', None)
-        return layout
 
     def check(self, source, name):
         """Raise, naming ``source`` and its array ``name``, if the array changed since."""
@@ -1667,13 +1660,12 @@ class _LocalVersion:
         if identity[:2] != self.identity[:2]:
             raise OSError(f"{source}: the store was replaced: {self.folder} is another folder "
                           f"than when the dataset was built; {todo}")
-        layout = self._layout()
-        changed = [f"{key} {self.layout.get(key)!r} -> {layout.get(key)!r}"
-                   for key in sorted(self.layout.keys() | layout.keys())
-                   if self.layout.get(key) != layout.get(key)]
+        with open(self.path, 'rb') as file:
+            metadata = type(self.metadata).from_dict(json.load(file))
+        changed = _metadata_changes(self.metadata, metadata)
         if changed:
             raise OSError(f"{source}: the metadata of {self.path} changed: "
-                          + "; ".join(changed) + f"; {todo}")
+                          + ", ".join(changed) + f"; {todo}")
         self.identity = identity          # rewritten with the same layout (attributes)
 
 

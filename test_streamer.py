@@ -1019,7 +1019,7 @@ def replace_store(path, data, chunks):
 
 @pytest.mark.parametrize("change, message", [
     ("replaced", "the store was replaced: "),
-    ("resized", "changed: shape [8, 32, 32] -> [8, 16, 32]"),
+    ("resized", "changed: shape (8, 32, 32) -> (8, 16, 32)"),
     ("attributes", None),
 ])
 def test_a_store_replaced_or_changed_mid_epoch_fails_at_the_next_read(tmp_path, change,
