@@ -112,7 +112,8 @@ class VesuviusStream(IterableDataset):
       ``len(loader)`` counts the batches this rank yields.
     * ``set_epoch(e)`` selects another epoch; the same ``(seed, e)`` always
       gives the same epoch. It reaches persistent DataLoader workers too.
-    * Every position of a volume has the same chance to be in an epoch.
+    * Every position of a volume has the same chance to be in an epoch
+      (with ``positive_fraction``: every position of its kind).
     * Memory and start-up time do not grow with the number of positions: the
       epoch is drawn with keyed bijections (Feistel networks), never from an
       index array, and any shard finds its share by arithmetic on visit
@@ -238,6 +239,11 @@ class VesuviusStream(IterableDataset):
             footprint for a 2D mask, the whole block for a 3D one), and always
             at least one voxel: the default 0 means the block touches papyrus,
             1 means it lies wholly on it.
+        positive_fraction (float, optional): with labels, in random epochs:
+            exactly ``round(f * samples_per_epoch)`` items of each epoch are
+            *positive* (a nonzero label in the block's label footprint), the
+            rest negative, each kind drawn as a dataset of its own (sources
+            chosen by ``sampling_method``). Default None: labels play no part.
         transform (callable, optional): applied to each item in the worker
             before coordinates are appended: ``transform(block)`` returns a
             block, or ``transform(block, label)`` a ``(block, label)`` pair
