@@ -23,6 +23,7 @@ import collections
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import email.utils
 import fractions
 import heapq
@@ -434,8 +435,7 @@ class VesuviusStream(IterableDataset):
         # set_epoch reaches persistent DataLoader workers.
         self._epoch = torch.zeros(3, dtype=torch.int64).share_memory_()
         self._resume = None                   # a loaded state, for the next iteration
-        # (epoch, shard, shards, items yielded) of the running iteration.
-        self._position = [None, None, None, 0]
+        self._place = _Place()                # where the running iteration is
 
     def _check_positive_fraction(self, fraction):
         """The fraction as a float (or None), with every source's kinds counted."""
@@ -493,9 +493,7 @@ class VesuviusStream(IterableDataset):
         A dict of plain values: the epoch, this shard, the items it yielded,
         and the configuration it belongs to.
         """
-        return {'epoch': self._position[0], 'shard': self._position[1],
-                'shards': self._position[2], 'yielded': self._position[3],
-                'config': self._config()}
+        return {**dataclasses.asdict(self._place), 'config': self._config()}
 
     def load_state_dict(self, state):
         """Continue from a ``state_dict()``: the next iteration resumes its epoch.
@@ -541,58 +539,62 @@ class VesuviusStream(IterableDataset):
         self._resume = dict(state)
 
     def __iter__(self):
-        if os.getpid() != _IMPORTED_BY and _zarrs_pipeline():
-            # Its Rust thread pools do not survive a fork: the first read hangs.
-            raise RuntimeError("zarr's codec pipeline is zarrs "
-                               f"({zarr.config.get('codec_pipeline.path')}), which hangs in a "
-                               "forked process (DataLoader workers start by fork on Linux): pass "
-                               "multiprocessing_context='spawn' to the DataLoader, or use zarr's "
-                               "default codec pipeline")
+        _refuse_zarrs_after_fork()
         epoch, skip_batches, batch_size = self._epoch.tolist()
         worker = get_worker_info()
         if worker is not None:
             _keep_freed_memory()
-        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        # A DataLoader asks its workers for batches in turn from worker 0: after
-        # skip_batches, worker 0 takes over the share whose turn came next.
-        worker_id = (worker_id + skip_batches) % workers
-        shards, shard = self.world_size * workers, self.rank * workers + worker_id
-        # This shard's share of the epoch, minus what it already delivered.
+        # Split over ranks and workers: this shard's share [first, stop) of the epoch.
+        workers, shard, shards = _split_by_rank_and_worker(self.rank, self.world_size, worker,
+                                                           skip_batches)
         first, stop = _shard_bounds(self.samples_per_epoch, shards, shard)
+        # Minus what it already delivered: a loaded state, or the skipped batches.
         done = (self._resumed(epoch, shard, shards) if self._resume is not None else
                 _delivered(self.samples_per_epoch, shards, shard, workers, skip_batches,
                            batch_size))
-        self._position = [epoch, shard, shards, done]
+        self._place = _Place(epoch, shard, shards, done)
+        # Reopen remote arrays in a new process; check that remote stores are unchanged.
         for source in self._sources:
             source.attach()
-        plan = self._plan(epoch)
-        reader = _Reader(self._sources, plan.groups(first, stop, done), self._region_mb * 2**20)
+        # The share's groups of visits, their boxes decoded in a background thread.
+        reader = _Reader(self._sources, self._plan(epoch).groups(first, stop, done),
+                         self._region_mb * 2**20)
         try:
-            for group, lanes in reader:
-                # Cut the blocks in the group's interleaved order, each as soon
-                # as its box is decoded (a worker's first blocks: read alone, see
-                # _Reader); a box is let go after its last block.
-                last = len(group.order) - 1 - np.unique(group.order[::-1, 0], return_index=True)[1]
-                for step, (lane, index) in enumerate(group.order):
-                    visit, (slot, corners) = group.visits[lane], lanes[lane]
-                    corner = corners[index]
-                    item = self._sources[visit.source].cut(reader.box(slot, corner), corner)
-                    if step == last[lane]:
-                        reader.release(slot)
-                    if self.transform is not None:
-                        item = self.transform(*item)
-                        if item is None:
-                            raise TypeError(
-                                f"transform {_name(self.transform)} returned None for the block "
-                                f"of source {visit.source} at {tuple(map(int, corner))}; it must "
-                                f"return the block, or a (block, label) pair")
-                        item = item if isinstance(item, tuple) else (item,)
-                    if self.return_coords:
-                        item = (*item, torch.tensor((visit.source, *corner), dtype=torch.int64))
-                    self._position[3] += 1
-                    yield item if len(item) > 1 else item[0]
+            # Cut, transform and yield the blocks, in the plan's order.
+            yield from self._items(reader)
         finally:             # an early break, an error, the end: no thread left behind
             reader.close()
+
+    def _items(self, reader):
+        """The items of the groups ``reader`` gives, counted in ``self._place``.
+
+        The blocks of a group are cut in its interleaved order, each as soon as
+        its box is decoded (a worker's first blocks: read alone, see _Reader); a
+        box is let go after its last block.
+        """
+        for group, lanes in reader:
+            last = len(group.order) - 1 - np.unique(group.order[::-1, 0], return_index=True)[1]
+            for step, (lane, index) in enumerate(group.order):
+                visit, (slot, corners) = group.visits[lane], lanes[lane]
+                corner = corners[index]
+                item = self._sources[visit.source].cut(reader.box(slot, corner), corner)
+                if step == last[lane]:
+                    reader.release(slot)
+                if self.transform is not None:
+                    item = self._transformed(item, visit.source, corner)
+                if self.return_coords:
+                    item = (*item, torch.tensor((visit.source, *corner), dtype=torch.int64))
+                self._place.yielded += 1
+                yield item if len(item) > 1 else item[0]
+
+    def _transformed(self, item, source, corner):
+        """``transform(*item)`` as a tuple; None is refused, naming the block."""
+        item = self.transform(*item)
+        if item is None:
+            raise TypeError(f"transform {_name(self.transform)} returned None for the block of "
+                            f"source {source} at {tuple(map(int, corner))}; it must return "
+                            f"the block, or a (block, label) pair")
+        return item if isinstance(item, tuple) else (item,)
 
     def _resumed(self, epoch, shard, shards):
         """Items this shard delivered before the saved state (used once)."""
@@ -654,6 +656,28 @@ class VesuviusStream(IterableDataset):
                                         _key(self.seed, epoch, s.index, *_KIND_KEYS[kind]), kind)
                         for s, c, count in zip(sources, region_counts, counts)]
         return _EpochPlan(streams, self.open_regions, interleave=True)
+
+
+@dataclasses.dataclass
+class _Place:
+    """Where an iteration is in its epoch: what ``state_dict`` saves (None: not begun)."""
+    epoch: int = None
+    shard: int = None           # rank * workers + worker, of ``shards``
+    shards: int = None
+    yielded: int = 0            # items of the shard's share delivered so far
+
+
+def _split_by_rank_and_worker(rank, world_size, worker, skip_batches):
+    """``(workers, shard, shards)`` of this DataLoader worker (``get_worker_info()``).
+
+    Shard ``rank * workers + worker`` of ``world_size * workers``, so that
+    shards in rank order are the epoch in order. A DataLoader asks its workers
+    for batches in turn from worker 0: after ``skip_batches``, worker 0 takes
+    over the share whose turn came next.
+    """
+    workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+    worker_id = (worker_id + skip_batches) % workers
+    return workers, rank * workers + worker_id, world_size * workers
 
 
 def _shard_bounds(total, shards, shard):
@@ -1586,6 +1610,17 @@ class _Reader:
 def _zarrs_pipeline():
     """Whether zarr decodes with the zarrs codec pipeline (which hangs in a forked process)."""
     return 'zarrs' in str(zarr.config.get('codec_pipeline.path'))
+
+
+def _refuse_zarrs_after_fork():
+    """Raise in a forked process (a DataLoader worker) when zarr decodes with zarrs: its
+    Rust thread pools do not survive a fork, and the first read would hang."""
+    if os.getpid() != _IMPORTED_BY and _zarrs_pipeline():
+        raise RuntimeError("zarr's codec pipeline is zarrs "
+                           f"({zarr.config.get('codec_pipeline.path')}), which hangs in a "
+                           "forked process (DataLoader workers start by fork on Linux): pass "
+                           "multiprocessing_context='spawn' to the DataLoader, or use zarr's "
+                           "default codec pipeline")
 
 
 def _keep_freed_memory():
