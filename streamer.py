@@ -658,54 +658,670 @@ class VesuviusStream(IterableDataset):
         return _EpochPlan(streams, self.open_regions, interleave=True)
 
 
-@dataclasses.dataclass
-class _Place:
-    """Where an iteration is in its epoch: what ``state_dict`` saves (None: not begun)."""
-    epoch: int = None
-    shard: int = None           # rank * workers + worker, of ``shards``
-    shards: int = None
-    yielded: int = 0            # items of the shard's share delivered so far
+# -- sources: opening what the user gave, and checking it ---------------------
+
+def _open_source(source, index, storage_options=None, cache_dir=None):
+    """``(volume, labels, mask)`` of one source; labels and mask may be None."""
+    if isinstance(source, (np.ndarray, zarr.Array)):
+        return source, None, None
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        remote = '://' in path
+        if not remote and not os.path.exists(path):
+            raise FileNotFoundError(f"source {index}: no Zarr store at {path!r}")
+        store = _RemoteStore.from_url(path, index, storage_options, cache_dir) if remote else path
+        try:
+            source = zarr.open(store, mode='r')
+        except (PermissionError, _GaveUp, _Unreachable):
+            raise
+        except FileNotFoundError as error:
+            if remote:
+                raise FileNotFoundError(f"source {index}: no Zarr array or group at {path!r} "
+                                        f"(no metadata found there)") from error
+            raise ValueError(f"source {index}: {path!r} is not a Zarr array or group") from error
+        except Exception as error:
+            raise ValueError(f"source {index}: {path!r} is not a Zarr array or group "
+                             f"({error})") from error
+        if isinstance(source, zarr.Array):
+            return source, None, None
+    if isinstance(source, zarr.Group):
+        level = _multiscale_level(source)
+        if level is not None and 'volume' not in source:
+            return source[level], None, None
+    if isinstance(source, dict) and not set(source) <= {'volume', 'labels', 'mask'}:
+        unknown = sorted(map(repr, set(source) - {'volume', 'labels', 'mask'}))
+        raise ValueError(f"source {index}: unknown key {', '.join(unknown)} in a dict source; "
+                         f"the keys are 'volume', 'labels' and 'mask'")
+    if isinstance(source, (zarr.Group, dict)):
+        if 'volume' not in source:
+            raise ValueError(f"source {index}: a group or dict needs an array 'volume' (or "
+                             f"OME-Zarr 'multiscales'); it has {sorted(source.keys())}")
+        return tuple(source[name] if name in source else None
+                     for name in ('volume', 'labels', 'mask'))
+    raise TypeError(f"source {index}: a source must be a path/URL, a zarr.Array or "
+                    f"zarr.Group, a numpy array or a dict of them, got {type(source).__name__}")
 
 
-def _split_by_rank_and_worker(rank, world_size, worker, skip_batches):
-    """``(workers, shard, shards)`` of this DataLoader worker (``get_worker_info()``).
+def _multiscale_level(group):
+    """Path of the full-resolution level of an OME-Zarr multiscale group, else None.
 
-    Shard ``rank * workers + worker`` of ``world_size * workers``, so that
-    shards in rank order are the epoch in order. A DataLoader asks its workers
-    for batches in turn from worker 0: after ``skip_batches``, worker 0 takes
-    over the share whose turn came next.
+    NGFF 0.4 keeps ``multiscales`` in the group's attributes, 0.5 under ``ome``;
+    the first dataset of the first multiscale is level 0.
     """
-    workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-    worker_id = (worker_id + skip_batches) % workers
-    return workers, rank * workers + worker_id, world_size * workers
+    attributes = group.attrs.asdict()
+    multiscales = attributes.get('multiscales') or attributes.get('ome', {}).get('multiscales')
+    if not multiscales:
+        return None
+    return multiscales[0]['datasets'][0]['path']
 
 
-def _shard_bounds(total, shards, shard):
-    """``[first, stop)`` of shard ``shard`` of ``shards``: contiguous, sizes at most one apart."""
-    return total * shard // shards, total * (shard + 1) // shards
+def _describe(source):
+    """A source as errors name it: its path or URL, else what it is."""
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if isinstance(source, (zarr.Array, zarr.Group)):
+        return f"{type(source).__name__} at {source.store_path}"
+    return f"a {type(source).__name__}"
 
 
-def _delivered(total, shards, shard, workers, batches, batch_size):
-    """Items shard ``shard`` gave to the first ``batches`` batches of its rank's DataLoader.
+def _converter_offset(volume):
+    """The ``offset`` converter.py recorded for the group holding ``volume``, else None."""
+    if not isinstance(volume, zarr.Array):
+        return None
+    try:
+        group = zarr.open_group(store=volume.store, path=volume.path.rpartition('/')[0],
+                                mode='r')
+        return group.attrs.get('vesuvius_converter', {}).get('offset')
+    except Exception:        # only to enrich an error: no group, no attributes
+        return None
 
-    A DataLoader takes batches from its workers in turn (worker 0, 1, ...),
-    skipping workers that have none left; shares differ by at most one item,
-    so batch counts per worker differ by at most one.
+
+def _torch_carries(dtype):
+    """Whether torch has a tensor type for numpy ``dtype`` (bool, integers, floats)."""
+    try:
+        torch.from_numpy(np.empty(0, np.dtype(dtype).newbyteorder('=')))
+    except (TypeError, ValueError):
+        return False
+    return np.dtype(dtype).kind in 'biuf'
+
+
+class _LocalVersion:
+    """What a zarr array in a local store was when the dataset was built, to check reads against.
+
+    The identity is that of the array's folder and of its metadata file (device, inode; the
+    file's size and mtime): a store replaced (converter.py --overwrite renames a new one into
+    place) has a new folder, and a rewritten metadata file a new stat. Two ``os.stat`` calls,
+    a few microseconds, after each decode; the metadata is parsed again only when the file's
+    stat changed. Chunks rewritten in place under unchanged metadata are not detected.
     """
-    if not batches:
-        return 0
-    rank_first = shard - shard % workers
-    shares = [_shard_bounds(total, shards, s) for s in range(rank_first, rank_first + workers)]
-    counts = [-(-(stop - first) // batch_size) for first, stop in shares]
-    fewest = min(counts)
-    mine = shard - rank_first
-    if batches <= fewest * workers:
-        taken = batches // workers + (mine < batches % workers)
-    else:
-        more = [w for w, c in enumerate(counts) if c > fewest][:batches - fewest * workers]
-        taken = fewest + (mine in more)
-    first, stop = shares[mine]
-    return min(taken * batch_size, stop - first)
+
+    def __init__(self, array):
+        name = 'zarr.json' if array.metadata.zarr_format == 3 else '.zarray'
+        self.folder = os.path.join(array.store.root, *filter(None, array.path.split('/')))
+        self.path = os.path.join(self.folder, name)
+        self.identity = self._identity()
+        self.metadata = array.metadata
+
+    @classmethod
+    def of(cls, array):
+        """The version of ``array`` if it is a zarr array in a local store, else None."""
+        if isinstance(array, zarr.Array) and isinstance(array.store, zarr.storage.LocalStore):
+            return cls(array)
+        return None
+
+    def _identity(self):
+        folder, file = os.stat(self.folder), os.stat(self.path)
+        return folder.st_dev, folder.st_ino, file.st_ino, file.st_size, file.st_mtime_ns
+
+    def check(self, source, name):
+        """Raise, naming ``source`` and its array ``name``, if the array changed since."""
+        todo = f"its {name} no longer holds the data this dataset was built on: build it again"
+        try:
+            identity = self._identity()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{source}: the store is gone: {self.path} no longer "
+                                    f"exists (deleted, moved or unmounted?)") from None
+        if identity == self.identity:
+            return
+        if identity[:2] != self.identity[:2]:
+            raise OSError(f"{source}: the store was replaced: {self.folder} is another folder "
+                          f"than when the dataset was built; {todo}")
+        with open(self.path, 'rb') as file:
+            metadata = type(self.metadata).from_dict(json.load(file))
+        changed = _metadata_changes(self.metadata, metadata)
+        if changed:
+            raise OSError(f"{source}: the metadata of {self.path} changed: "
+                          + ", ".join(changed) + f"; {todo}")
+        self.identity = identity          # rewritten with the same layout (attributes)
+
+
+def _metadata_changes(old, new):
+    """What differs between two metadata of an array, attributes aside, as errors say it:
+    shape, dtype and chunks with their values, then codecs and any other field by name."""
+    before, after = old.to_dict(), new.to_dict()
+    names = {'data_type': 'dtype', 'chunk_grid': 'chunks', 'compressor': 'codecs',
+             'filters': 'codecs'}
+    changed = {names.get(key, key) for key in before.keys() | after.keys()
+               if key != 'attributes' and before.get(key) != after.get(key)}
+    values = {'shape': lambda fields: tuple(fields['shape']),
+              'dtype': lambda fields: fields.get('data_type', fields.get('dtype')),
+              'chunks': lambda fields: tuple(fields['chunks'] if 'chunks' in fields else
+                                             fields['chunk_grid']['configuration']['chunk_shape'])}
+    order = [*values, 'codecs']
+    described = []
+    for name in sorted(changed, key=lambda name: (order.index(name) if name in order
+                                                  else len(order), name)):
+        try:
+            described.append(f"{name} {values[name](before)} -> {values[name](after)}")
+        except (KeyError, TypeError):     # named only (or chunks of an irregular grid)
+            described.append(name)
+    return described
+
+
+def _plain(value):
+    """``value`` as JSON gives it back (lists for tuples), to compare a saved state."""
+    return json.loads(json.dumps(value))
+
+
+def _is_int(value):
+    """True for Python and numpy integers (not bools): sizes often come from array shapes."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    """True for Python and numpy reals (not bools): fractions often come from numpy."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _name(function):
+    """A callable's name for messages (functions, lambdas, partials, callable objects)."""
+    return getattr(function, '__qualname__', None) or repr(function)
+
+
+def _positive_int(name, value):
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _resolve_ranks(rank, world_size):
+    """(rank, world_size): explicit values, else torch.distributed's, else (0, 1)."""
+    if rank is None and world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError("give both rank and world_size, or neither")
+    world_size = _positive_int('world_size', world_size)
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    return int(rank), world_size
+
+
+# -- geometry: where the positions of a volume are ---------------------------
+
+class _Lattice:
+    """The positions of one volume, and their regions: pure geometry, no data.
+
+    Along each axis, position p has the start coordinate
+    ``min(lo + p * step, hi - size)``, where [lo, hi) is the usable range
+    (``z_range``) and step is 1, or the grid stride: ``extent`` positions in
+    all. The lattice is cut into regions of ``region`` positions per axis
+    (``regions_per_axis`` of them per axis, ``regions`` in all, numbered in
+    raster order), chosen so that a region's box of voxels is made of whole
+    chunks and fits ``region_bytes``.
+
+    Example: shape (65, 300, 300), block (26, 64, 64), step 1, chunks (16, 128,
+    128): extent (40, 237, 237); a region of (40, 128, 128) positions reads a
+    box of (65, 191, 191) voxels.
+    """
+
+    def __init__(self, shape, block, lo, hi, step, chunks, region_bytes, itemsize):
+        self.block, self.lo, self.hi, self.step = block, lo, hi, step
+        self.extent = tuple(-(-(h - l - b) // s) + 1 for l, h, b, s in zip(lo, hi, block, step))
+        self.region = self._choose_region(chunks, region_bytes, itemsize)
+        self.regions_per_axis = tuple(-(-e // r) for e, r in zip(self.extent, self.region))
+        self.regions = math.prod(self.regions_per_axis)
+        self.positions = math.prod(self.extent)
+
+    def box(self, region):
+        """Voxel span of the blocks of ``region`` positions per axis."""
+        return tuple(min((r - 1) * s + b, h - l)
+                     for r, s, b, l, h in zip(region, self.step, self.block, self.lo, self.hi))
+
+    def _choose_region(self, chunks, region_bytes, itemsize):
+        """Region shape (in positions) whose box is chunk multiples within the budget.
+
+        Starts from one chunk (halved while even that is over budget), then
+        grows by whole chunks, each step on the axis whose halo costs most
+        relative to its size.
+        """
+        def fits(region):
+            return math.prod(self.box(region)) * itemsize <= region_bytes
+
+        per_chunk = [max(1, c // s) for c, s in zip(chunks, self.step)]
+        region = [min(c, e) for c, e in zip(per_chunk, self.extent)]
+        while not fits(region) and max(region) > 1:
+            axis = region.index(max(region))
+            region[axis] = -(-region[axis] // 2)
+        while True:
+            growable = [a for a in range(3) if region[a] < self.extent[a]]
+            growable.sort(key=lambda a: self.box(region)[a] / (region[a] * self.step[a]),
+                          reverse=True)
+            for axis in growable:
+                bigger = list(region)
+                bigger[axis] = min(region[axis] + per_chunk[axis], self.extent[axis])
+                if fits(bigger):
+                    region = bigger
+                    break
+            else:
+                return tuple(region)
+
+    def region_bounds(self, index):
+        """Origin and shape (in positions) of region ``index``."""
+        cell = np.unravel_index(index, self.regions_per_axis)
+        origin = tuple(int(c) * r for c, r in zip(cell, self.region))
+        shape = tuple(min(r, e - o) for r, e, o in zip(self.region, self.extent, origin))
+        return origin, shape
+
+    def region_sizes(self):
+        """Positions per region, in region order (border regions are smaller)."""
+        per_axis = [np.minimum(r, e - np.arange(0, e, r))
+                    for r, e in zip(self.region, self.extent)]
+        return np.einsum('i,j,k->ijk', *per_axis).ravel().astype(np.int64)
+
+    def corners(self, positions):
+        """Start coordinates (n, 3) of lattice positions (n, 3)."""
+        return np.minimum(np.asarray(self.lo) + positions * np.asarray(self.step),
+                          np.asarray(self.hi) - np.asarray(self.block))
+
+    def axis_corners(self, origin, shape):
+        """Start coordinates along each axis of the lattice box (origin, shape)."""
+        return [np.minimum(l + np.arange(o, o + n) * s, h - b)
+                for o, n, l, s, h, b in zip(origin, shape, self.lo, self.step, self.hi,
+                                            self.block)]
+
+    def voxel_box(self, origin, shape):
+        """Voxels ``(start, end)`` per axis that the blocks of the lattice box cover."""
+        axes = self.axis_corners(origin, shape)
+        return (tuple(int(a[0]) for a in axes),
+                tuple(int(a[-1]) + b for a, b in zip(axes, self.block)))
+
+
+# -- selection and reading: one volume's arrays -------------------------------
+
+class _Band:
+    """The rows from ``start`` on of a 2D array, read once, sliced like the array."""
+
+    def __init__(self, data, start):
+        self.ndim, self.start, self.data = 2, start, data
+
+    def __getitem__(self, index):
+        rows, columns = index
+        return self.data[rows.start - self.start:rows.stop - self.start, columns]
+
+
+def _count(valid, shape):
+    """Positions of a lattice box of ``shape`` given its ``selected`` (None: all)."""
+    if valid is None:
+        return math.prod(shape)
+    return int(valid.sum()) * (shape[0] if valid.ndim == 2 else 1)
+
+
+class _Box(typing.NamedTuple):
+    """Decoded voxels of a visit's lattice box (its region, or a raster run)."""
+    origin: np.ndarray    # (3,) voxel coordinates of volume[0, 0, 0]
+    volume: np.ndarray
+    labels: np.ndarray    # or None
+
+
+class _Source:
+    """One volume with its labels and mask: checks, the mask's counts, reading.
+
+    ``region_counts`` holds the positions of each region on the mask (all of
+    them without a mask): one integer per region, counted once.
+    """
+
+    def __init__(self, arrays, index, name, block, z_range, step, region_bytes,
+                 samples_per_region, min_mask_fraction):
+        self.index, self.name = index, name
+        self.volume, self.labels, self.mask = arrays
+        self._process = os.getpid()
+        shape = self.shape = tuple(int(s) for s in self.volume.shape)
+        if len(shape) != 3:
+            raise ValueError(f"source {index}: the volume must be 3D (z, y, x), got shape {shape}")
+        for name, array in self.arrays():
+            if not _torch_carries(array.dtype):
+                raise TypeError(f"source {index} ({self.name}): its {name} has dtype "
+                                f"{array.dtype}; give bool, integer or float data (what a "
+                                f"torch tensor holds)")
+        # Local zarr arrays, checked after each read (see _LocalVersion).
+        self._versions = {name: _LocalVersion.of(array) for name, array in self.arrays()}
+        for name, array in (('labels', self.labels), ('mask', self.mask)):
+            if array is not None and tuple(array.shape) not in (shape, shape[1:]):
+                raise ValueError(f"source {index}: {name} of shape {tuple(array.shape)} do not "
+                                 f"match the volume {shape}; expected {shape[1:]} or {shape}")
+        lo, hi = (0, 0, 0), shape
+        if z_range is not None:
+            if not 0 <= z_range[0] < z_range[1] <= shape[0]:
+                offset = _converter_offset(self.volume)
+                cropped = ("" if not offset else
+                           f"; converter.py cropped it from the scan at layer {offset[0]}: "
+                           f"z_range counts stored layers, so scan layers [a, b) are "
+                           f"z_range=(a - {offset[0]}, b - {offset[0]})")
+                raise ValueError(f"z_range {z_range} must satisfy 0 <= start < end <= "
+                                 f"{shape[0]} (source {index} has {shape[0]} layers{cropped})")
+            lo, hi = (z_range[0], 0, 0), (z_range[1], *shape[1:])
+        if any(b > h - l for b, l, h in zip(block, lo, hi)):
+            raise ValueError(f"block {block} does not fit in source {index} of shape {shape}"
+                             + (f" within z_range {z_range}" if z_range else ""))
+        self.block = block
+        chunks = shape if isinstance(self.volume, np.ndarray) else tuple(self.volume.chunks)
+        lattice = self.lattice = _Lattice(shape, block, lo, hi, step, chunks, region_bytes,
+                                          self.volume.dtype.itemsize)
+        if lattice.regions * _PLAN_BYTES_PER_REGION > _PLAN_BYTES:
+            box = math.prod(lattice.box(lattice.region)) * self.volume.dtype.itemsize
+            raise ValueError(
+                f"source {index} ({self.name}) of shape {shape} makes {lattice.regions:,} "
+                f"regions of {box / 2**20:.3g} MiB, whose plan would take about "
+                f"{lattice.regions * _PLAN_BYTES_PER_REGION / 2**30:.1f} GiB; raise region_mb "
+                f"(regions grow with it) or crop the volume")
+        self.per_visit = samples_per_region or max(
+            1, 4 * math.prod(lattice.box(lattice.region)) // math.prod(block))
+        self.threshold = None
+        if self.mask is not None:
+            footprint = math.prod(block[3 - self.mask.ndim:])
+            self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
+        self.region_counts = self._count_regions(kind=None)
+        self.positions = int(self.region_counts.sum())
+        self.positive_counts = None       # per region, counted when positive_fraction asks
+
+    def arrays(self):
+        """``(name, array)`` of the volume, labels and mask this source has."""
+        return [(name, array) for name, array in
+                (('volume', self.volume), ('labels', self.labels), ('mask', self.mask))
+                if array is not None]
+
+    # which positions an epoch may draw: on the mask, and of a kind
+
+    def count_positives(self):
+        """Count, once, the positions per region whose label footprint has ink."""
+        if self.positive_counts is None:
+            self.positive_counts = self._count_regions(kind=True)
+        return self.positive_counts
+
+    def _count_regions(self, kind):
+        """Positions per region that ``selected`` keeps (one pass over mask and labels)."""
+        if self.mask is None and kind is None:
+            return self.lattice.region_sizes()
+        counts = np.zeros(self.lattice.regions, dtype=np.int64)
+        arrays = [self.mask] * (self.mask is not None) + [self.labels] * (kind is not None)
+        if any(array.ndim == 3 for array in arrays):
+            for region in range(self.lattice.regions):
+                counts[region] = self.count_selected(*self.lattice.region_bounds(region), kind)
+            return counts
+        # 2D arrays decide for all layers at once: one (y, x) cell, every z; a
+        # row of cells reads its band of rows once (zarr calls cost more than sums).
+        layers, rows, columns = self.lattice.regions_per_axis
+        banded = copy.copy(self)
+        banded._versions = {}              # its bands were checked when read
+        for row in range(rows):
+            start, end = self.lattice.voxel_box(*self.lattice.region_bounds(row * columns))
+            band = (slice(start[1], end[1]), slice(0, self.shape[2]))
+            banded.mask, banded.labels = (
+                None if a is None else _Band(self._decode(name, a, band), band[0].start)
+                for name, a in (('mask', self.mask), ('labels', self.labels)))
+            for cell in range(row * columns, (row + 1) * columns):
+                in_cell = int(banded.selected(*self.lattice.region_bounds(cell), kind).sum())
+                for layer in range(layers):
+                    region = layer * rows * columns + cell
+                    counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
+        return counts
+
+    def selected(self, origin, shape, kind=None):
+        """Which positions of the lattice box (origin, shape) an epoch may draw.
+
+        Those on the mask and, with ``kind``, positive (True: the block's label
+        footprint holds a nonzero label) or negative (False). A bool array of
+        ``shape`` (of shape[1:] when made of 2D arrays only, holding for every
+        layer), or None: every position.
+        """
+        parts = []
+        if self.mask is not None:
+            parts.append(self._footprint_hits('mask', origin, shape) >= self.threshold)
+        if kind is not None:
+            positive = self._footprint_hits('labels', origin, shape) > 0
+            parts.append(positive if kind else ~positive)
+        if not parts:
+            return None
+        if len({part.ndim for part in parts}) > 1:
+            parts = [np.broadcast_to(part, tuple(shape)) for part in parts]
+        return np.logical_and.reduce(parts)
+
+    def _footprint_hits(self, name, origin, shape):
+        """Nonzero voxels of array ``name`` under each block's footprint in a lattice box.
+
+        (ny, nx) counts for a 2D array (the block's (y, x) footprint), (nz, ny,
+        nx) for a 3D one, from a summed-area table of the box's window.
+        """
+        array = getattr(self, name)
+        axes = self.lattice.axis_corners(origin, shape)[3 - array.ndim:]
+        block = self.block[3 - array.ndim:]
+        lo, hi = (bounds[3 - array.ndim:] for bounds in self.lattice.voxel_box(origin, shape))
+        window = self._decode(name, array, tuple(slice(l, h) for l, h in zip(lo, hi))) != 0
+        if not window.any():         # unwritten label chunks, empty mask: nothing to sum
+            return np.zeros([len(a) for a in axes], dtype=np.int64)
+        table = np.pad(window.astype(np.int32), [(1, 0)] * window.ndim)   # sizes < 2**31
+        for axis in range(window.ndim):
+            np.cumsum(table, axis=axis, out=table)
+        # Inclusion-exclusion over the 2**ndim corners of every footprint.
+        counts = 0
+        for signs in itertools.product((0, 1), repeat=window.ndim):
+            index = np.ix_(*[a - l + (b if s else 0) for a, l, b, s in zip(axes, lo, block, signs)])
+            counts = counts + (-1) ** (window.ndim - sum(signs)) * table[index]
+        return counts
+
+    def count_selected(self, origin, shape, kind=None):
+        """Positions of the lattice box (origin, shape) that ``selected`` keeps."""
+        return _count(self.selected(origin, shape, kind), shape)
+
+    def positions_of(self, visit):
+        """Lattice positions (n, 3) of a visit, in its order.
+
+        The box's positions on the mask are numbered in raster order (for a 2D
+        mask: layer by layer); a shuffled visit takes them through its
+        permutation.
+        """
+        index = np.arange(visit.first, visit.stop)
+        valid = self.selected(visit.origin, visit.shape, visit.kind)
+        if visit.key is not None:
+            index = _permute(index, _count(valid, visit.shape), visit.key)
+        if valid is None:
+            local = np.unravel_index(index, visit.shape)
+        elif valid.ndim == 2:
+            cells = np.flatnonzero(valid)
+            z, cell = np.divmod(index, len(cells))
+            local = (z, *np.unravel_index(cells[cell], visit.shape[1:]))
+        else:
+            local = np.unravel_index(np.flatnonzero(valid)[index], visit.shape)
+        return np.stack(local, axis=1) + np.asarray(visit.origin)
+
+    # reading and cutting
+
+    def attach(self):
+        """At the start of each iteration: reopen remote arrays in a new process (a
+        DataLoader worker), and check that their stores still hold the version this
+        dataset was built on (``_RemoteStore.verify``: two small requests per remote
+        array, concurrently, in each worker at each iteration).
+
+        fsspec's HTTP sessions belong to the event loop of the process that
+        opened them and fail after a fork; a pickle round trip opens new ones.
+        """
+        if self._process != os.getpid():
+            self._process = os.getpid()
+            # The parent's arrays are kept, not collected: collecting them would
+            # make aiohttp warn of sessions that cannot be closed from here.
+            self._parents_arrays = (self.volume, self.labels, self.mask)
+            self.volume, self.labels, self.mask = (
+                pickle.loads(pickle.dumps(array))
+                if isinstance(array, zarr.Array)
+                and not isinstance(array.store, (zarr.storage.LocalStore,
+                                                 zarr.storage.MemoryStore))
+                else array for array in (self.volume, self.labels, self.mask))
+        _RemoteStore.verify(f"source {self.index} ({self.name})",
+                            (self.volume, self.labels, self.mask))
+
+    def nbytes(self, origin, end):
+        """Bytes that decoding the box ``[origin, end)`` holds (numpy sources: views, none)."""
+        size = 0
+        for array in (self.volume, self.labels):
+            if array is not None and not isinstance(array, np.ndarray):
+                size += math.prod(e - o for o, e in zip(origin[3 - array.ndim:],
+                                                        end[3 - array.ndim:])) * array.dtype.itemsize
+        return size
+
+    def read(self, origin, end):
+        """Decode the voxel box ``[origin, end)`` (volume and labels)."""
+        box = tuple(slice(o, e) for o, e in zip(origin, end))
+        volume = self._decode('volume', self.volume, box)
+        labels = (None if self.labels is None
+                  else self._decode('labels', self.labels, box[3 - self.labels.ndim:]))
+        return _Box(np.asarray(origin), volume, labels)
+
+    def _decode(self, name, array, box):
+        """``array[box]`` in native byte order; a failure names the source, box and chunk.
+
+        Zarr reads the chunks of a vanished local store as fill value, and those
+        of a replaced one under the old metadata: after the decode, the array's
+        store is checked to be the one this dataset was built on.
+        """
+        try:
+            data = _native(np.asarray(array[box]))
+        except Exception as error:
+            where = ', '.join(f"{axis} {s.start}:{s.stop}"
+                              for axis, s in zip('zyx'[3 - len(box):], box))
+            # Storage errors name their key already, and re-reading would retry.
+            chunk = None if isinstance(error, OSError) else _failing_chunk(array, box)
+            raise OSError(f"source {self.index} ({self.name}): cannot read its {name} at "
+                          f"voxels {where}" + (f", chunk {chunk!r}" if chunk else "")
+                          + f": {type(error).__name__}: {error}") from error
+        if self._versions.get(name) is not None:
+            self._versions[name].check(f"source {self.index} ({self.name})", name)
+        return data
+
+    def cut(self, box, corner):
+        """``(block,)`` or ``(block, label)`` tensors at ``corner`` from a read box."""
+        local = corner - box.origin
+        window = tuple(slice(int(l), int(l) + b) for l, b in zip(local, self.block))
+        item = (torch.from_numpy(np.ascontiguousarray(box.volume[window])),)
+        if box.labels is not None:
+            item += (torch.from_numpy(np.ascontiguousarray(
+                box.labels[window[3 - box.labels.ndim:]])),)
+        return item
+
+
+# -- how many samples each source gives ------------------------------------
+
+def _random_shares(total, capacities, method, rng):
+    """Random per-source sample counts adding up to ``total``."""
+    counts = [0] * len(capacities)
+    if method == 'proportional':
+        # Multivariate hypergeometric: the count of each source among the
+        # first ``total`` of one permutation over all positions.
+        left, rest = total, sum(capacities)
+        for i, capacity in enumerate(capacities):
+            rest -= capacity
+            if rest == 0:
+                counts[i] = left
+                break
+            if capacity + rest < 10**9:
+                count = int(rng.hypergeometric(capacity, rest, left))
+            else:  # numpy's limit; binomial differs by O(total / positions)
+                count = int(rng.binomial(left, capacity / (capacity + rest)))
+                count = min(max(count, left - rest), capacity, left)
+            counts[i] = count
+            left -= count
+        return counts
+    # Uniform: each sample picks a source at random among those not yet full.
+    left = total
+    while left:
+        open_ = [i for i, c in enumerate(capacities) if counts[i] < c]
+        draws = rng.multinomial(left, [1 / len(open_)] * len(open_))
+        for i, drawn in zip(open_, draws):
+            taken = min(int(drawn), capacities[i] - counts[i])
+            counts[i] += taken
+            left -= taken
+    return counts
+
+
+def _fixed_shares(total, capacities, method):
+    """Deterministic per-source counts: equal, or proportional to capacity."""
+    counts = [0] * len(capacities)
+    left = total
+    while left:
+        open_ = [i for i, c in enumerate(capacities) if counts[i] < c]
+        weights = [capacities[i] if method != 'uniform' else 1 for i in open_]
+        quota = [left * w // sum(weights) for w in weights]
+        for j in range(left - sum(quota)):  # remainders go to the first sources
+            quota[j] += 1
+        for i, q in zip(open_, quota):
+            taken = min(q, capacities[i] - counts[i])
+            counts[i] += taken
+            left -= taken
+    return counts
+
+
+# -- keyed bijections ------------------------------------------------------
+
+def _mix64(x):
+    """SplitMix64's finaliser, mod 2**64, on a uint64 array or a Python int."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def _key(*parts):
+    """A 64-bit key derived from integers, for seeding one permutation (Python ints:
+    numpy's overhead on one number costs more than the arithmetic)."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = _mix64(state ^ (int(part) & _MASK64))
+    return state
+
+
+def _uniform(key, ids):
+    """A float in [0, 1) for each of the integer ``ids``, fixed by ``key``."""
+    state = _mix64(np.asarray(ids, dtype=np.uint64) ^ np.uint64(key))
+    return (_mix64(state ^ np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)) / 2.0**53
+
+
+def _permute(index, n, key):
+    """Map ``index`` (int array in [0, n)) through a keyed bijection of [0, n).
+
+    A balanced Feistel network on the smallest even number of bits covering n,
+    with cycle walking back into [0, n): O(1) memory, whatever n is.
+    """
+    index = np.asarray(index, dtype=np.uint64)
+    if n <= 1:
+        return index.astype(np.int64)
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
+    round_keys = [np.uint64(_key(key, r)) for r in range(_FEISTEL_ROUNDS)]
+
+    def encrypt(x):
+        left, right = x >> shift, x & mask
+        for round_key in round_keys:
+            left, right = right, left ^ (_mix64(right ^ round_key) & mask)
+        return (left << shift) | right
+
+    out = encrypt(index)
+    outside = out >= np.uint64(n)
+    while outside.any():      # ends: walking a cycle always comes back to [0, n)
+        out[outside] = encrypt(out[outside])
+        outside = out >= np.uint64(n)
+    return out.astype(np.int64)
 
 
 # -- the plan of an epoch: which positions, in which visits, in which order ----
@@ -1059,368 +1675,59 @@ class _Group(typing.NamedTuple):
         return cls(trimmed, np.stack([kept[lanes], index - low[lanes]], axis=1))
 
 
-# -- geometry: where the positions of a volume are ---------------------------
+# -- a shard's share: the split over ranks and workers ------------------------
 
-class _Lattice:
-    """The positions of one volume, and their regions: pure geometry, no data.
+@dataclasses.dataclass
+class _Place:
+    """Where an iteration is in its epoch: what ``state_dict`` saves (None: not begun)."""
+    epoch: int = None
+    shard: int = None           # rank * workers + worker, of ``shards``
+    shards: int = None
+    yielded: int = 0            # items of the shard's share delivered so far
 
-    Along each axis, position p has the start coordinate
-    ``min(lo + p * step, hi - size)``, where [lo, hi) is the usable range
-    (``z_range``) and step is 1, or the grid stride: ``extent`` positions in
-    all. The lattice is cut into regions of ``region`` positions per axis
-    (``regions_per_axis`` of them per axis, ``regions`` in all, numbered in
-    raster order), chosen so that a region's box of voxels is made of whole
-    chunks and fits ``region_bytes``.
 
-    Example: shape (65, 300, 300), block (26, 64, 64), step 1, chunks (16, 128,
-    128): extent (40, 237, 237); a region of (40, 128, 128) positions reads a
-    box of (65, 191, 191) voxels.
+def _split_by_rank_and_worker(rank, world_size, worker, skip_batches):
+    """``(workers, shard, shards)`` of this DataLoader worker (``get_worker_info()``).
+
+    Shard ``rank * workers + worker`` of ``world_size * workers``, so that
+    shards in rank order are the epoch in order. A DataLoader asks its workers
+    for batches in turn from worker 0: after ``skip_batches``, worker 0 takes
+    over the share whose turn came next.
     """
-
-    def __init__(self, shape, block, lo, hi, step, chunks, region_bytes, itemsize):
-        self.block, self.lo, self.hi, self.step = block, lo, hi, step
-        self.extent = tuple(-(-(h - l - b) // s) + 1 for l, h, b, s in zip(lo, hi, block, step))
-        self.region = self._choose_region(chunks, region_bytes, itemsize)
-        self.regions_per_axis = tuple(-(-e // r) for e, r in zip(self.extent, self.region))
-        self.regions = math.prod(self.regions_per_axis)
-        self.positions = math.prod(self.extent)
-
-    def box(self, region):
-        """Voxel span of the blocks of ``region`` positions per axis."""
-        return tuple(min((r - 1) * s + b, h - l)
-                     for r, s, b, l, h in zip(region, self.step, self.block, self.lo, self.hi))
-
-    def _choose_region(self, chunks, region_bytes, itemsize):
-        """Region shape (in positions) whose box is chunk multiples within the budget.
-
-        Starts from one chunk (halved while even that is over budget), then
-        grows by whole chunks, each step on the axis whose halo costs most
-        relative to its size.
-        """
-        def fits(region):
-            return math.prod(self.box(region)) * itemsize <= region_bytes
-
-        per_chunk = [max(1, c // s) for c, s in zip(chunks, self.step)]
-        region = [min(c, e) for c, e in zip(per_chunk, self.extent)]
-        while not fits(region) and max(region) > 1:
-            axis = region.index(max(region))
-            region[axis] = -(-region[axis] // 2)
-        while True:
-            growable = [a for a in range(3) if region[a] < self.extent[a]]
-            growable.sort(key=lambda a: self.box(region)[a] / (region[a] * self.step[a]),
-                          reverse=True)
-            for axis in growable:
-                bigger = list(region)
-                bigger[axis] = min(region[axis] + per_chunk[axis], self.extent[axis])
-                if fits(bigger):
-                    region = bigger
-                    break
-            else:
-                return tuple(region)
-
-    def region_bounds(self, index):
-        """Origin and shape (in positions) of region ``index``."""
-        cell = np.unravel_index(index, self.regions_per_axis)
-        origin = tuple(int(c) * r for c, r in zip(cell, self.region))
-        shape = tuple(min(r, e - o) for r, e, o in zip(self.region, self.extent, origin))
-        return origin, shape
-
-    def region_sizes(self):
-        """Positions per region, in region order (border regions are smaller)."""
-        per_axis = [np.minimum(r, e - np.arange(0, e, r))
-                    for r, e in zip(self.region, self.extent)]
-        return np.einsum('i,j,k->ijk', *per_axis).ravel().astype(np.int64)
-
-    def corners(self, positions):
-        """Start coordinates (n, 3) of lattice positions (n, 3)."""
-        return np.minimum(np.asarray(self.lo) + positions * np.asarray(self.step),
-                          np.asarray(self.hi) - np.asarray(self.block))
-
-    def axis_corners(self, origin, shape):
-        """Start coordinates along each axis of the lattice box (origin, shape)."""
-        return [np.minimum(l + np.arange(o, o + n) * s, h - b)
-                for o, n, l, s, h, b in zip(origin, shape, self.lo, self.step, self.hi,
-                                            self.block)]
-
-    def voxel_box(self, origin, shape):
-        """Voxels ``(start, end)`` per axis that the blocks of the lattice box cover."""
-        axes = self.axis_corners(origin, shape)
-        return (tuple(int(a[0]) for a in axes),
-                tuple(int(a[-1]) + b for a, b in zip(axes, self.block)))
+    workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+    worker_id = (worker_id + skip_batches) % workers
+    return workers, rank * workers + worker_id, world_size * workers
 
 
-class _Band:
-    """The rows from ``start`` on of a 2D array, read once, sliced like the array."""
-
-    def __init__(self, data, start):
-        self.ndim, self.start, self.data = 2, start, data
-
-    def __getitem__(self, index):
-        rows, columns = index
-        return self.data[rows.start - self.start:rows.stop - self.start, columns]
+def _shard_bounds(total, shards, shard):
+    """``[first, stop)`` of shard ``shard`` of ``shards``: contiguous, sizes at most one apart."""
+    return total * shard // shards, total * (shard + 1) // shards
 
 
-def _count(valid, shape):
-    """Positions of a lattice box of ``shape`` given its ``selected`` (None: all)."""
-    if valid is None:
-        return math.prod(shape)
-    return int(valid.sum()) * (shape[0] if valid.ndim == 2 else 1)
+def _delivered(total, shards, shard, workers, batches, batch_size):
+    """Items shard ``shard`` gave to the first ``batches`` batches of its rank's DataLoader.
 
-
-# -- reading: one volume's arrays ---------------------------------------------
-
-class _Box(typing.NamedTuple):
-    """Decoded voxels of a visit's lattice box (its region, or a raster run)."""
-    origin: np.ndarray    # (3,) voxel coordinates of volume[0, 0, 0]
-    volume: np.ndarray
-    labels: np.ndarray    # or None
-
-
-class _Source:
-    """One volume with its labels and mask: checks, the mask's counts, reading.
-
-    ``region_counts`` holds the positions of each region on the mask (all of
-    them without a mask): one integer per region, counted once.
+    A DataLoader takes batches from its workers in turn (worker 0, 1, ...),
+    skipping workers that have none left; shares differ by at most one item,
+    so batch counts per worker differ by at most one.
     """
-
-    def __init__(self, arrays, index, name, block, z_range, step, region_bytes,
-                 samples_per_region, min_mask_fraction):
-        self.index, self.name = index, name
-        self.volume, self.labels, self.mask = arrays
-        self._process = os.getpid()
-        shape = self.shape = tuple(int(s) for s in self.volume.shape)
-        if len(shape) != 3:
-            raise ValueError(f"source {index}: the volume must be 3D (z, y, x), got shape {shape}")
-        for name, array in self.arrays():
-            if not _torch_carries(array.dtype):
-                raise TypeError(f"source {index} ({self.name}): its {name} has dtype "
-                                f"{array.dtype}; give bool, integer or float data (what a "
-                                f"torch tensor holds)")
-        # Local zarr arrays, checked after each read (see _LocalVersion).
-        self._versions = {name: _LocalVersion.of(array) for name, array in self.arrays()}
-        for name, array in (('labels', self.labels), ('mask', self.mask)):
-            if array is not None and tuple(array.shape) not in (shape, shape[1:]):
-                raise ValueError(f"source {index}: {name} of shape {tuple(array.shape)} do not "
-                                 f"match the volume {shape}; expected {shape[1:]} or {shape}")
-        lo, hi = (0, 0, 0), shape
-        if z_range is not None:
-            if not 0 <= z_range[0] < z_range[1] <= shape[0]:
-                offset = _converter_offset(self.volume)
-                cropped = ("" if not offset else
-                           f"; converter.py cropped it from the scan at layer {offset[0]}: "
-                           f"z_range counts stored layers, so scan layers [a, b) are "
-                           f"z_range=(a - {offset[0]}, b - {offset[0]})")
-                raise ValueError(f"z_range {z_range} must satisfy 0 <= start < end <= "
-                                 f"{shape[0]} (source {index} has {shape[0]} layers{cropped})")
-            lo, hi = (z_range[0], 0, 0), (z_range[1], *shape[1:])
-        if any(b > h - l for b, l, h in zip(block, lo, hi)):
-            raise ValueError(f"block {block} does not fit in source {index} of shape {shape}"
-                             + (f" within z_range {z_range}" if z_range else ""))
-        self.block = block
-        chunks = shape if isinstance(self.volume, np.ndarray) else tuple(self.volume.chunks)
-        lattice = self.lattice = _Lattice(shape, block, lo, hi, step, chunks, region_bytes,
-                                          self.volume.dtype.itemsize)
-        if lattice.regions * _PLAN_BYTES_PER_REGION > _PLAN_BYTES:
-            box = math.prod(lattice.box(lattice.region)) * self.volume.dtype.itemsize
-            raise ValueError(
-                f"source {index} ({self.name}) of shape {shape} makes {lattice.regions:,} "
-                f"regions of {box / 2**20:.3g} MiB, whose plan would take about "
-                f"{lattice.regions * _PLAN_BYTES_PER_REGION / 2**30:.1f} GiB; raise region_mb "
-                f"(regions grow with it) or crop the volume")
-        self.per_visit = samples_per_region or max(
-            1, 4 * math.prod(lattice.box(lattice.region)) // math.prod(block))
-        self.threshold = None
-        if self.mask is not None:
-            footprint = math.prod(block[3 - self.mask.ndim:])
-            self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
-        self.region_counts = self._count_regions(kind=None)
-        self.positions = int(self.region_counts.sum())
-        self.positive_counts = None       # per region, counted when positive_fraction asks
-
-    def arrays(self):
-        """``(name, array)`` of the volume, labels and mask this source has."""
-        return [(name, array) for name, array in
-                (('volume', self.volume), ('labels', self.labels), ('mask', self.mask))
-                if array is not None]
-
-    # which positions an epoch may draw: on the mask, and of a kind
-
-    def count_positives(self):
-        """Count, once, the positions per region whose label footprint has ink."""
-        if self.positive_counts is None:
-            self.positive_counts = self._count_regions(kind=True)
-        return self.positive_counts
-
-    def _count_regions(self, kind):
-        """Positions per region that ``selected`` keeps (one pass over mask and labels)."""
-        if self.mask is None and kind is None:
-            return self.lattice.region_sizes()
-        counts = np.zeros(self.lattice.regions, dtype=np.int64)
-        arrays = [self.mask] * (self.mask is not None) + [self.labels] * (kind is not None)
-        if any(array.ndim == 3 for array in arrays):
-            for region in range(self.lattice.regions):
-                counts[region] = self.count_selected(*self.lattice.region_bounds(region), kind)
-            return counts
-        # 2D arrays decide for all layers at once: one (y, x) cell, every z; a
-        # row of cells reads its band of rows once (zarr calls cost more than sums).
-        layers, rows, columns = self.lattice.regions_per_axis
-        banded = copy.copy(self)
-        banded._versions = {}              # its bands were checked when read
-        for row in range(rows):
-            start, end = self.lattice.voxel_box(*self.lattice.region_bounds(row * columns))
-            band = (slice(start[1], end[1]), slice(0, self.shape[2]))
-            banded.mask, banded.labels = (
-                None if a is None else _Band(self._decode(name, a, band), band[0].start)
-                for name, a in (('mask', self.mask), ('labels', self.labels)))
-            for cell in range(row * columns, (row + 1) * columns):
-                in_cell = int(banded.selected(*self.lattice.region_bounds(cell), kind).sum())
-                for layer in range(layers):
-                    region = layer * rows * columns + cell
-                    counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
-        return counts
-
-    def selected(self, origin, shape, kind=None):
-        """Which positions of the lattice box (origin, shape) an epoch may draw.
-
-        Those on the mask and, with ``kind``, positive (True: the block's label
-        footprint holds a nonzero label) or negative (False). A bool array of
-        ``shape`` (of shape[1:] when made of 2D arrays only, holding for every
-        layer), or None: every position.
-        """
-        parts = []
-        if self.mask is not None:
-            parts.append(self._footprint_hits('mask', origin, shape) >= self.threshold)
-        if kind is not None:
-            positive = self._footprint_hits('labels', origin, shape) > 0
-            parts.append(positive if kind else ~positive)
-        if not parts:
-            return None
-        if len({part.ndim for part in parts}) > 1:
-            parts = [np.broadcast_to(part, tuple(shape)) for part in parts]
-        return np.logical_and.reduce(parts)
-
-    def _footprint_hits(self, name, origin, shape):
-        """Nonzero voxels of array ``name`` under each block's footprint in a lattice box.
-
-        (ny, nx) counts for a 2D array (the block's (y, x) footprint), (nz, ny,
-        nx) for a 3D one, from a summed-area table of the box's window.
-        """
-        array = getattr(self, name)
-        axes = self.lattice.axis_corners(origin, shape)[3 - array.ndim:]
-        block = self.block[3 - array.ndim:]
-        lo, hi = (bounds[3 - array.ndim:] for bounds in self.lattice.voxel_box(origin, shape))
-        window = self._decode(name, array, tuple(slice(l, h) for l, h in zip(lo, hi))) != 0
-        if not window.any():         # unwritten label chunks, empty mask: nothing to sum
-            return np.zeros([len(a) for a in axes], dtype=np.int64)
-        table = np.pad(window.astype(np.int32), [(1, 0)] * window.ndim)   # sizes < 2**31
-        for axis in range(window.ndim):
-            np.cumsum(table, axis=axis, out=table)
-        # Inclusion-exclusion over the 2**ndim corners of every footprint.
-        counts = 0
-        for signs in itertools.product((0, 1), repeat=window.ndim):
-            index = np.ix_(*[a - l + (b if s else 0) for a, l, b, s in zip(axes, lo, block, signs)])
-            counts = counts + (-1) ** (window.ndim - sum(signs)) * table[index]
-        return counts
-
-    def count_selected(self, origin, shape, kind=None):
-        """Positions of the lattice box (origin, shape) that ``selected`` keeps."""
-        return _count(self.selected(origin, shape, kind), shape)
-
-    def positions_of(self, visit):
-        """Lattice positions (n, 3) of a visit, in its order.
-
-        The box's positions on the mask are numbered in raster order (for a 2D
-        mask: layer by layer); a shuffled visit takes them through its
-        permutation.
-        """
-        index = np.arange(visit.first, visit.stop)
-        valid = self.selected(visit.origin, visit.shape, visit.kind)
-        if visit.key is not None:
-            index = _permute(index, _count(valid, visit.shape), visit.key)
-        if valid is None:
-            local = np.unravel_index(index, visit.shape)
-        elif valid.ndim == 2:
-            cells = np.flatnonzero(valid)
-            z, cell = np.divmod(index, len(cells))
-            local = (z, *np.unravel_index(cells[cell], visit.shape[1:]))
-        else:
-            local = np.unravel_index(np.flatnonzero(valid)[index], visit.shape)
-        return np.stack(local, axis=1) + np.asarray(visit.origin)
-
-    # reading and cutting
-
-    def attach(self):
-        """At the start of each iteration: reopen remote arrays in a new process (a
-        DataLoader worker), and check that their stores still hold the version this
-        dataset was built on (``_RemoteStore.verify``: two small requests per remote
-        array, concurrently, in each worker at each iteration).
-
-        fsspec's HTTP sessions belong to the event loop of the process that
-        opened them and fail after a fork; a pickle round trip opens new ones.
-        """
-        if self._process != os.getpid():
-            self._process = os.getpid()
-            # The parent's arrays are kept, not collected: collecting them would
-            # make aiohttp warn of sessions that cannot be closed from here.
-            self._parents_arrays = (self.volume, self.labels, self.mask)
-            self.volume, self.labels, self.mask = (
-                pickle.loads(pickle.dumps(array))
-                if isinstance(array, zarr.Array)
-                and not isinstance(array.store, (zarr.storage.LocalStore,
-                                                 zarr.storage.MemoryStore))
-                else array for array in (self.volume, self.labels, self.mask))
-        _RemoteStore.verify(f"source {self.index} ({self.name})",
-                            (self.volume, self.labels, self.mask))
-
-    def nbytes(self, origin, end):
-        """Bytes that decoding the box ``[origin, end)`` holds (numpy sources: views, none)."""
-        size = 0
-        for array in (self.volume, self.labels):
-            if array is not None and not isinstance(array, np.ndarray):
-                size += math.prod(e - o for o, e in zip(origin[3 - array.ndim:],
-                                                        end[3 - array.ndim:])) * array.dtype.itemsize
-        return size
-
-    def read(self, origin, end):
-        """Decode the voxel box ``[origin, end)`` (volume and labels)."""
-        box = tuple(slice(o, e) for o, e in zip(origin, end))
-        volume = self._decode('volume', self.volume, box)
-        labels = (None if self.labels is None
-                  else self._decode('labels', self.labels, box[3 - self.labels.ndim:]))
-        return _Box(np.asarray(origin), volume, labels)
-
-    def _decode(self, name, array, box):
-        """``array[box]`` in native byte order; a failure names the source, box and chunk.
-
-        Zarr reads the chunks of a vanished local store as fill value, and those
-        of a replaced one under the old metadata: after the decode, the array's
-        store is checked to be the one this dataset was built on.
-        """
-        try:
-            data = _native(np.asarray(array[box]))
-        except Exception as error:
-            where = ', '.join(f"{axis} {s.start}:{s.stop}"
-                              for axis, s in zip('zyx'[3 - len(box):], box))
-            # Storage errors name their key already, and re-reading would retry.
-            chunk = None if isinstance(error, OSError) else _failing_chunk(array, box)
-            raise OSError(f"source {self.index} ({self.name}): cannot read its {name} at "
-                          f"voxels {where}" + (f", chunk {chunk!r}" if chunk else "")
-                          + f": {type(error).__name__}: {error}") from error
-        if self._versions.get(name) is not None:
-            self._versions[name].check(f"source {self.index} ({self.name})", name)
-        return data
-
-    def cut(self, box, corner):
-        """``(block,)`` or ``(block, label)`` tensors at ``corner`` from a read box."""
-        local = corner - box.origin
-        window = tuple(slice(int(l), int(l) + b) for l, b in zip(local, self.block))
-        item = (torch.from_numpy(np.ascontiguousarray(box.volume[window])),)
-        if box.labels is not None:
-            item += (torch.from_numpy(np.ascontiguousarray(
-                box.labels[window[3 - box.labels.ndim:]])),)
-        return item
+    if not batches:
+        return 0
+    rank_first = shard - shard % workers
+    shares = [_shard_bounds(total, shards, s) for s in range(rank_first, rank_first + workers)]
+    counts = [-(-(stop - first) // batch_size) for first, stop in shares]
+    fewest = min(counts)
+    mine = shard - rank_first
+    if batches <= fewest * workers:
+        taken = batches // workers + (mine < batches % workers)
+    else:
+        more = [w for w, c in enumerate(counts) if c > fewest][:batches - fewest * workers]
+        taken = fewest + (mine in more)
+    first, stop = shares[mine]
+    return min(taken * batch_size, stop - first)
 
 
+# -- reading: boxes decoded in a background thread, within the budget ---------
 
 class _Slot:
     """One decoded box (or one being decoded), shared by the lanes that cut from it."""
@@ -1607,6 +1914,31 @@ class _Reader:
         slot.ready.set()
 
 
+def _failing_chunk(array, box):
+    """Key of the first stored chunk (or shard) of ``box`` that fails to read, else None.
+
+    Searched only after a read of the box failed, to name the chunk in the error.
+    """
+    if not isinstance(array, zarr.Array):
+        return None
+    shape = array.shards or array.chunks
+    for cell in itertools.product(*[range(s.start // c, -(-s.stop // c))
+                                    for s, c in zip(box, shape)]):
+        try:
+            array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, shape))]
+        except Exception:
+            key = array.metadata.encode_chunk_key(cell)
+            return f"{array.path}/{key}" if array.path else key
+    return None
+
+
+def _native(array):
+    """``array`` in native byte order (torch refuses others): a copy only if it is not."""
+    return array.astype(array.dtype.newbyteorder('='), copy=False)
+
+
+# -- process hygiene: forked workers and malloc -------------------------------
+
 def _zarrs_pipeline():
     """Whether zarr decodes with the zarrs codec pipeline (which hangs in a forked process)."""
     return 'zarrs' in str(zarr.config.get('codec_pipeline.path'))
@@ -1648,168 +1980,7 @@ def _keep_freed_memory():
     libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
 
 
-def _converter_offset(volume):
-    """The ``offset`` converter.py recorded for the group holding ``volume``, else None."""
-    if not isinstance(volume, zarr.Array):
-        return None
-    try:
-        group = zarr.open_group(store=volume.store, path=volume.path.rpartition('/')[0],
-                                mode='r')
-        return group.attrs.get('vesuvius_converter', {}).get('offset')
-    except Exception:        # only to enrich an error: no group, no attributes
-        return None
-
-
-class _LocalVersion:
-    """What a zarr array in a local store was when the dataset was built, to check reads against.
-
-    The identity is that of the array's folder and of its metadata file (device, inode; the
-    file's size and mtime): a store replaced (converter.py --overwrite renames a new one into
-    place) has a new folder, and a rewritten metadata file a new stat. Two ``os.stat`` calls,
-    a few microseconds, after each decode; the metadata is parsed again only when the file's
-    stat changed. Chunks rewritten in place under unchanged metadata are not detected.
-    """
-
-    def __init__(self, array):
-        name = 'zarr.json' if array.metadata.zarr_format == 3 else '.zarray'
-        self.folder = os.path.join(array.store.root, *filter(None, array.path.split('/')))
-        self.path = os.path.join(self.folder, name)
-        self.identity = self._identity()
-        self.metadata = array.metadata
-
-    @classmethod
-    def of(cls, array):
-        """The version of ``array`` if it is a zarr array in a local store, else None."""
-        if isinstance(array, zarr.Array) and isinstance(array.store, zarr.storage.LocalStore):
-            return cls(array)
-        return None
-
-    def _identity(self):
-        folder, file = os.stat(self.folder), os.stat(self.path)
-        return folder.st_dev, folder.st_ino, file.st_ino, file.st_size, file.st_mtime_ns
-
-    def check(self, source, name):
-        """Raise, naming ``source`` and its array ``name``, if the array changed since."""
-        todo = f"its {name} no longer holds the data this dataset was built on: build it again"
-        try:
-            identity = self._identity()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{source}: the store is gone: {self.path} no longer "
-                                    f"exists (deleted, moved or unmounted?)") from None
-        if identity == self.identity:
-            return
-        if identity[:2] != self.identity[:2]:
-            raise OSError(f"{source}: the store was replaced: {self.folder} is another folder "
-                          f"than when the dataset was built; {todo}")
-        with open(self.path, 'rb') as file:
-            metadata = type(self.metadata).from_dict(json.load(file))
-        changed = _metadata_changes(self.metadata, metadata)
-        if changed:
-            raise OSError(f"{source}: the metadata of {self.path} changed: "
-                          + ", ".join(changed) + f"; {todo}")
-        self.identity = identity          # rewritten with the same layout (attributes)
-
-
-def _failing_chunk(array, box):
-    """Key of the first stored chunk (or shard) of ``box`` that fails to read, else None.
-
-    Searched only after a read of the box failed, to name the chunk in the error.
-    """
-    if not isinstance(array, zarr.Array):
-        return None
-    shape = array.shards or array.chunks
-    for cell in itertools.product(*[range(s.start // c, -(-s.stop // c))
-                                    for s, c in zip(box, shape)]):
-        try:
-            array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(cell, shape))]
-        except Exception:
-            key = array.metadata.encode_chunk_key(cell)
-            return f"{array.path}/{key}" if array.path else key
-    return None
-
-
-def _describe(source):
-    """A source as errors name it: its path or URL, else what it is."""
-    if isinstance(source, (str, os.PathLike)):
-        return repr(os.fspath(source))
-    if isinstance(source, (zarr.Array, zarr.Group)):
-        return f"{type(source).__name__} at {source.store_path}"
-    return f"a {type(source).__name__}"
-
-
-def _plain(value):
-    """``value`` as JSON gives it back (lists for tuples), to compare a saved state."""
-    return json.loads(json.dumps(value))
-
-
-def _torch_carries(dtype):
-    """Whether torch has a tensor type for numpy ``dtype`` (bool, integers, floats)."""
-    try:
-        torch.from_numpy(np.empty(0, np.dtype(dtype).newbyteorder('=')))
-    except (TypeError, ValueError):
-        return False
-    return np.dtype(dtype).kind in 'biuf'
-
-
-def _native(array):
-    """``array`` in native byte order (torch refuses others): a copy only if it is not."""
-    return array.astype(array.dtype.newbyteorder('='), copy=False)
-
-
-def _open_source(source, index, storage_options=None, cache_dir=None):
-    """``(volume, labels, mask)`` of one source; labels and mask may be None."""
-    if isinstance(source, (np.ndarray, zarr.Array)):
-        return source, None, None
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        remote = '://' in path
-        if not remote and not os.path.exists(path):
-            raise FileNotFoundError(f"source {index}: no Zarr store at {path!r}")
-        store = _RemoteStore.from_url(path, index, storage_options, cache_dir) if remote else path
-        try:
-            source = zarr.open(store, mode='r')
-        except (PermissionError, _GaveUp, _Unreachable):
-            raise
-        except FileNotFoundError as error:
-            if remote:
-                raise FileNotFoundError(f"source {index}: no Zarr array or group at {path!r} "
-                                        f"(no metadata found there)") from error
-            raise ValueError(f"source {index}: {path!r} is not a Zarr array or group") from error
-        except Exception as error:
-            raise ValueError(f"source {index}: {path!r} is not a Zarr array or group "
-                             f"({error})") from error
-        if isinstance(source, zarr.Array):
-            return source, None, None
-    if isinstance(source, zarr.Group):
-        level = _multiscale_level(source)
-        if level is not None and 'volume' not in source:
-            return source[level], None, None
-    if isinstance(source, dict) and not set(source) <= {'volume', 'labels', 'mask'}:
-        unknown = sorted(map(repr, set(source) - {'volume', 'labels', 'mask'}))
-        raise ValueError(f"source {index}: unknown key {', '.join(unknown)} in a dict source; "
-                         f"the keys are 'volume', 'labels' and 'mask'")
-    if isinstance(source, (zarr.Group, dict)):
-        if 'volume' not in source:
-            raise ValueError(f"source {index}: a group or dict needs an array 'volume' (or "
-                             f"OME-Zarr 'multiscales'); it has {sorted(source.keys())}")
-        return tuple(source[name] if name in source else None
-                     for name in ('volume', 'labels', 'mask'))
-    raise TypeError(f"source {index}: a source must be a path/URL, a zarr.Array or "
-                    f"zarr.Group, a numpy array or a dict of them, got {type(source).__name__}")
-
-
-def _multiscale_level(group):
-    """Path of the full-resolution level of an OME-Zarr multiscale group, else None.
-
-    NGFF 0.4 keeps ``multiscales`` in the group's attributes, 0.5 under ``ome``;
-    the first dataset of the first multiscale is level 0.
-    """
-    attributes = group.attrs.asdict()
-    multiscales = attributes.get('multiscales') or attributes.get('ome', {}).get('multiscales')
-    if not multiscales:
-        return None
-    return multiscales[0]['datasets'][0]['path']
-
+# -- remote stores: retries, timeouts, versions, the chunk cache --------------
 
 class _GaveUp(OSError):
     """A remote read that kept failing with transient errors."""
@@ -2112,29 +2283,6 @@ class _RemoteStore(zarr.storage.WrapperStore):
                 await asyncio.sleep(_retry_wait(error, attempt))
 
 
-def _metadata_changes(old, new):
-    """What differs between two metadata of an array, attributes aside, as errors say it:
-    shape, dtype and chunks with their values, then codecs and any other field by name."""
-    before, after = old.to_dict(), new.to_dict()
-    names = {'data_type': 'dtype', 'chunk_grid': 'chunks', 'compressor': 'codecs',
-             'filters': 'codecs'}
-    changed = {names.get(key, key) for key in before.keys() | after.keys()
-               if key != 'attributes' and before.get(key) != after.get(key)}
-    values = {'shape': lambda fields: tuple(fields['shape']),
-              'dtype': lambda fields: fields.get('data_type', fields.get('dtype')),
-              'chunks': lambda fields: tuple(fields['chunks'] if 'chunks' in fields else
-                                             fields['chunk_grid']['configuration']['chunk_shape'])}
-    order = [*values, 'codecs']
-    described = []
-    for name in sorted(changed, key=lambda name: (order.index(name) if name in order
-                                                  else len(order), name)):
-        try:
-            described.append(f"{name} {values[name](before)} -> {values[name](after)}")
-        except (KeyError, TypeError):     # named only (or chunks of an irregular grid)
-            described.append(name)
-    return described
-
-
 def _stamp_text(stamp):
     return ', '.join(f"{name} {value}" for name, value in stamp.items()) or 'none'
 
@@ -2173,142 +2321,3 @@ def _retry_wait(error, attempt):
         if seconds is not None:
             return min(max(seconds, 0.0), _LONGEST_WAIT)
     return min(_FIRST_BACKOFF * 2**attempt, _LONGEST_WAIT) * random.uniform(0.5, 1.0)
-
-
-def _is_int(value):
-    """True for Python and numpy integers (not bools): sizes often come from array shapes."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    """True for Python and numpy reals (not bools): fractions often come from numpy."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def _name(function):
-    """A callable's name for messages (functions, lambdas, partials, callable objects)."""
-    return getattr(function, '__qualname__', None) or repr(function)
-
-
-def _positive_int(name, value):
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def _resolve_ranks(rank, world_size):
-    """(rank, world_size): explicit values, else torch.distributed's, else (0, 1)."""
-    if rank is None and world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-    if rank is None or world_size is None:
-        raise ValueError("give both rank and world_size, or neither")
-    world_size = _positive_int('world_size', world_size)
-    if not _is_int(rank) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-    return int(rank), world_size
-
-
-# -- keyed bijections ------------------------------------------------------
-
-def _mix64(x):
-    """SplitMix64's finaliser, mod 2**64, on a uint64 array or a Python int."""
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
-    return x ^ (x >> 31)
-
-
-def _key(*parts):
-    """A 64-bit key derived from integers, for seeding one permutation (Python ints:
-    numpy's overhead on one number costs more than the arithmetic)."""
-    state = 0x9E3779B97F4A7C15
-    for part in parts:
-        state = _mix64(state ^ (int(part) & _MASK64))
-    return state
-
-
-def _uniform(key, ids):
-    """A float in [0, 1) for each of the integer ``ids``, fixed by ``key``."""
-    state = _mix64(np.asarray(ids, dtype=np.uint64) ^ np.uint64(key))
-    return (_mix64(state ^ np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)) / 2.0**53
-
-
-def _permute(index, n, key):
-    """Map ``index`` (int array in [0, n)) through a keyed bijection of [0, n).
-
-    A balanced Feistel network on the smallest even number of bits covering n,
-    with cycle walking back into [0, n): O(1) memory, whatever n is.
-    """
-    index = np.asarray(index, dtype=np.uint64)
-    if n <= 1:
-        return index.astype(np.int64)
-    half = max(1, ((n - 1).bit_length() + 1) // 2)
-    shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
-    round_keys = [np.uint64(_key(key, r)) for r in range(_FEISTEL_ROUNDS)]
-
-    def encrypt(x):
-        left, right = x >> shift, x & mask
-        for round_key in round_keys:
-            left, right = right, left ^ (_mix64(right ^ round_key) & mask)
-        return (left << shift) | right
-
-    out = encrypt(index)
-    outside = out >= np.uint64(n)
-    while outside.any():      # ends: walking a cycle always comes back to [0, n)
-        out[outside] = encrypt(out[outside])
-        outside = out >= np.uint64(n)
-    return out.astype(np.int64)
-
-
-# -- how many samples each source gives ------------------------------------
-
-def _random_shares(total, capacities, method, rng):
-    """Random per-source sample counts adding up to ``total``."""
-    counts = [0] * len(capacities)
-    if method == 'proportional':
-        # Multivariate hypergeometric: the count of each source among the
-        # first ``total`` of one permutation over all positions.
-        left, rest = total, sum(capacities)
-        for i, capacity in enumerate(capacities):
-            rest -= capacity
-            if rest == 0:
-                counts[i] = left
-                break
-            if capacity + rest < 10**9:
-                count = int(rng.hypergeometric(capacity, rest, left))
-            else:  # numpy's limit; binomial differs by O(total / positions)
-                count = int(rng.binomial(left, capacity / (capacity + rest)))
-                count = min(max(count, left - rest), capacity, left)
-            counts[i] = count
-            left -= count
-        return counts
-    # Uniform: each sample picks a source at random among those not yet full.
-    left = total
-    while left:
-        open_ = [i for i, c in enumerate(capacities) if counts[i] < c]
-        draws = rng.multinomial(left, [1 / len(open_)] * len(open_))
-        for i, drawn in zip(open_, draws):
-            taken = min(int(drawn), capacities[i] - counts[i])
-            counts[i] += taken
-            left -= taken
-    return counts
-
-
-def _fixed_shares(total, capacities, method):
-    """Deterministic per-source counts: equal, or proportional to capacity."""
-    counts = [0] * len(capacities)
-    left = total
-    while left:
-        open_ = [i for i, c in enumerate(capacities) if counts[i] < c]
-        weights = [capacities[i] if method != 'uniform' else 1 for i in open_]
-        quota = [left * w // sum(weights) for w in weights]
-        for j in range(left - sum(quota)):  # remainders go to the first sources
-            quota[j] += 1
-        for i, q in zip(open_, quota):
-            taken = min(q, capacities[i] - counts[i])
-            counts[i] += taken
-            left -= taken
-    return counts
