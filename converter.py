@@ -416,33 +416,43 @@ def _check_slices(paths):
 
 
 def _read_header(path):
-    """(shape, dtype) of the image in one slice, from its header."""
+    """(shape, dtype) of the image in one slice, from its header (see _held_log)."""
     with _held_log(tifffile.logger()) as held:
         try:
             with tifffile.TiffFile(path) as tif:
-                if tif.series:
-                    return tuple(tif.series[0].shape), np.dtype(tif.series[0].dtype)
-            reason = "not a readable TIFF image"      # tifffile logged why, if anything
+                found = tif.series and (tuple(tif.series[0].shape), np.dtype(tif.series[0].dtype))
+            reason = "not a readable TIFF image"
         except Exception as error:
-            reason = str(error)
-        if held:
-            # Without the "<tifffile.TiffPages @offset> " that tifffile puts first.
-            reason += f" ({re.sub(r'^<tifffile[^>]*> ', '', held[0].getMessage())})"
-        raise ConversionError(f"cannot read {path}: {reason}")
+            found, reason = None, str(error)
+    if found and not held:
+        return found
+    if held:                                   # tifffile logged why
+        reason = f"{reason} ({_first_message(held)})" if not found else _first_message(held)
+    raise ConversionError(f"cannot read {path}: {reason}")
+
+
+def _first_message(records):
+    """The first of tifffile's log ``records``, without the "<tifffile.TiffPages @offset> "
+    that tifffile puts first."""
+    return re.sub(r'^<tifffile[^>]*> ', '', records[0].getMessage())
 
 
 @contextlib.contextmanager
 def _held_log(logger):
-    """Hold the records ``logger`` logs in the block (the list yielded); pass them on after it.
+    """Hold the records ``logger`` logs in this thread in the block (the list yielded).
 
-    tifffile logs, rather than raises, some of what is wrong with a file: a
-    block that fails can put that in its one line instead of leaving it on
-    stderr beside it. A filter, not a handler, so that no handler (the user's
-    on that logger included) sees a record twice; removed after the block.
+    tifffile logs, rather than raises, what is wrong with a file (a tag it
+    cannot read, a strip it cannot find and reads as zeros): a slice it logs
+    anything about is refused, its one line saying what tifffile said, rather
+    than stored as tifffile guessed it. A filter, not a handler, so that no
+    handler (the user's on that logger included) sees the records; removed
+    after the block. Only this thread's: slices are decoded in several threads.
     """
-    held = []
+    held, thread = [], threading.get_ident()
 
     def hold(record):
+        if record.thread != thread:
+            return True
         held.append(record)
         return False
     logger.addFilter(hold)
@@ -450,23 +460,29 @@ def _held_log(logger):
         yield held
     finally:
         logger.removeFilter(hold)
-    for record in held:                 # the block succeeded: as if never held
-        logger.handle(record)
 
 
 def _read_band(path, rows, cols):
-    """Rows and columns of one slice, decoding no more than the strips/tiles needed."""
-    try:
+    """Rows and columns of one slice, decoding no more than the strips/tiles needed.
+
+    What tifffile only logs while it decodes (a strip it cannot find, which it
+    reads as zeros) fails here: a slice is stored as it is, or not at all.
+    """
+    with _held_log(tifffile.logger()) as held:
         try:
-            # Uncompressed, contiguous data (scroll slices): map it, copy the band.
-            mapped = tifffile.memmap(path, mode="r")
-        except ValueError:
-            return tifffile.imread(path, selection=(rows, cols))
-        band = np.array(mapped[rows, cols])
-        del mapped
-        return band.astype(band.dtype.newbyteorder("="), copy=False)
-    except Exception as error:
-        raise ConversionError(_decode_message(path, error)) from error
+            try:
+                # Uncompressed, contiguous data (scroll slices): map it, copy the band.
+                mapped = tifffile.memmap(path, mode="r")
+            except ValueError:
+                band = tifffile.imread(path, selection=(rows, cols))
+            else:
+                band = np.array(mapped[rows, cols])
+                del mapped
+        except Exception as error:
+            raise ConversionError(_decode_message(path, error)) from error
+        if held:
+            raise ConversionError(f"cannot read {path}: {_first_message(held)}")
+    return band.astype(band.dtype.newbyteorder("="), copy=False)
 
 
 def _decode_message(path, error):

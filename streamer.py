@@ -169,11 +169,12 @@ class VesuviusStream(IterableDataset):
     ``OSError`` naming the source, the voxels being read and the chunk's key,
     with the decoder's error as its cause. A local store that vanishes
     (deleted, unmounted) raises ``FileNotFoundError`` at the next read, and
-    one replaced (another folder at its path) or whose array metadata changed
-    (shape, dtype, chunks, codecs) raises ``OSError`` saying what changed; a
-    chunk missing from a store that is still there reads as the array's fill
-    value, as Zarr defines. Chunks rewritten in place under the same metadata
-    are not detected. The same holds for the mask and labels read when the
+    one replaced or made again (another folder at its path) or whose array
+    metadata was written (shape, dtype, chunks, codecs, even attributes)
+    raises ``OSError`` saying what changed; a chunk missing from a store that
+    is still there reads as the array's fill value, as Zarr defines. Chunks
+    rewritten in place, the array folder's entries left as they were, are not
+    detected. The same holds for the mask and labels read when the
     dataset is built. Volumes, labels and masks must hold bool, integer or
     float data (``TypeError`` otherwise).
 
@@ -418,12 +419,10 @@ class VesuviusStream(IterableDataset):
         self.sampling_method = sampling_method
         self.shuffle = bool(shuffle) and not grid
         self.positive_fraction = self._check_positive_fraction(positive_fraction)
-        # The mask's and labels' counts per region fix the epoch's order: a state
-        # saved over other counts (a mask moved, labels edited) would resume another one.
-        self._counts_digest = hashlib.sha256(b''.join(
-            np.ascontiguousarray(counts, dtype='<i8').tobytes()
-            for s in self._sources for counts in (s.region_counts, s.positive_counts)
-            if counts is not None)).hexdigest()[:16]
+        # The positions the mask and labels select fix the epoch's order: a state saved
+        # over another selection (a mask moved, labels edited) would resume another one.
+        self._selection = hashlib.sha256(b''.join(
+            s.selection.digest() for s in self._sources)).hexdigest()[:16]
         self.seed = seed
         self.return_coords = bool(return_coords)
         self.transform = transform
@@ -614,7 +613,7 @@ class VesuviusStream(IterableDataset):
         """What an epoch's order depends on, to check a saved state against."""
         return {'sources': [[list(s.shape), str(s.volume.dtype), s.positions]
                             for s in self._sources],
-                'counts': self._counts_digest,
+                'selection': self._selection,
                 'block': list(self.block), 'samples_per_epoch': self.samples_per_epoch,
                 'sampling_method': self.sampling_method, 'shuffle': self.shuffle,
                 'seed': self.seed, 'z_range': self._z_range, 'stride': list(self._step),
@@ -748,11 +747,13 @@ def _torch_carries(dtype):
 class _LocalVersion:
     """What a zarr array in a local store was when the dataset was built, to check reads against.
 
-    The identity is that of the array's folder and of its metadata file (device, inode; the
-    file's size and mtime): a store replaced (converter.py --overwrite renames a new one into
-    place) has a new folder, and a rewritten metadata file a new stat. Two ``os.stat`` calls,
-    a few microseconds, after each decode; the metadata is parsed again only when the file's
-    stat changed. Chunks rewritten in place under unchanged metadata are not detected.
+    The identity is that of the array's folder (device, inode, ctime) and of its metadata
+    file (inode, size, mtime): a store replaced (converter.py --overwrite renames a new one
+    into place), or deleted and made again (which may get the freed inode back, not the
+    ctime), has another folder, and a rewritten metadata file (attributes included: zarr
+    writes a new file) another stat. Two ``os.stat`` calls, a few microseconds, after each
+    decode. Chunks rewritten in place, leaving the folder's entries as they were, are not
+    detected.
     """
 
     def __init__(self, array):
@@ -771,7 +772,8 @@ class _LocalVersion:
 
     def _identity(self):
         folder, file = os.stat(self.folder), os.stat(self.path)
-        return folder.st_dev, folder.st_ino, file.st_ino, file.st_size, file.st_mtime_ns
+        return (folder.st_dev, folder.st_ino, folder.st_ctime_ns, file.st_ino, file.st_size,
+                file.st_mtime_ns)
 
     def check(self, source, name):
         """Raise, naming ``source`` and its array ``name``, if the array changed since."""
@@ -783,16 +785,16 @@ class _LocalVersion:
                                     f"exists (deleted, moved or unmounted?)") from None
         if identity == self.identity:
             return
-        if identity[:2] != self.identity[:2]:
-            raise OSError(f"{source}: the store was replaced: {self.folder} is another folder "
-                          f"than when the dataset was built; {todo}")
         with open(self.path, 'rb') as file:
             metadata = type(self.metadata).from_dict(json.load(file))
         changed = _metadata_changes(self.metadata, metadata)
         if changed:
             raise OSError(f"{source}: the metadata of {self.path} changed: "
                           + ", ".join(changed) + f"; {todo}")
-        self.identity = identity          # rewritten with the same layout (attributes)
+        # The same layout, but another folder or file: new chunks may lie behind it.
+        raise OSError(f"{source}: the store was replaced or rewritten: {self.folder} is not "
+                      f"as it was when the dataset was built (made again, converted again, "
+                      f"or its metadata written); {todo}")
 
 
 def _metadata_changes(old, new):
@@ -997,8 +999,12 @@ class _Source:
                 raise TypeError(f"source {index} ({self.name}): its {name} has dtype "
                                 f"{array.dtype}; give bool, integer or float data (what a "
                                 f"torch tensor holds)")
-        # Local zarr arrays, checked after each read (see _LocalVersion).
+        # Local zarr arrays, checked after each read (see _LocalVersion); remote ones are
+        # dated now (arrays opened from consolidated metadata fetched no document of their
+        # own) and checked at each iteration's start (see attach).
         self._versions = {name: _LocalVersion.of(array) for name, array in self.arrays()}
+        _RemoteStore.verify(f"source {index} ({self.name})",
+                            [array for _, array in self.arrays()])
         for name, array in (('labels', self.labels), ('mask', self.mask)):
             if array is not None and tuple(array.shape) not in (shape, shape[1:]):
                 raise ValueError(f"source {index}: {name} of shape {tuple(array.shape)} do not "
@@ -1034,6 +1040,9 @@ class _Source:
         if self.mask is not None:
             footprint = math.prod(block[3 - self.mask.ndim:])
             self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
+        # What the counting pass selects, position by position: what an epoch's order
+        # depends on beyond the geometry (a mask moved within its regions, labels edited).
+        self.selection = hashlib.sha256()
         self.region_counts = self._count_regions(kind=None)
         self.positions = int(self.region_counts.sum())
         self.positive_counts = None       # per region, counted when positive_fraction asks
@@ -1060,7 +1069,10 @@ class _Source:
         arrays = [self.mask] * (self.mask is not None) + [self.labels] * (kind is not None)
         if any(array.ndim == 3 for array in arrays):
             for region in range(self.lattice.regions):
-                counts[region] = self.count_selected(*self.lattice.region_bounds(region), kind)
+                origin, shape = self.lattice.region_bounds(region)
+                valid = self.selected(origin, shape, kind)
+                self.selection.update(np.packbits(valid))
+                counts[region] = _count(valid, shape)
             return counts
         # 2D arrays decide for all layers at once: one (y, x) cell, every z; a
         # row of cells reads its band of rows once (zarr calls cost more than sums).
@@ -1074,7 +1086,9 @@ class _Source:
                 None if a is None else _Band(self._decode(name, a, band), band[0].start)
                 for name, a in (('mask', self.mask), ('labels', self.labels)))
             for cell in range(row * columns, (row + 1) * columns):
-                in_cell = int(banded.selected(*self.lattice.region_bounds(cell), kind).sum())
+                valid = banded.selected(*self.lattice.region_bounds(cell), kind)
+                self.selection.update(np.packbits(valid))
+                in_cell = int(valid.sum())
                 for layer in range(layers):
                     region = layer * rows * columns + cell
                     counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
