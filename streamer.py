@@ -422,7 +422,7 @@ class VesuviusStream(IterableDataset):
         # The positions the mask and labels select fix the epoch's order: a state saved
         # over another selection (a mask moved, labels edited) would resume another one.
         self._selection = hashlib.sha256(b''.join(
-            s.selection.digest() for s in self._sources)).hexdigest()[:16]
+            s.selection for s in self._sources)).hexdigest()[:16]
         self.seed = seed
         self.return_coords = bool(return_coords)
         self.transform = transform
@@ -1040,9 +1040,9 @@ class _Source:
         if self.mask is not None:
             footprint = math.prod(block[3 - self.mask.ndim:])
             self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
-        # What the counting pass selects, position by position: what an epoch's order
-        # depends on beyond the geometry (a mask moved within its regions, labels edited).
-        self.selection = hashlib.sha256()
+        # A digest of what the counting passes select, position by position: what an
+        # epoch's order depends on beyond the geometry (a mask moved, labels edited).
+        self.selection = b''
         self.region_counts = self._count_regions(kind=None)
         self.positions = int(self.region_counts.sum())
         self.positive_counts = None       # per region, counted when positive_fraction asks
@@ -1066,13 +1066,15 @@ class _Source:
         if self.mask is None and kind is None:
             return self.lattice.region_sizes()
         counts = np.zeros(self.lattice.regions, dtype=np.int64)
+        selection = hashlib.sha256(self.selection)
         arrays = [self.mask] * (self.mask is not None) + [self.labels] * (kind is not None)
         if any(array.ndim == 3 for array in arrays):
             for region in range(self.lattice.regions):
                 origin, shape = self.lattice.region_bounds(region)
                 valid = self.selected(origin, shape, kind)
-                self.selection.update(np.packbits(valid))
+                selection.update(np.packbits(valid))
                 counts[region] = _count(valid, shape)
+            self.selection = selection.digest()
             return counts
         # 2D arrays decide for all layers at once: one (y, x) cell, every z; a
         # row of cells reads its band of rows once (zarr calls cost more than sums).
@@ -1087,11 +1089,12 @@ class _Source:
                 for name, a in (('mask', self.mask), ('labels', self.labels)))
             for cell in range(row * columns, (row + 1) * columns):
                 valid = banded.selected(*self.lattice.region_bounds(cell), kind)
-                self.selection.update(np.packbits(valid))
+                selection.update(np.packbits(valid))
                 in_cell = int(valid.sum())
                 for layer in range(layers):
                     region = layer * rows * columns + cell
                     counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
+        self.selection = selection.digest()
         return counts
 
     def selected(self, origin, shape, kind=None):
