@@ -821,8 +821,9 @@ def _metadata_changes(old, new):
 
 
 def _plain(value):
-    """``value`` as JSON gives it back (lists for tuples), to compare a saved state."""
-    return json.loads(json.dumps(value))
+    """``value`` as JSON gives it back (lists for tuples), to compare a saved state;
+    what JSON cannot hold compares as its repr (and so differs from a plain value)."""
+    return json.loads(json.dumps(value, default=repr))
 
 
 def _is_int(value):
