@@ -399,7 +399,7 @@ class VesuviusStream(IterableDataset):
             if len(set(dtypes)) > 1:
                 raise ValueError(f"all sources' {name} must have one dtype: " + ", ".join(
                     f"source {s.index}: {getattr(s, name).dtype}" for s in self._sources))
-        self.capacity = sum(source.positions for source in self._sources)
+        self.capacity = sum(source.selection.positions for source in self._sources)
         if self.capacity == 0:
             raise ValueError("the sources have no position: the mask has no block "
                              "with enough papyrus (see min_mask_fraction)")
@@ -422,7 +422,7 @@ class VesuviusStream(IterableDataset):
         # The positions the mask and labels select fix the epoch's order: a state saved
         # over another selection (a mask moved, labels edited) would resume another one.
         self._selection = hashlib.sha256(b''.join(
-            s.selection for s in self._sources)).hexdigest()[:16]
+            s.selection.digest for s in self._sources)).hexdigest()[:16]
         self.seed = seed
         self.return_coords = bool(return_coords)
         self.transform = transform
@@ -448,17 +448,19 @@ class VesuviusStream(IterableDataset):
         if not self.shuffle:
             raise ValueError("positive_fraction applies to random epochs: not to 'grid' or "
                              "shuffle=False")
-        positives = [int(source.count_positives().sum()) for source in self._sources]
+        positives = [int(source.selection.count_positives().sum())
+                     for source in self._sources]
         self._positives = math.floor(fraction * self.samples_per_epoch + 0.5)
         wanted = {'positive': (self._positives, positives),
                   'negative': (self.samples_per_epoch - self._positives,
-                               [s.positions - p for s, p in zip(self._sources, positives)])}
+                               [s.selection.positions - p
+                                for s, p in zip(self._sources, positives)])}
         for kind, (count, available) in wanted.items():
             if count > sum(available):
                 raise ValueError(
                     f"positive_fraction={fraction} asks for {count} {kind} positions per "
                     f"epoch, but the sources have {sum(available)} (" + ", ".join(
-                        f"source {i}: {p} positive, {s.positions - p} negative"
+                        f"source {i}: {p} positive, {s.selection.positions - p} negative"
                         for i, (s, p) in enumerate(zip(self._sources, positives))) + ")")
         return float(fraction)
 
@@ -611,7 +613,7 @@ class VesuviusStream(IterableDataset):
 
     def _config(self):
         """What an epoch's order depends on, to check a saved state against."""
-        return {'sources': [[list(s.shape), str(s.volume.dtype), s.positions]
+        return {'sources': [[list(s.shape), str(s.volume.dtype), s.selection.positions]
                             for s in self._sources],
                 'selection': self._selection,
                 'block': list(self.block), 'samples_per_epoch': self.samples_per_epoch,
@@ -628,25 +630,28 @@ class VesuviusStream(IterableDataset):
         """The epoch's order (a pure computation: no array is read but a raster mask)."""
         sources = self._sources
         if self.sampling_method == 'grid':
-            streams = [_GridVisits(s.index, s.lattice, s.region_counts, s.positions)
+            streams = [_GridVisits(s.index, s.lattice, s.selection.region_counts,
+                                   s.selection.positions)
                        for s in sources]
             return _EpochPlan(streams, 1, interleave=False)
         if not self.shuffle:
-            counts = _fixed_shares(self.samples_per_epoch, [s.positions for s in sources],
+            counts = _fixed_shares(self.samples_per_epoch,
+                                   [s.selection.positions for s in sources],
                                    self.sampling_method)
             streams = [_RasterVisits(s.index, s.lattice, count,
-                                     None if s.mask is None else s.count_selected)
+                                     None if s.mask is None else s.selection.count_selected)
                        for s, count in zip(sources, counts)]
             return _EpochPlan(streams, 1, interleave=False)
         rng = np.random.default_rng([self.seed & _MASK64, epoch])   # any int seed
         if self.positive_fraction is None:
-            kinds = [(None, self.samples_per_epoch, [s.region_counts for s in sources])]
+            kinds = [(None, self.samples_per_epoch, [s.selection.region_counts for s in sources])]
         else:
             # Each kind is drawn as a dataset of its own, sources chosen by the method.
             positives = self._positives
-            kinds = [(True, positives, [s.positive_counts for s in sources]),
+            kinds = [(True, positives, [s.selection.positive_counts for s in sources]),
                      (False, self.samples_per_epoch - positives,
-                      [s.region_counts - s.positive_counts for s in sources])]
+                      [s.selection.region_counts - s.selection.positive_counts
+                       for s in sources])]
         streams = []
         for kind, total, region_counts in kinds:
             counts = _random_shares(total, [int(c.sum()) for c in region_counts],
@@ -981,10 +986,10 @@ class _Box(typing.NamedTuple):
 
 
 class _Source:
-    """One volume with its labels and mask: checks, the mask's counts, reading.
+    """One volume with its labels and mask: the checks, its lattice and selection, reading.
 
-    ``region_counts`` holds the positions of each region on the mask (all of
-    them without a mask): one integer per region, counted once.
+    Its arrays are read through ``decode`` only, which checks each read against
+    the store the dataset was built on; ``attach`` reopens them in a worker.
     """
 
     def __init__(self, arrays, index, name, block, z_range, step, region_bytes,
@@ -1037,136 +1042,14 @@ class _Source:
                 f"(regions grow with it) or crop the volume")
         self.per_visit = samples_per_region or max(
             1, 4 * math.prod(lattice.box(lattice.region)) // math.prod(block))
-        self.threshold = None
-        if self.mask is not None:
-            footprint = math.prod(block[3 - self.mask.ndim:])
-            self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
-        # A digest of what the counting passes select, position by position: what an
-        # epoch's order depends on beyond the geometry (a mask moved, labels edited).
-        self.selection = b''
-        self.region_counts = self._count_regions(kind=None)
-        self.positions = int(self.region_counts.sum())
-        self.positive_counts = None       # per region, counted when positive_fraction asks
+        self.selection = _Selection(lattice, block, self.mask, self.labels, min_mask_fraction,
+                                    self.decode)
 
     def arrays(self):
         """``(name, array)`` of the volume, labels and mask this source has."""
         return [(name, array) for name, array in
                 (('volume', self.volume), ('labels', self.labels), ('mask', self.mask))
                 if array is not None]
-
-    # which positions an epoch may draw: on the mask, and of a kind
-
-    def count_positives(self):
-        """Count, once, the positions per region whose label footprint has ink."""
-        if self.positive_counts is None:
-            self.positive_counts = self._count_regions(kind=True)
-        return self.positive_counts
-
-    def _count_regions(self, kind):
-        """Positions per region that ``selected`` keeps (one pass over mask and labels)."""
-        if self.mask is None and kind is None:
-            return self.lattice.region_sizes()
-        counts = np.zeros(self.lattice.regions, dtype=np.int64)
-        selection = hashlib.sha256(self.selection)
-        arrays = [self.mask] * (self.mask is not None) + [self.labels] * (kind is not None)
-        if any(array.ndim == 3 for array in arrays):
-            for region in range(self.lattice.regions):
-                origin, shape = self.lattice.region_bounds(region)
-                valid = self.selected(origin, shape, kind)
-                selection.update(np.packbits(valid))
-                counts[region] = _count(valid, shape)
-            self.selection = selection.digest()
-            return counts
-        # 2D arrays decide for all layers at once: one (y, x) cell, every z; a
-        # row of cells reads its band of rows once (zarr calls cost more than sums).
-        layers, rows, columns = self.lattice.regions_per_axis
-        banded = copy.copy(self)
-        banded._versions = {}              # its bands were checked when read
-        for row in range(rows):
-            start, end = self.lattice.voxel_box(*self.lattice.region_bounds(row * columns))
-            band = (slice(start[1], end[1]), slice(0, self.shape[2]))
-            banded.mask, banded.labels = (
-                None if a is None else _Band(self._decode(name, a, band), band[0].start)
-                for name, a in (('mask', self.mask), ('labels', self.labels)))
-            for cell in range(row * columns, (row + 1) * columns):
-                valid = banded.selected(*self.lattice.region_bounds(cell), kind)
-                selection.update(np.packbits(valid))
-                in_cell = int(valid.sum())
-                for layer in range(layers):
-                    region = layer * rows * columns + cell
-                    counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
-        self.selection = selection.digest()
-        return counts
-
-    def selected(self, origin, shape, kind=None):
-        """Which positions of the lattice box (origin, shape) an epoch may draw.
-
-        Those on the mask and, with ``kind``, positive (True: the block's label
-        footprint holds a nonzero label) or negative (False). A bool array of
-        ``shape`` (of shape[1:] when made of 2D arrays only, holding for every
-        layer), or None: every position.
-        """
-        parts = []
-        if self.mask is not None:
-            parts.append(self._footprint_hits('mask', origin, shape) >= self.threshold)
-        if kind is not None:
-            positive = self._footprint_hits('labels', origin, shape) > 0
-            parts.append(positive if kind else ~positive)
-        if not parts:
-            return None
-        if len({part.ndim for part in parts}) > 1:
-            parts = [np.broadcast_to(part, tuple(shape)) for part in parts]
-        return np.logical_and.reduce(parts)
-
-    def _footprint_hits(self, name, origin, shape):
-        """Nonzero voxels of array ``name`` under each block's footprint in a lattice box.
-
-        (ny, nx) counts for a 2D array (the block's (y, x) footprint), (nz, ny,
-        nx) for a 3D one, from a summed-area table of the box's window.
-        """
-        array = getattr(self, name)
-        axes = self.lattice.axis_corners(origin, shape)[3 - array.ndim:]
-        block = self.block[3 - array.ndim:]
-        lo, hi = (bounds[3 - array.ndim:] for bounds in self.lattice.voxel_box(origin, shape))
-        window = self._decode(name, array, tuple(slice(l, h) for l, h in zip(lo, hi))) != 0
-        if not window.any():         # unwritten label chunks, empty mask: nothing to sum
-            return np.zeros([len(a) for a in axes], dtype=np.int64)
-        table = np.pad(window.astype(np.int32), [(1, 0)] * window.ndim)   # sizes < 2**31
-        for axis in range(window.ndim):
-            np.cumsum(table, axis=axis, out=table)
-        # Inclusion-exclusion over the 2**ndim corners of every footprint.
-        counts = 0
-        for signs in itertools.product((0, 1), repeat=window.ndim):
-            index = np.ix_(*[a - l + (b if s else 0) for a, l, b, s in zip(axes, lo, block, signs)])
-            counts = counts + (-1) ** (window.ndim - sum(signs)) * table[index]
-        return counts
-
-    def count_selected(self, origin, shape, kind=None):
-        """Positions of the lattice box (origin, shape) that ``selected`` keeps."""
-        return _count(self.selected(origin, shape, kind), shape)
-
-    def positions_of(self, visit):
-        """Lattice positions (n, 3) of a visit, in its order.
-
-        The box's positions on the mask are numbered in raster order (for a 2D
-        mask: layer by layer); a shuffled visit takes them through its
-        permutation.
-        """
-        index = np.arange(visit.first, visit.stop)
-        valid = self.selected(visit.origin, visit.shape, visit.kind)
-        if visit.key is not None:
-            index = _permute(index, _count(valid, visit.shape), visit.key)
-        if valid is None:
-            local = np.unravel_index(index, visit.shape)
-        elif valid.ndim == 2:
-            cells = np.flatnonzero(valid)
-            z, cell = np.divmod(index, len(cells))
-            local = (z, *np.unravel_index(cells[cell], visit.shape[1:]))
-        else:
-            local = np.unravel_index(np.flatnonzero(valid)[index], visit.shape)
-        return np.stack(local, axis=1) + np.asarray(visit.origin)
-
-    # reading and cutting
 
     def attach(self):
         """At the start of each iteration: reopen remote arrays in a new process (a
@@ -1203,18 +1086,20 @@ class _Source:
     def read(self, origin, end):
         """Decode the voxel box ``[origin, end)`` (volume and labels)."""
         box = tuple(slice(o, e) for o, e in zip(origin, end))
-        volume = self._decode('volume', self.volume, box)
-        labels = (None if self.labels is None
-                  else self._decode('labels', self.labels, box[3 - self.labels.ndim:]))
+        volume = self.decode('volume', box)
+        labels = None if self.labels is None else self.decode('labels',
+                                                               box[3 - self.labels.ndim:])
         return _Box(np.asarray(origin), volume, labels)
 
-    def _decode(self, name, array, box):
-        """``array[box]`` in native byte order; a failure names the source, box and chunk.
+    def decode(self, name, box):
+        """Array ``name`` at ``box``, in native byte order; a failure names the source,
+        the box and the chunk.
 
         Zarr reads the chunks of a vanished local store as fill value, and those
         of a replaced one under the old metadata: after the decode, the array's
         store is checked to be the one this dataset was built on.
         """
+        array = getattr(self, name)
         try:
             data = _native(np.asarray(array[box]))
         except Exception as error:
@@ -1238,6 +1123,141 @@ class _Source:
             item += (torch.from_numpy(np.ascontiguousarray(
                 box.labels[window[3 - box.labels.ndim:]])),)
         return item
+
+
+class _Selection:
+    """Which positions of one volume an epoch may draw: pure, given its mask and labels.
+
+    A position is *on the mask* when its block's mask footprint holds at least
+    ``threshold`` mask voxels, and *positive* (kind True) when its label
+    footprint holds a nonzero label, else negative (kind False). The mask and
+    labels are read through ``decode(name, box)``. ``region_counts`` holds the
+    positions of each region on the mask (all of them without a mask), one
+    integer per region, counted once; ``digest`` is a digest of every position
+    the counting passes selected, which the epoch's order depends on too.
+    """
+
+    def __init__(self, lattice, block, mask, labels, min_mask_fraction, decode):
+        self.lattice, self.block, self.decode = lattice, block, decode
+        # Only their ndim (and whether they exist): the arrays themselves are the
+        # source's, reopened in each worker.
+        self.ndim = {name: array.ndim for name, array in (('mask', mask), ('labels', labels))
+                     if array is not None}
+        self.threshold = None
+        if mask is not None:
+            footprint = math.prod(block[3 - mask.ndim:])
+            self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
+        self.digest = b''
+        self.region_counts = self._count_regions(kind=None)
+        self.positions = int(self.region_counts.sum())
+        self.positive_counts = None       # per region, counted when positive_fraction asks
+
+    def count_positives(self):
+        """Count, once, the positions per region whose label footprint has ink."""
+        if self.positive_counts is None:
+            self.positive_counts = self._count_regions(kind=True)
+        return self.positive_counts
+
+    def _count_regions(self, kind):
+        """Positions per region that ``selected`` keeps (one pass over mask and labels)."""
+        if 'mask' not in self.ndim and kind is None:
+            return self.lattice.region_sizes()
+        counts = np.zeros(self.lattice.regions, dtype=np.int64)
+        digest = hashlib.sha256(self.digest)
+        needed = [name for name in self.ndim if name == 'mask' or kind is not None]
+        if any(self.ndim[name] == 3 for name in needed):
+            for region in range(self.lattice.regions):
+                origin, shape = self.lattice.region_bounds(region)
+                valid = self.selected(origin, shape, kind)
+                digest.update(np.packbits(valid))
+                counts[region] = _count(valid, shape)
+            self.digest = digest.digest()
+            return counts
+        # 2D arrays decide for all layers at once: one (y, x) cell, every z; a
+        # row of cells reads its band of rows once (zarr calls cost more than sums).
+        layers, rows, columns = self.lattice.regions_per_axis
+        banded = copy.copy(self)
+        for row in range(rows):
+            start, end = self.lattice.voxel_box(*self.lattice.region_bounds(row * columns))
+            band = (slice(start[1], end[1]), slice(0, self.lattice.hi[2]))
+            bands = {name: _Band(self.decode(name, band), band[0].start) for name in needed}
+            banded.decode = lambda name, box: bands[name][box]
+            for cell in range(row * columns, (row + 1) * columns):
+                valid = banded.selected(*self.lattice.region_bounds(cell), kind)
+                digest.update(np.packbits(valid))
+                in_cell = int(valid.sum())
+                for layer in range(layers):
+                    region = layer * rows * columns + cell
+                    counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
+        self.digest = digest.digest()
+        return counts
+
+    def selected(self, origin, shape, kind=None):
+        """Which positions of the lattice box (origin, shape) an epoch may draw.
+
+        Those on the mask and, with ``kind``, positive (True) or negative
+        (False). A bool array of ``shape`` (of shape[1:] when made of 2D arrays
+        only, holding for every layer), or None: every position.
+        """
+        parts = []
+        if 'mask' in self.ndim:
+            parts.append(self._footprint_hits('mask', origin, shape) >= self.threshold)
+        if kind is not None:
+            positive = self._footprint_hits('labels', origin, shape) > 0
+            parts.append(positive if kind else ~positive)
+        if not parts:
+            return None
+        if len({part.ndim for part in parts}) > 1:
+            parts = [np.broadcast_to(part, tuple(shape)) for part in parts]
+        return np.logical_and.reduce(parts)
+
+    def _footprint_hits(self, name, origin, shape):
+        """Nonzero voxels of array ``name`` under each block's footprint in a lattice box.
+
+        (ny, nx) counts for a 2D array (the block's (y, x) footprint), (nz, ny,
+        nx) for a 3D one, from a summed-area table of the box's window.
+        """
+        ndim = self.ndim[name]
+        axes = self.lattice.axis_corners(origin, shape)[3 - ndim:]
+        block = self.block[3 - ndim:]
+        lo, hi = (bounds[3 - ndim:] for bounds in self.lattice.voxel_box(origin, shape))
+        window = self.decode(name, tuple(slice(l, h) for l, h in zip(lo, hi))) != 0
+        if not window.any():         # unwritten label chunks, empty mask: nothing to sum
+            return np.zeros([len(a) for a in axes], dtype=np.int64)
+        table = np.pad(window.astype(np.int32), [(1, 0)] * window.ndim)   # sizes < 2**31
+        for axis in range(window.ndim):
+            np.cumsum(table, axis=axis, out=table)
+        # Inclusion-exclusion over the 2**ndim corners of every footprint.
+        counts = 0
+        for signs in itertools.product((0, 1), repeat=window.ndim):
+            index = np.ix_(*[a - l + (b if s else 0) for a, l, b, s in zip(axes, lo, block, signs)])
+            counts = counts + (-1) ** (window.ndim - sum(signs)) * table[index]
+        return counts
+
+    def count_selected(self, origin, shape, kind=None):
+        """Positions of the lattice box (origin, shape) that ``selected`` keeps."""
+        return _count(self.selected(origin, shape, kind), shape)
+
+    def positions_of(self, visit):
+        """Lattice positions (n, 3) of a visit, in its order.
+
+        The box's positions on the mask are numbered in raster order (for a 2D
+        mask: layer by layer); a shuffled visit takes them through its
+        permutation.
+        """
+        index = np.arange(visit.first, visit.stop)
+        valid = self.selected(visit.origin, visit.shape, visit.kind)
+        if visit.key is not None:
+            index = _permute(index, _count(valid, visit.shape), visit.key)
+        if valid is None:
+            local = np.unravel_index(index, visit.shape)
+        elif valid.ndim == 2:
+            cells = np.flatnonzero(valid)
+            z, cell = np.divmod(index, len(cells))
+            local = (z, *np.unravel_index(cells[cell], visit.shape[1:]))
+        else:
+            local = np.unravel_index(np.flatnonzero(valid)[index], visit.shape)
+        return np.stack(local, axis=1) + np.asarray(visit.origin)
 
 
 # -- how many samples each source gives ------------------------------------
@@ -1895,7 +1915,7 @@ class _Reader:
         lanes = []
         for visit in group.visits:
             source = self._sources[visit.source]
-            corners = source.lattice.corners(source.positions_of(visit))
+            corners = source.lattice.corners(source.selection.positions_of(visit))
             # The whole lattice box, not just the visit's positions: the visits
             # of one region share one decoded box.
             key = (visit.source, *source.lattice.voxel_box(visit.origin, visit.shape))

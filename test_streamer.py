@@ -621,7 +621,7 @@ class PlanningWork:
 
     def __init__(self, monkeypatch):
         self.permuted = self.mask_reads = 0
-        permute, hits = streamer._permute, streamer._Source._footprint_hits
+        permute, hits = streamer._permute, streamer._Selection._footprint_hits
 
         def counting_permute(index, n, key):
             self.permuted += np.size(index)
@@ -632,7 +632,7 @@ class PlanningWork:
             return hits(source, name, origin, shape)
 
         monkeypatch.setattr(streamer, "_permute", counting_permute)
-        monkeypatch.setattr(streamer._Source, "_footprint_hits", counting_hits)
+        monkeypatch.setattr(streamer._Selection, "_footprint_hits", counting_hits)
 
     def first_group(self, ds, shard, shards):
         """The work of planning a shard's first group and its visits' positions, as its
@@ -641,7 +641,7 @@ class PlanningWork:
         first, stop = streamer._shard_bounds(ds.samples_per_epoch, shards, shard)
         group = next(ds._plan(0).groups(first, stop))
         for visit in group.visits:
-            ds._sources[visit.source].positions_of(visit)
+            ds._sources[visit.source].selection.positions_of(visit)
         return self.permuted, self.mask_reads
 
 
@@ -828,8 +828,8 @@ def test_edited_or_malformed_states_are_refused(tmp_path):
     masked, _, _ = segment_group(tmp_path / "m.zarr", mask=mask)
     moved, _, _ = segment_group(tmp_path / "moved.zarr", mask=np.roll(mask, 1, axis=1))
     original = resumable(masked)
-    assert np.array_equal(resumable(moved)._sources[0].region_counts,
-                          original._sources[0].region_counts)
+    assert np.array_equal(resumable(moved)._sources[0].selection.region_counts,
+                          original._sources[0].selection.region_counts)
     next(iter(original))
     with pytest.raises(ValueError, match="another configuration: selection: saved '"):
         resumable(moved).load_state_dict(original.state_dict())
@@ -1207,7 +1207,7 @@ def test_proportional_weighs_files_by_positions_on_the_mask():
     small = {"volume": data, "mask": disk_mask((40, 40), (20, 20), 3)}
     big = {"volume": data, "mask": np.ones((40, 40), np.uint8)}
     ds = VesuviusStream([small, big], 1, 3, 3, 500, "proportional", return_coords=True)
-    share = ds._sources[0].positions / ds.capacity
+    share = ds._sources[0].selection.positions / ds.capacity
     drawn = []
     for e in range(4):
         ds.set_epoch(e)
