@@ -92,24 +92,37 @@ def epoch(ds, num_workers=0, batch_size=7, **loader):
     return coords
 
 
+def expected_item(corner, block, data, labels=None):
+    """``(block,)`` or ``(block, label)`` at ``corner`` (z, y, x): the slices an item must be.
+
+    The label is ``labels[y:y+h, x:x+w]`` for 2D labels, ``labels[z:z+d, y:y+h, x:x+w]``
+    for 3D ones.
+    """
+    (z, y, x), (d, h, w) = corner, block
+    item = (torch.from_numpy(np.ascontiguousarray(data[z:z + d, y:y + h, x:x + w])),)
+    if labels is not None:
+        window = labels[y:y + h, x:x + w] if labels.ndim == 2 else labels[z:z + d, y:y + h,
+                                                                          x:x + w]
+        item += (torch.from_numpy(np.ascontiguousarray(window)),)
+    return item
+
+
 def check_blocks(ds, sources):
     """Every item equals the source slice at its coordinates, in the source dtype."""
     n = 0
     for block, coords in ds:
-        f, z, y, x = coords.tolist()
-        d, h, w = ds.block
-        expected = torch.from_numpy(np.ascontiguousarray(sources[f][z:z + d, y:y + h, x:x + w]))
+        f, *corner = coords.tolist()
+        expected, = expected_item(corner, ds.block, sources[f])
         assert block.dtype == expected.dtype
-        assert torch.equal(block, expected), (f, z, y, x)
+        assert torch.equal(block, expected), coords.tolist()
         n += 1
     return n
 
 
 def blocks_are_slices(items, sources, block):
     """Every (block, coords) item equals the slice of its source at its coordinates."""
-    d, h, w = block
-    return all(torch.equal(b, torch.from_numpy(sources[f][z:z + d, y:y + h, x:x + w]))
-               for b, (f, z, y, x) in ((b, c.tolist()) for b, c in items))
+    return all(torch.equal(b, expected_item(c[1:], block, sources[c[0]])[0])
+               for b, c in ((b, c.tolist()) for b, c in items))
 
 
 @pytest.fixture
@@ -171,10 +184,10 @@ def test_big_endian_volumes_and_labels_stream_exactly_in_native_byte_order(tmp_p
     ds = VesuviusStream([str(tmp_path / "be.zarr"), as_numpy, native], 2, 5, 7, 60,
                         return_coords=True, region_mb=0.01)
     seen = set()
-    for block, label, (f, z, y, x) in DataLoader(ds, batch_size=None):
+    for block, label, (f, *corner) in DataLoader(ds, batch_size=None):
         assert block.dtype == label.dtype == torch.uint16
-        assert torch.equal(block, torch.from_numpy(data[z:z + 2, y:y + 5, x:x + 7]))
-        assert torch.equal(label, torch.from_numpy(labels[y:y + 5, x:x + 7]))
+        expected_block, expected_label = expected_item(corner, ds.block, data, labels)
+        assert torch.equal(block, expected_block) and torch.equal(label, expected_label)
         seen.add(int(f))
     assert seen == {0, 1, 2}
 
@@ -551,10 +564,9 @@ def test_a_workers_first_blocks_are_read_alone_before_its_boxes_are_decoded(monk
         assert boxed.block_reads == 0
         assert [c.tolist() for *_, c in items] == [c.tolist() for *_, c in expected]
         for block, label, coords in items:
-            _, z, y, x = coords.tolist()
             assert block.dtype == torch.uint16 and label.dtype == torch.uint8
-            assert torch.equal(block, torch.from_numpy(data[z:z + 4, y:y + 16, x:x + 16]))
-            assert torch.equal(label, torch.from_numpy(labels[y:y + 16, x:x + 16]))
+            expected_block, expected_label = expected_item(coords[1:], ds.block, data, labels)
+            assert torch.equal(block, expected_block) and torch.equal(label, expected_label)
 
 
 def test_dataloader_workers_let_glibc_keep_freed_buffers_unless_told_otherwise(monkeypatch):
@@ -1111,11 +1123,9 @@ def test_labels_equal_their_slices(tmp_path, labels_3d):
     ds = VesuviusStream([path], 4, 9, 11, 400, return_coords=True, region_mb=0.1)
     count = 0
     for block, label, coords in DataLoader(ds, batch_size=None, num_workers=2):
-        f, z, y, x = coords.tolist()
-        expected = labels[z:z + 4, y:y + 9, x:x + 11] if labels_3d else labels[y:y + 9, x:x + 11]
+        expected_block, expected_label = expected_item(coords[1:], ds.block, data, labels)
         assert label.dtype == torch.uint8
-        assert torch.equal(label, torch.from_numpy(expected))
-        assert torch.equal(block, torch.from_numpy(data[z:z + 4, y:y + 9, x:x + 11]))
+        assert torch.equal(block, expected_block) and torch.equal(label, expected_label)
         count += 1
     assert count == 400
 
@@ -1226,11 +1236,7 @@ def inked(shape=(6, 40, 50), labels_3d=False, seed=3):
 
 
 def is_positive(source, block, coords):
-    _, z, y, x = coords
-    d, h, w = block
-    labels = source["labels"]
-    window = labels[y:y + h, x:x + w] if labels.ndim == 2 else labels[z:z + d, y:y + h, x:x + w]
-    return bool(window.any())
+    return bool(expected_item(coords[1:], block, source["volume"], source["labels"])[1].any())
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
@@ -1254,9 +1260,9 @@ def test_labels_of_positive_fraction_items_are_their_slices_and_kinds_follow_the
                         region_mb=0.002)
     kinds = []
     for block, label, coords in ds:
-        f, z, y, x = coords.tolist()
-        assert torch.equal(label, torch.from_numpy(source["labels"][y:y + 5, x:x + 5]))
-        assert torch.equal(block, torch.from_numpy(source["volume"][z:z + 3, y:y + 5, x:x + 5]))
+        expected_block, expected_label = expected_item(coords[1:], ds.block, source["volume"],
+                                                       source["labels"])
+        assert torch.equal(block, expected_block) and torch.equal(label, expected_label)
         kinds.append(bool(label.any()))
     assert sum(kinds) == 150
 
@@ -1396,10 +1402,9 @@ def test_transform_is_applied_to_each_item_in_the_workers(tmp_path):
     ds = VesuviusStream([path], 2, 6, 6, 60, return_coords=True, transform=flip_both)
     seen = 0
     for block, label, coords in DataLoader(ds, batch_size=None, num_workers=2):
-        _, z, y, x = coords.tolist()
-        expected = torch.from_numpy(data[z:z + 2, y:y + 6, x:x + 6]).to(torch.int32).flip(-1)
-        assert torch.equal(block, expected)
-        assert torch.equal(label, torch.from_numpy(labels[y:y + 6, x:x + 6]).flip(-1))
+        expected_block, expected_label = expected_item(coords[1:], ds.block, data, labels)
+        assert torch.equal(block, expected_block.to(torch.int32).flip(-1))
+        assert torch.equal(label, expected_label.flip(-1))
         seen += 1
     assert seen == 60
     single = VesuviusStream([data], 2, 6, 6, 5, transform=lambda b: b.float() / 65535)
@@ -1576,12 +1581,10 @@ def served_group(folder, data, labels, mtime):
 
 def blocks_equal(ds, data, labels):
     """How many items of an epoch equal the slices of ``data`` and ``labels``."""
-    d, h, w = ds.block
     equal = 0
     for block, label, coords in ds:
-        _, z, y, x = coords.tolist()
-        equal += (torch.equal(block, torch.from_numpy(data[z:z + d, y:y + h, x:x + w]))
-                  and torch.equal(label, torch.from_numpy(labels[y:y + h, x:x + w])))
+        expected_block, expected_label = expected_item(coords[1:], ds.block, data, labels)
+        equal += torch.equal(block, expected_block) and torch.equal(label, expected_label)
     return equal
 
 
