@@ -217,28 +217,29 @@ def test_chunk_aware_reading_is_exact_with_classic_4x512x512_chunks(tmp_path):
 
 # -- epochs: exact, disjoint, independent of workers and ranks ----------------
 
+@pytest.mark.parametrize("workers", [2, 3])
 @pytest.mark.parametrize("shuffle", [True, False])
-def test_epoch_is_exact_without_duplicates_for_any_number_of_workers(multi_region, shuffle):
+def test_epoch_is_exact_without_duplicates_for_any_number_of_workers(multi_region, shuffle,
+                                                                     workers):
     path, _ = multi_region
     ds = multi_region_stream(path, 1000, shuffle=shuffle)
-    sets = []
-    for workers in (0, 2, 3):
-        coords = epoch(ds, num_workers=workers)
+    alone, shared = epoch(ds), epoch(ds, num_workers=workers)
+    for coords in (alone, shared):
         assert len(coords) == 1000 == len(ds)
         assert len(set(coords)) == 1000
-        sets.append(set(coords))
-    assert sets[0] == sets[1] == sets[2]
+    assert set(shared) == set(alone)
 
 
-def test_epoch_spans_files_without_duplicates_for_any_number_of_workers(tmp_path):
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("method", ["uniform", "proportional"])
+def test_epoch_spans_files_without_duplicates_for_any_number_of_workers(tmp_path, method,
+                                                                        workers):
     sources = [volume((6, 30, 30), np.uint8, seed=1),
                zarr_v3(tmp_path / "b.zarr", volume((9, 25, 40), np.uint8, seed=2), (4, 8, 8))]
-    for method in ("uniform", "proportional"):
-        ds = VesuviusStream(sources, 3, 5, 5, 2000, method, return_coords=True,
-                            region_mb=0.01)
-        sets = [epoch(ds, num_workers=w, batch_size=32) for w in (0, 2, 3)]
-        assert all(len(s) == len(set(s)) == 2000 for s in sets)
-        assert set(sets[0]) == set(sets[1]) == set(sets[2])
+    ds = VesuviusStream(sources, 3, 5, 5, 2000, method, return_coords=True, region_mb=0.01)
+    alone, shared = epoch(ds, batch_size=32), epoch(ds, num_workers=workers, batch_size=32)
+    assert len(alone) == len(set(alone)) == len(shared) == len(set(shared)) == 2000
+    assert set(shared) == set(alone)
 
 
 def test_ranks_and_workers_split_the_epoch_disjointly(multi_region):
@@ -602,13 +603,13 @@ def test_dataloader_workers_let_glibc_keep_freed_buffers_unless_told_otherwise(m
     assert calls.tolist() == [0, 0]                                 # the user's setting stays
 
 
-def test_leaving_an_epoch_early_leaves_no_thread_running(multi_region):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_leaving_an_epoch_early_leaves_no_thread_running(multi_region, workers):
     path, _ = multi_region
-    for workers in (0, 2):
-        loader = DataLoader(multi_region_stream(path, 300), batch_size=4, num_workers=workers)
-        for _ in loader:
-            break
-        del loader
+    loader = DataLoader(multi_region_stream(path, 300), batch_size=4, num_workers=workers)
+    for _ in loader:
+        break
+    del loader
     for _ in multi_region_stream(path, 300):
         break
     assert reader_threads() == []
