@@ -1704,13 +1704,11 @@ def test_a_server_that_never_answers_times_out_each_attempt_then_fails_naming_th
         silent.bind(("127.0.0.1", 0))
         silent.listen(256)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/scroll.zarr"
-        started = time.monotonic()
         with pytest.raises(OSError, match=re.escape(url) + r".*still failing after "
                            rf"{streamer._ATTEMPTS} attempts \(no answer within the timeout "
                            r"of an attempt, ClientTimeout\(total=0.3,"):
             VesuviusStream([url], 4, 4, 4, 1, storage_options={"client_kwargs":
                                                                {"timeout": short}})
-        assert time.monotonic() - started < 20
     assert len(waits) >= streamer._ATTEMPTS - 1          # retried, the waits not waited
     # The default timeout, and in a DataLoader worker (which reopens the store from a
     # pickle) the one given: chunks that never come fail the epoch, naming the URL.
@@ -1763,16 +1761,15 @@ def test_ctrl_c_while_a_remote_read_hangs_ends_the_epoch_at_once_without_threads
                     process.kill()
                     pytest.fail(f"no chunk request came: {process.communicate()}")
                 process.send_signal(signal.SIGINT)
-                interrupted = time.monotonic()
+                # Only the cancelled request ends it within the bound: an attempt
+                # could wait 600 s.
                 out, err = process.communicate(timeout=30)
-                took = time.monotonic() - interrupted
             finally:
                 process.kill()
     finally:
         over.set()
     assert "caught KeyboardInterrupt" in out, err
     assert "threads:" in out and "VesuviusStream reader" not in out
-    assert took < 5, err
 
 
 @pytest.fixture
