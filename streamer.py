@@ -783,15 +783,22 @@ class _LocalVersion:
     def check(self, source, name):
         """Raise, naming ``source`` and its array ``name``, if the array changed since."""
         todo = f"its {name} no longer holds the data this dataset was built on: build it again"
+        gone = (f"{source}: the store is gone: {self.path} no longer exists (deleted, moved or "
+                f"unmounted?)")
         try:
             identity = self._identity()
         except FileNotFoundError:
-            raise FileNotFoundError(f"{source}: the store is gone: {self.path} no longer "
-                                    f"exists (deleted, moved or unmounted?)") from None
+            raise FileNotFoundError(gone) from None
         if identity == self.identity:
             return
-        with open(self.path, 'rb') as file:
-            metadata = type(self.metadata).from_dict(json.load(file))
+        try:
+            with open(self.path, 'rb') as file:
+                metadata = type(self.metadata).from_dict(json.load(file))
+        except FileNotFoundError:
+            raise FileNotFoundError(gone) from None
+        except (OSError, ValueError, TypeError, KeyError) as error:   # half written
+            raise OSError(f"{source}: the metadata of {self.path} changed and cannot be read "
+                          f"({type(error).__name__}: {error}); {todo}") from error
         changed = _metadata_changes(self.metadata, metadata)
         if changed:
             raise OSError(f"{source}: the metadata of {self.path} changed: "
@@ -1630,7 +1637,7 @@ class _Merge:
     def _place(self, nexts):
         self.nexts = list(nexts)
         self.ordinal = sum(nexts)                    # visits before this place
-        self.sample = sum(s.start(n) for s, n in zip(self.streams, nexts))   # samples before
+        self.sample = self._samples(nexts)           # samples before it
         self._heap = [(fractions.Fraction(n + 1, c), i)
                       for i, (n, c) in enumerate(zip(nexts, self.counts)) if n < c]
         heapq.heapify(self._heap)
@@ -1658,21 +1665,25 @@ class _Merge:
         stream, index = self.streams[source], self.nexts[source]
         return stream.start(index + 1) - stream.start(index)
 
+    def _samples(self, nexts):
+        """Samples of the visits before ``nexts`` (each stream's next visit)."""
+        return sum(s.start(n) for s, n in zip(self.streams, nexts))
+
+    def _prefix(self, p):
+        """Each stream's visits at or before fraction ``p / scale``."""
+        return [min(c, p * c // self._scale) for c in self.counts]
+
     def _bisect(self, measure, target):
         """Place at the largest fraction t whose prefix has ``measure(nexts) <= target``."""
         low, high = 0, self._scale
         while low < high:
             mid = (low + high + 1) // 2
-            if measure([min(c, mid * c // self._scale) for c in self.counts]) <= target:
-                low = mid
-            else:
-                high = mid - 1
-        self._place([min(c, low * c // self._scale) for c in self.counts])
+            low, high = (mid, high) if measure(self._prefix(mid)) <= target else (low, mid - 1)
+        self._place(self._prefix(low))
 
     def seek(self, sample):
         """Place at the visit holding epoch sample ``sample`` (at the end, if none)."""
-        self._bisect(lambda nexts: sum(s.start(n) for s, n in zip(self.streams, nexts)),
-                     sample)
+        self._bisect(self._samples, sample)
         while not self.done and self.sample + self._length() <= sample:
             self.advance()
         return self

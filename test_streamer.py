@@ -1055,8 +1055,11 @@ def test_a_store_replaced_or_changed_mid_epoch_fails_at_the_next_read(tmp_path, 
     elif change == "made-again":   # the new folder may get the freed inode number back
         shutil.rmtree(path)
         zarr_v3(path, volume((8, 32, 32), seed=9), (8, 8, 8))
-    elif change == "resized":
-        zarr.open_array(path, mode="r+").resize((8, 16, 32))
+    elif change == "resized":      # the metadata replaced in one step, as an editor saves it
+        metadata = json.loads((tmp_path / "v.zarr" / "zarr.json").read_text())
+        metadata["shape"] = [8, 16, 32]
+        (tmp_path / "zarr.json").write_text(json.dumps(metadata))
+        os.replace(tmp_path / "zarr.json", tmp_path / "v.zarr" / "zarr.json")
     else:                          # attributes only: zarr writes the metadata anew
         zarr.open_array(path, mode="r+").attrs["note"] = "new attributes"
     with pytest.raises(OSError, match=re.escape(f"source 0 ({path!r}): ") + ".*" + message):
