@@ -1012,12 +1012,13 @@ class _Source:
                 raise TypeError(f"source {index} ({self.name}): its {name} has dtype "
                                 f"{array.dtype}; give bool, integer or float data (what a "
                                 f"torch tensor holds)")
-        # Local zarr arrays, checked after each read (see _LocalVersion); remote ones are
-        # dated now (arrays opened from consolidated metadata fetched no document of their
-        # own) and checked at each iteration's start (see attach).
+        # Local zarr arrays, checked after each read (see _LocalVersion); remote ones at
+        # each iteration's start (see attach), against the version zarr's opening fetched,
+        # or, for arrays opened from consolidated metadata (no document of their own
+        # fetched), the one dated now.
         self._versions = {name: _LocalVersion.of(array) for name, array in self.arrays()}
         _RemoteStore.verify(f"source {index} ({self.name})",
-                            [array for _, array in self.arrays()])
+                            [array for _, array in self.arrays() if _RemoteStore.undated(array)])
         for name, array in (('labels', self.labels), ('mask', self.mask)):
             if array is not None and tuple(array.shape) not in (shape, shape[1:]):
                 raise ValueError(f"source {index}: {name} of shape {tuple(array.shape)} do not "
@@ -2232,6 +2233,12 @@ class _RemoteStore(zarr.storage.WrapperStore):
             changed = ["replaced (ETag/Last-Modified changed: "
                        f"{_stamp_text(known.stamp)} -> {_stamp_text(stamp)})"]
         return changed
+
+    @staticmethod
+    def undated(array):
+        """Whether ``array`` is remote and its version is not known yet."""
+        return (isinstance(array, zarr.Array) and isinstance(array.store, _RemoteStore)
+                and array.path not in array.store._state['versions'])
 
     @staticmethod
     def verify(source, arrays):
