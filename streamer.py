@@ -94,7 +94,7 @@ class VesuviusStream(IterableDataset):
     sources have labels an item is ``(block, label)``. With
     ``return_coords=True`` the item is a tuple whose last element is an int64
     tensor ``(file_index, z, y, x)``: the block's start corner in that volume's
-    own index space.
+    own index space, whose shape is ``ds.shapes[file_index]``.
 
     Guarantees:
 
@@ -463,6 +463,12 @@ class VesuviusStream(IterableDataset):
                         f"source {i}: {p} positive, {s.selection.positions - p} negative"
                         for i, (s, p) in enumerate(zip(self._sources, positives))) + ")")
         return float(fraction)
+
+    @property
+    def shapes(self):
+        """Each source's volume shape ``(z, y, x)``, in the order of ``file_paths``: the
+        index space of its ``coords``, whatever the source was (path, array, group)."""
+        return [source.shape for source in self._sources]
 
     def __len__(self):
         """Items this rank yields per epoch (``samples_per_epoch`` over all ranks)."""

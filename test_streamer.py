@@ -158,6 +158,20 @@ def test_blocks_equal_slices_of_zarr_v3_array_and_group_and_numpy(tmp_path):
     assert check_blocks(ds, data) == 300
 
 
+def test_shapes_are_each_sources_volume_shape_whatever_the_source(tmp_path):
+    # An OME-Zarr group stands for its level 0, a converter group for its volume.
+    ome = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w", attributes={
+        "multiscales": [{"datasets": [{"path": "0"}, {"path": "1"}]}]})
+    ome.create_array("0", data=volume((6, 20, 24), np.uint8), chunks=(3, 8, 8))
+    ome.create_array("1", data=volume((3, 10, 12), np.uint8), chunks=(3, 8, 8))
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("volume", data=volume((5, 16, 18), np.uint8), chunks=(5, 8, 8))
+    group.create_array("mask", data=np.ones((16, 18), np.uint8), chunks=(8, 8))
+    ds = VesuviusStream([str(tmp_path / "ome.zarr"), str(tmp_path / "g.zarr"),
+                         volume((4, 9, 9), np.uint8)], 2, 4, 4, 10)
+    assert ds.shapes == [(6, 20, 24), (5, 16, 18), (4, 9, 9)]
+
+
 def test_opened_zarr_array_and_pathlike_are_sources(tmp_path):
     data = volume((6, 20, 20), np.uint8)
     path = zarr_v3(tmp_path / "a.zarr", data, chunks=(3, 8, 8))
