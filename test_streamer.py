@@ -2977,17 +2977,33 @@ def unlabelled_example(path):
         group.create_array(name, data=example[name][:], chunks=example[name].chunks)
 
 
+# What a newcomer changes in a README block: its knobs, the lines `block = ...`,
+# `z_range = ...` and `stride = ...` at its top.
+ADAPTED_KNOBS = {"block": (8, 24, 40), "z_range": (2, 12), "stride": (4, 12, 20)}
+
+
+def plain_zarr_array(path):
+    """A bare Zarr format 2 array (no group, labels or mask) of another shape than the
+    example's, as a newcomer's own crop of a segment may be."""
+    zarr_v2_slash(path, volume((14, 100, 130), np.uint16, seed=7), chunks=(4, 32, 64))
+
+
 def test_readme_code_blocks_run_as_written(tmp_path):
-    """Every complete ```python block of the README runs as written.
+    """Every complete ```python block of the README runs as written, and adapted.
 
     The rule: a block whose first line starts with ``# fragment:`` is a fragment
     and is not run; every other one is complete. A complete block runs unchanged,
     as ``python block.py``, in a fresh folder holding a copy of streamer.py and, at
     each quoted name ending in ``.zarr`` that it uses, a copy of the example
     segment (with labels and mask); then again with copies without labels, unless
-    its first line is ``# for sources with labels``. The ```bash blocks are not run
-    here: the quick start's notebook command is run by the notebook test, and the
-    converter's commands name folders of the user's.
+    its first line is ``# for sources with labels``. A block that builds a
+    VesuviusStream takes its block size (and its ``z_range`` and ``stride``, if any)
+    from lines ``block = ...`` at its top; it runs a third time with those lines
+    set to ``ADAPTED_KNOBS``, with a plain Zarr array of another shape at each
+    ``.zarr`` name (``plain_zarr_array``; the example segment for a block with
+    labels). The ```bash blocks are not run here: the quick start's notebook
+    command is run by the notebook test, and the converter's commands name folders
+    of the user's.
     """
     blocks = [(line, code) for line, code in readme_python_blocks()
               if not code.startswith("# fragment:")]
@@ -2995,19 +3011,28 @@ def test_readme_code_blocks_run_as_written(tmp_path):
     for line, code in blocks:
         names = set(re.findall(r"[\"']([\w.-]+\.zarr)[\"']", code))
         labelled_only = code.startswith("# for sources with labels\n")
-        for labelled in (True,) if labelled_only else (True, False):
-            folder = tmp_path / f"line{line}_{'labelled' if labelled else 'unlabelled'}"
+        assert "VesuviusStream(" not in code or re.search(r"^block = ", code, re.M), (
+            f"README.md line {line}: the block size is not set by a `block = ...` line")
+        adapted, knobs = re.subn(r"^(block|z_range|stride) = .*$",
+                                 lambda knob: f"{knob[1]} = {ADAPTED_KNOBS[knob[1]]!r}",
+                                 code, flags=re.M)
+        runs = [("labelled", code)] + [("unlabelled", code)] * (not labelled_only)
+        if knobs:
+            runs.append(("adapted", adapted))
+        for run_name, text in runs:
+            folder = tmp_path / f"line{line}_{run_name}"
             folder.mkdir()
             copy_into(folder, "streamer.py")
             for name in names:
-                if labelled:
+                if run_name == "labelled" or (run_name == "adapted" and labelled_only):
                     shutil.copytree(EXAMPLE, folder / name)
-                else:
+                elif run_name == "unlabelled":
                     unlabelled_example(folder / name)
-            (folder / "block.py").write_text(code, encoding="utf-8")
+                else:
+                    plain_zarr_array(folder / name)
+            (folder / "block.py").write_text(text, encoding="utf-8")
             with checkout_untouched():
                 run = subprocess.run([sys.executable, "block.py"], cwd=folder,
                                      capture_output=True, text=True, timeout=300)
-            assert run.returncode == 0, (f"README.md line {line}, "
-                                         f"{'labelled' if labelled else 'unlabelled'}:\n"
+            assert run.returncode == 0, (f"README.md line {line}, {run_name}:\n"
                                          + run.stderr[-3000:])
