@@ -5,6 +5,8 @@ import collections
 import contextlib
 import email.utils
 import errno
+import functools
+import http.server
 import inspect
 import itertools
 import json
@@ -1439,6 +1441,30 @@ def flip_both(block, label):
 METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder's files over HTTP/1.1 (keep-alive, as real servers), without logging."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve(directory, handler=QuietHandler):
+    """Serve ``directory`` on 127.0.0.1 (a free port) from a thread; yield the root URL."""
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 def ome_zarr(path, data):
     """An NGFF 0.4 multiscale group as the scrolls are served: format 2, '/' keys, uint8."""
     group = zarr.open_group(str(path), mode="w", zarr_format=2)
@@ -1465,7 +1491,7 @@ def answering(failure=None, every=3):
            "times": collections.defaultdict(list)}
     lock = threading.Lock()
 
-    class Handler(benchmark.QuietHandler):
+    class Handler(QuietHandler):
         def do_GET(self):
             with lock:
                 log["requests"] += 1
@@ -1501,7 +1527,7 @@ def scroll(tmp_path):
 def test_http_store_streams_exact_blocks_through_transient_failures(scroll, failure):
     root, data = scroll
     handler, log = answering(failure)
-    with benchmark.serve(str(root), handler=handler) as url:
+    with serve(str(root), handler=handler) as url:
         ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 120, return_coords=True,
                             region_mb=0.05)
         blocks = coords = 0
@@ -1530,7 +1556,7 @@ def test_retries_wait_as_long_as_retry_after_says(scroll):
                 return
             super().do_GET()
 
-    with benchmark.serve(str(root), handler=SlowDown) as url:
+    with serve(str(root), handler=SlowDown) as url:
         block = next(iter(VesuviusStream([f"{url}/scroll.zarr/0"], 8, 16, 16, 1,
                                          shuffle=False)))
     assert torch.equal(block, torch.from_numpy(data[:8, :16, :16]))
@@ -1555,7 +1581,7 @@ def test_retry_wait_reads_seconds_or_an_http_date_and_backs_off_otherwise():
 def test_denied_access_fails_at_once(scroll, status, error):
     root, _ = scroll
     handler, log = answering(status, every=1)
-    with benchmark.serve(str(root), handler=handler) as url:
+    with serve(str(root), handler=handler) as url:
         with pytest.raises(error, match=f"HTTP {status}.*storage_options"):
             VesuviusStream([f"{url}/scroll.zarr"], 4, 4, 4, 1)
     assert log["requests"] <= len(METADATA) + 1      # no retries
@@ -1564,7 +1590,7 @@ def test_denied_access_fails_at_once(scroll, status, error):
 def test_missing_remote_store_is_file_not_found(scroll):
     root, _ = scroll
     handler, log = answering()
-    with benchmark.serve(str(root), handler=handler) as url:
+    with serve(str(root), handler=handler) as url:
         with pytest.raises(FileNotFoundError, match="no Zarr array or group at .*nothing.zarr"):
             VesuviusStream([f"{url}/nothing.zarr"], 4, 4, 4, 1)
 
@@ -1574,7 +1600,7 @@ def test_chunk_cache_serves_the_second_read_from_disk(scroll):
     handler, log = answering()
     cache = root / "cache"
     fetched = []
-    with benchmark.serve(str(root), handler=handler) as url:
+    with serve(str(root), handler=handler) as url:
         for _ in range(2):
             ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 50, return_coords=True,
                                 cache_dir=cache)
@@ -1615,7 +1641,7 @@ def test_cached_chunks_serve_only_the_store_version_they_came_from(tmp_path, cha
                 (volume((8, 32, 64), np.uint16 if change == "values" else np.uint8, seed=3),
                  volume((32, 64), np.uint8, seed=4))]
     cache = tmp_path / "cache"
-    with benchmark.serve(str(tmp_path / "served")) as url:
+    with serve(str(tmp_path / "served")) as url:
         for mtime, (data, labels) in zip((1_700_000_000, 1_700_000_010), versions):
             served_group(tmp_path / "served" / "segment.zarr", data, labels, mtime)
             for _ in range(2):            # from the server, then from the cache
@@ -1629,12 +1655,12 @@ def test_cached_chunks_serve_only_the_store_version_they_came_from(tmp_path, cha
 def test_a_cache_dir_over_a_server_that_dates_nothing_warns_once(scroll):
     root, data = scroll
 
-    class Undated(benchmark.QuietHandler):
+    class Undated(QuietHandler):
         def send_header(self, name, value):
             if name not in ("Last-Modified", "ETag"):
                 super().send_header(name, value)
 
-    with benchmark.serve(str(root), handler=Undated) as url:
+    with serve(str(root), handler=Undated) as url:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 20, return_coords=True,
@@ -1655,7 +1681,7 @@ def test_a_remote_store_replaced_between_epochs_fails_the_next_one_naming_what_c
     store = tmp_path / "served" / "segment.zarr"
     data, labels = volume((8, 32, 64), np.uint16, seed=1), volume((32, 64), np.uint8, seed=2)
     served_group(store, data, labels, 1_700_000_000)
-    with benchmark.serve(str(tmp_path / "served")) as url:
+    with serve(str(tmp_path / "served")) as url:
         ds = VesuviusStream([f"{url}/segment.zarr"], 4, 8, 8, 16)
         # A persistent worker opens its stores once, and checks them at every epoch.
         loader = DataLoader(ds, batch_size=8, num_workers=1, persistent_workers=True,
@@ -1686,7 +1712,7 @@ def test_a_remote_store_with_consolidated_metadata_replaced_between_epochs_is_re
     data, labels = volume((8, 32, 64), np.uint16, seed=1), volume((32, 64), np.uint8, seed=2)
     served_group(store, data, labels, 1_700_000_000)
     zarr.consolidate_metadata(str(store))
-    with benchmark.serve(str(tmp_path / "served")) as url:
+    with serve(str(tmp_path / "served")) as url:
         ds = VesuviusStream([f"{url}/segment.zarr"], 4, 8, 8, 16)
         loader = DataLoader(ds, batch_size=8, num_workers=2, timeout=60)
         assert sum(len(blocks) for blocks, _ in loader) == 16
@@ -1702,7 +1728,7 @@ def never_answering_chunks():
     request arrives, and one to set at the end (the handler's threads then end)."""
     arrived, over = threading.Event(), threading.Event()
 
-    class Handler(benchmark.QuietHandler):
+    class Handler(QuietHandler):
         def do_GET(self):
             if self.path.rsplit("/", 1)[-1] in METADATA:
                 return super().do_GET()
@@ -1731,7 +1757,7 @@ def test_a_server_that_never_answers_times_out_each_attempt_then_fails_naming_th
     # pickle) the one given: chunks that never come fail the epoch, naming the URL.
     handler, arrived, over = never_answering_chunks()
     try:
-        with benchmark.serve(str(root), handler=handler) as url:
+        with serve(str(root), handler=handler) as url:
             default = VesuviusStream([f"{url}/scroll.zarr"], 4, 4, 4, 1)
             assert default._sources[0].volume.store._store.fs.client_kwargs["timeout"] == (
                 aiohttp.ClientTimeout(total=60, sock_connect=10, sock_read=20))
@@ -1768,7 +1794,7 @@ def test_ctrl_c_while_a_remote_read_hangs_ends_the_epoch_at_once_without_threads
     handler, arrived, over = never_answering_chunks()
     script = root / "interrupted.py"
     try:
-        with benchmark.serve(str(root), handler=handler) as url:
+        with serve(str(root), handler=handler) as url:
             script.write_text(INTERRUPTED.format(here=HERE, url=f"{url}/scroll.zarr"))
             process = subprocess.Popen([sys.executable, "-B", str(script)], cwd=root,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1811,10 +1837,10 @@ def test_a_host_refusing_connections_fails_construction_at_once_naming_the_url(w
 def test_a_host_that_goes_away_mid_epoch_is_retried_before_failing(scroll, waits):
     root, _ = scroll
 
-    class OneRequestPerConnection(benchmark.QuietHandler):
+    class OneRequestPerConnection(QuietHandler):
         protocol_version = "HTTP/1.0"        # no kept-alive connection outlives the server
 
-    with benchmark.serve(str(root), handler=OneRequestPerConnection) as url:
+    with serve(str(root), handler=OneRequestPerConnection) as url:
         ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 5, shuffle=False)
     # Now the host refuses connections, after it answered: that may be a restart.
     with pytest.raises(OSError, match=f"source 0 .*still failing after {streamer._ATTEMPTS} "
@@ -1837,7 +1863,7 @@ def test_a_failing_cache_write_warns_once_and_the_read_goes_on_without_leftovers
         return open(path, *args, **kwargs)
 
     monkeypatch.setattr(streamer, "open", disk_full, raising=False)
-    with benchmark.serve(str(root)) as url:
+    with serve(str(root)) as url:
         ds = VesuviusStream([f"{url}/scroll.zarr"], 6, 10, 12, 50, return_coords=True,
                             cache_dir=cache)
         with warnings.catch_warnings(record=True) as caught:
