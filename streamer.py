@@ -54,10 +54,13 @@ _REGION_ORDER, _POSITION_ORDER, _ROUNDING = range(3)
 # Extra key parts of the streams of positive and negative positions.
 _KIND_KEYS = {None: (), True: (1,), False: (2,)}
 _METHODS = ('uniform', 'proportional', 'grid')
-# Remote stores: attempts per request, first backoff and longest wait (s).
+# Remote stores: attempts per request, first backoff and longest wait (s). The backoff
+# doubles from 0.2 s with jitter, capped at 30 s or what Retry-After asks: 81 s in all.
 _ATTEMPTS, _FIRST_BACKOFF, _LONGEST_WAIT = 10, 0.2, 30.0
 # Seconds an HTTP(S) attempt may take (aiohttp.ClientTimeout's fields): in all, to
 # connect, and between two reads of the answer (a server that accepts and never answers).
+# So one request waits at most 10 x 60 s + 81 s = 681 s (870 s if every Retry-After asks
+# 30 s), and one to a server that accepts and never answers 10 x 20 s + 81 s = 281 s.
 _HTTP_TIMEOUT = {'total': 60, 'sock_connect': 10, 'sock_read': 20}
 # What fsspec's info dates a remote file by (HTTP headers; S3's names).
 _VERSION_KEYS = ('ETag', 'Last-Modified', 'LastModified')
@@ -180,30 +183,24 @@ class VesuviusStream(IterableDataset):
 
     Remote sources: ``http(s)://``, ``s3://`` and other fsspec URLs are read
     through zarr's fsspec store (install ``fsspec aiohttp``, plus ``s3fs`` for
-    S3). An HTTP(S) attempt gives up after 60 s in all, 10 s to connect or
-    20 s without a byte (``aiohttp.ClientTimeout(total=60, sock_connect=10,
-    sock_read=20)``, unless ``storage_options`` gives ``client_kwargs``
-    a ``timeout``). Transient failures (HTTP 429 and 5xx, dropped
-    connections, timeouts) are retried up to 10 times with exponential
-    backoff from 0.2 s, waiting what a Retry-After header asks (at most 30 s),
-    then raise ``OSError`` naming the URL: a request waits at most 10 x 60 s
-    + 81 s of backoff (681 s; 870 s if every Retry-After asks 30 s), and one
-    to a server that accepts and never answers fails after 10 x 20 s + 81 s
-    (281 s). 401 and 403 raise ``PermissionError`` at once, and a URL without
-    Zarr metadata raises ``FileNotFoundError``. A host that cannot be reached
-    before it ever answered (unknown name, refused connection) raises
-    ``ConnectionError`` at construction, naming the URL, without retries.
-    Each DataLoader worker opens its own connections. Versions: at the start
-    of every iteration, in each worker, each remote array's metadata is
-    fetched again (two small requests at once: its ``zarr.json`` or
-    ``.zarray``, and its ETag / Last-Modified); if the store no longer holds
-    the version the dataset was built on, the iteration raises ``OSError``
-    naming the source, the URL and what changed (shape, dtype, chunks,
-    codecs, or "replaced" when only ETag / Last-Modified did): build the
-    dataset again. A store replaced during an epoch is noticed at the next
-    iteration. Ending an iteration (``break``, an error, Ctrl-C) cancels its
-    remote requests in flight, so that it ends at once even while the server
-    does not answer.
+    S3); each DataLoader worker opens its own connections. Every request has a
+    bounded wait: transient failures (HTTP 429 and 5xx, dropped connections,
+    timeouts) are retried with exponential backoff, honouring Retry-After, and
+    then raise ``OSError`` naming the URL; one request fails after about 11
+    minutes at worst (HTTP attempts time out after 60 s; pass your own
+    ``aiohttp.ClientTimeout`` as ``storage_options={'client_kwargs':
+    {'timeout': ...}}`` for another bound). 401 and 403 raise
+    ``PermissionError`` at once, a URL without Zarr metadata
+    ``FileNotFoundError``, and a host that never answered (unknown name,
+    refused connection) ``ConnectionError`` when the dataset is built.
+    Versions: at the start of every iteration, in each worker, each remote
+    array's metadata and ETag / Last-Modified are fetched again (one round
+    trip); if the store no longer holds the version the dataset was built on,
+    the iteration raises ``OSError`` naming the source, the URL and what
+    changed: build the dataset again. A store replaced during an epoch is
+    noticed at the next iteration. Ending an iteration (``break``, an error,
+    Ctrl-C) cancels its remote requests in flight, so that it ends at once
+    even while the server does not answer.
 
     Args:
         file_paths (list): the sources (see above).
@@ -271,18 +268,15 @@ class VesuviusStream(IterableDataset):
             ``{'client_kwargs': {'timeout': aiohttp.ClientTimeout(...)}}``
             replaces the HTTP timeout of each attempt (see Remote sources).
         cache_dir (str, optional): a local folder keeping every chunk fetched
-            from URL sources (shared by workers, kept across runs; delete it
-            yourself). A cached chunk is used only for the version of its
-            array it came from: chunks are kept in a folder per version,
-            named by a digest of the URL, the array's path, its metadata
-            document (the bytes of its ``zarr.json`` or ``.zarray``) and the
-            ETag / Last-Modified the server gives for that document; a store
-            converted again (new values, dtype or chunks) is so fetched anew.
-            A server that sends neither ETag nor Last-Modified gets a warning
-            (its versions are told apart by their metadata alone). Chunks
-            read in parts (sharded stores) are not cached. A failed cache
-            write (disk full) warns once and ends caching in that process;
-            the read goes on.
+            from URL sources (shared by workers, kept across runs, never
+            evicted: delete it yourself). A cached chunk serves only the
+            version of its array it came from (chunks are kept per digest of
+            the URL, the array's path, its metadata document and the server's
+            ETag / Last-Modified), so a store converted again is fetched anew;
+            a server that dates nothing gets a warning, since its versions are
+            then told apart by their metadata alone. Chunks read in parts
+            (sharded stores) are not cached. A failed cache write (disk full)
+            warns once and ends caching in that process; the read goes on.
 
     Example::
 
