@@ -374,11 +374,11 @@ class VesuviusStream(IterableDataset):
                   'cache_dir': None if cache_dir is None else os.fspath(cache_dir)}
 
         region_bytes = region_mb * 2**20 / open_regions
+        # Lattice steps: the grid's stride (tiles by default), else every voxel.
+        step = (stride or block) if grid else (1, 1, 1)
         self._sources = [
             _Source(_open_source(source, index, **remote), index, _describe(source), block,
-                    z_range,
-                    stride or block if grid else (1, 1, 1), region_bytes, samples_per_region,
-                    min_mask_fraction)
+                    z_range, step, region_bytes, samples_per_region, min_mask_fraction)
             for index, source in enumerate(file_paths)]
         if len({source.labels is None for source in self._sources}) > 1:
             raise ValueError("either all sources have labels or none: "
@@ -412,7 +412,7 @@ class VesuviusStream(IterableDataset):
         self.block = block
         self.sampling_method = sampling_method
         self.shuffle = bool(shuffle) and not grid
-        self.positive_fraction = self._check_positive_fraction(positive_fraction)
+        self.positive_fraction, self._positives = self._positive_split(positive_fraction)
         # The positions the mask and labels select fix the epoch's order: a state saved
         # over another selection (a mask moved, labels edited) would resume another one.
         self._selection = hashlib.sha256(b''.join(
@@ -422,7 +422,7 @@ class VesuviusStream(IterableDataset):
         self.transform = transform
         self.open_regions = open_regions
         self._region_mb = region_mb
-        self._z_range, self._step = z_range, stride or block if grid else (1, 1, 1)
+        self._z_range, self._step = z_range, step
         self._min_mask_fraction = min_mask_fraction
         # (epoch, skip_batches, batch_size) in shared memory, so that
         # set_epoch reaches persistent DataLoader workers.
@@ -430,10 +430,11 @@ class VesuviusStream(IterableDataset):
         self._resume = None                   # a loaded state, for the next iteration
         self._place = _Place()                # where the running iteration is
 
-    def _check_positive_fraction(self, fraction):
-        """The fraction as a float (or None), with every source's kinds counted."""
+    def _positive_split(self, fraction):
+        """``(fraction, positive items per epoch)``, or (None, None): every source's
+        kinds counted, and the epoch's checked to be there."""
         if fraction is None:
-            return None
+            return None, None
         if not (_is_number(fraction) and 0 <= fraction <= 1):
             raise ValueError(f"positive_fraction must be a number in [0, 1], got {fraction!r}")
         if self._sources[0].labels is None:
@@ -444,9 +445,9 @@ class VesuviusStream(IterableDataset):
                              "shuffle=False")
         positives = [int(source.selection.count_positives().sum())
                      for source in self._sources]
-        self._positives = math.floor(fraction * self.samples_per_epoch + 0.5)
-        wanted = {'positive': (self._positives, positives),
-                  'negative': (self.samples_per_epoch - self._positives,
+        wanted_positives = math.floor(fraction * self.samples_per_epoch + 0.5)  # .5 rounds up
+        wanted = {'positive': (wanted_positives, positives),
+                  'negative': (self.samples_per_epoch - wanted_positives,
                                [s.selection.positions - p
                                 for s, p in zip(self._sources, positives)])}
         for kind, (count, available) in wanted.items():
@@ -456,7 +457,7 @@ class VesuviusStream(IterableDataset):
                     f"epoch, but the sources have {sum(available)} (" + ", ".join(
                         f"source {i}: {p} positive, {s.selection.positions - p} negative"
                         for i, (s, p) in enumerate(zip(self._sources, positives))) + ")")
-        return float(fraction)
+        return float(fraction), wanted_positives
 
     @property
     def shapes(self):
