@@ -427,7 +427,8 @@ class VesuviusStream(IterableDataset):
         # (epoch, skip_batches, batch_size) in shared memory, so that
         # set_epoch reaches persistent DataLoader workers.
         self._epoch = torch.zeros(3, dtype=torch.int64).share_memory_()
-        self._resume = None                   # a loaded state, for the next iteration
+        self._resume = None                   # a loaded shard state, for the next iteration
+        self._left = None                     # (epoch, part) of a loaded merged state
         self._place = _Place()                # where the running iteration is
 
     def _positive_split(self, fraction):
@@ -466,8 +467,11 @@ class VesuviusStream(IterableDataset):
         return [source.shape for source in self._sources]
 
     def __len__(self):
-        """Items this rank yields per epoch (``samples_per_epoch`` over all ranks)."""
-        first, stop = _shard_bounds(self.samples_per_epoch, self.world_size, self.rank)
+        """Items this rank yields per epoch (``samples_per_epoch`` over all ranks); after
+        ``load_state_dict`` of a merged state, its share of what is left of that epoch."""
+        part = self._part(int(self._epoch[0]))
+        first, stop = _shard_bounds(_length(part, self.samples_per_epoch), self.world_size,
+                                    self.rank)
         return stop - first
 
     def set_epoch(self, epoch, skip_batches=0, batch_size=None):
@@ -478,7 +482,8 @@ class VesuviusStream(IterableDataset):
         number of workers (and ranks): each worker skips what it delivered in
         those batches. Until the next ``set_epoch``, every iteration skips
         them. (``torchdata``'s ``StatefulDataLoader`` needs none of this: it
-        saves and restores the position through ``state_dict``.)
+        saves and restores the position through ``state_dict``.) Selecting
+        another epoch than a loaded merged state's drops that state.
         """
         if not _is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
@@ -488,79 +493,152 @@ class VesuviusStream(IterableDataset):
             raise ValueError("skip_batches needs the DataLoader's batch_size")
         batch_size = 0 if batch_size is None else _positive_int('batch_size', batch_size)
         self._epoch[:] = torch.tensor((int(epoch), int(skip_batches), batch_size))
+        if self._left is not None and self._left[0] != epoch:
+            self._left = None
 
     def state_dict(self):
         """Where this worker is in its epoch, for ``StatefulDataLoader`` (torchdata).
 
         A dict of plain values: the epoch, this shard, the items it yielded,
-        and the configuration it belongs to.
+        the part of the epoch its shards split (None: all of it; else what a
+        merged state had left) and the configuration it belongs to.
         """
         return {**dataclasses.asdict(self._place), 'config': self._config()}
 
-    def load_state_dict(self, state):
-        """Continue from a ``state_dict()``: the next iteration resumes its epoch.
+    @staticmethod
+    def merge_state_dicts(states):
+        """One state of an interrupted epoch, from the states of all its shards.
 
-        A state saved through JSON (lists for tuples) is accepted. Raises
-        TypeError for a value of the wrong type, ValueError for a state that is
-        not one, out of range (``yielded`` beyond its shard's share), or from
-        another configuration (sources, the mask's and labels' counts, block,
-        seed, samples_per_epoch, ...), naming what differs.
+        ``states``: one per rank, as the user has them: each rank's
+        ``StatefulDataLoader.state_dict()`` (torchdata; it holds the state of
+        each of its workers, or the dataset's with ``num_workers=0``) or its
+        ``VesuviusStream.state_dict()`` (``num_workers=0``). Returns a dict of
+        plain values (JSON-able): the epoch, the configuration (without rank
+        and world size) and the part of the epoch not yet delivered, for
+        ``load_state_dict`` of a dataset with any rank, world size and
+        ``num_workers``. Delivered means handed to the training loop: batches
+        a DataLoader had prefetched and not handed out are not. Raises
+        ValueError, naming the states, for states of different epochs or
+        configurations, a missing shard or one given twice, and a torchdata
+        state saved between two of its snapshots (``snapshot_every_n_steps``
+        above 1).
         """
-        if not isinstance(state, dict):
-            raise TypeError(f"a VesuviusStream state is a dict, got {type(state).__name__}")
-        keys = {'epoch', 'shard', 'shards', 'yielded', 'config'}
-        if state.keys() != keys:
-            raise ValueError(f"not a VesuviusStream state: keys {sorted(map(str, state))}, "
-                             f"expected {sorted(keys)}")
-        if not isinstance(state['config'], dict):
-            raise TypeError(f"the state's config is a dict, got "
-                            f"{type(state['config']).__name__}")
+        if not isinstance(states, (list, tuple)):
+            raise TypeError(f"states is a list of every rank's state, got "
+                            f"{type(states).__name__}")
+        found = [shard for index, state in enumerate(states)
+                 for shard in _shard_states(state, f"state {index}")]
+        if not found:
+            raise ValueError("no state to merge: give every rank's state")
+        name, first = found[0]
+        config = _epoch_config(first['config'])
+        for other, state in found[1:]:
+            differ = [f"{key}: {_plain(state['config'].get(key))!r} in {other}, "
+                      f"{_plain(value)!r} in {name}" for key, value in config.items()
+                      if _plain(state['config'].get(key)) != _plain(value)]
+            if differ or _epoch_config(state['config']).keys() != config.keys():
+                raise ValueError(f"{other} and {name} were saved with other configurations: "
+                                 + "; ".join(differ or ["other keys"]))
+        begun = [(n, s) for n, s in found if s['epoch'] is not None]
+        for other, state in begun[1:]:
+            for key in ('epoch', 'shards', 'part'):
+                if _plain(state[key]) != _plain(begun[0][1][key]):
+                    raise ValueError(
+                        f"{other} and {begun[0][0]} are of different iterations ({key} "
+                        f"{_plain(state[key])!r} and {_plain(begun[0][1][key])!r}): merge "
+                        f"the states every rank saved at one step")
+        shards = {s['shards'] for _, s in found}
+        if len(shards) > 1:
+            counts = ", ".join(f"{state['shards']} in {name}" for name, state in found)
+            raise ValueError(f"the states split the epoch into different numbers of shards "
+                             f"({counts}): merge the states every rank saved at one step")
+        shards, = shards
+        by_shard = {}
+        for name, state in found:
+            if state['shard'] in by_shard:
+                raise ValueError(f"shard {state['shard']} of {shards} is given twice, in "
+                                 f"{by_shard[state['shard']][0]} and in {name}: give each "
+                                 f"rank's state once")
+            by_shard[state['shard']] = name, state
+        missing = sorted(set(range(shards)) - set(by_shard))
+        if missing:
+            raise ValueError(f"shards {missing} of {shards} are missing (the states hold "
+                             f"{len(by_shard)}): give every rank's state")
+        epoch, part = (begun[0][1]['epoch'], begun[0][1]['part']) if begun else (None, None)
+        total = config['samples_per_epoch']
+        left = [span for shard in range(shards)
+                for span in _after(_spans(total, part, shards, shard),
+                                   by_shard[shard][1]['yielded'])]
+        return {'epoch': epoch, 'part': None if epoch is None else _joined(left),
+                'config': config}
+
+    def load_state_dict(self, state):
+        """Continue from a ``state_dict()`` or a ``merge_state_dicts()`` state.
+
+        A shard's state (what ``StatefulDataLoader`` saves and loads for each
+        worker) resumes that shard at its next iteration, for the same ranks
+        and workers. A merged state selects its epoch (as ``set_epoch``) and
+        makes this dataset, with any rank, world size and ``num_workers``,
+        read only what its shards had not delivered: each of those positions
+        once, in shares at most one apart, each a contiguous part of what is
+        left. A state saved through JSON (lists for tuples) is accepted.
+        Raises TypeError for a value of the wrong type, ValueError for a state
+        that is not one, out of range (``yielded`` beyond its shard's share),
+        or from another configuration (sources, the mask's and labels'
+        counts, block, seed, samples_per_epoch, ...), naming what differs.
+        """
+        merged = _is_merged(state)
         mine, saved = self._config(), state['config']
+        if merged:
+            mine, saved = _epoch_config(mine), _epoch_config(saved)
         differ = [f"{key}: saved {saved.get(key)!r}, here {value!r}"
                   for key, value in mine.items() if _plain(saved.get(key)) != _plain(value)]
         if differ or saved.keys() != mine.keys():
             raise ValueError("this state was saved by a VesuviusStream with another "
                              "configuration: " + "; ".join(differ or [
                                  f"keys {sorted(map(str, saved))}, here {sorted(mine)}"]))
-        if state['shard'] is None:            # saved before this worker yielded anything
-            if (state['epoch'], state['shards'], state['yielded']) != (None, None, 0):
-                raise ValueError(f"a state without a shard has epoch None, shards None and "
-                                 f"yielded 0, got {state!r}")
+        if not merged:
+            self._resume = _checked_place(state, self.samples_per_epoch)
+        elif state['epoch'] is None and state['part'] is None:   # nothing was delivered
+            self._left = None
         else:
-            for name in ('epoch', 'shard', 'shards', 'yielded'):
-                if not _is_int(state[name]):
-                    raise TypeError(f"the state's {name} is an int, got {state[name]!r}")
-            shards, shard = state['shards'], state['shard']
-            if state['epoch'] < 0 or not 0 <= shard < shards:
-                raise ValueError(f"the state's epoch {state['epoch']} or shard {shard} of "
-                                 f"{shards} is out of range")
-            first, stop = _shard_bounds(self.samples_per_epoch, shards, shard)
-            if not 0 <= state['yielded'] <= stop - first:
-                raise ValueError(f"the state's yielded={state['yielded']} is outside [0, "
-                                 f"{stop - first}], the share of shard {shard} of {shards}")
-        self._resume = dict(state)
+            if not _is_int(state['epoch']) or state['epoch'] < 0:
+                raise TypeError(f"the state's epoch is an int >= 0, got {state['epoch']!r}")
+            part = _checked_part(state['part'], self.samples_per_epoch)
+            self.set_epoch(state['epoch'])
+            self._left = int(state['epoch']), part
 
     def __iter__(self):
-        _refuse_zarrs_after_fork()
         epoch, skip_batches, batch_size = self._epoch.tolist()
         worker = get_worker_info()
-        if worker is not None:
-            _keep_freed_memory()
-        # Split over ranks and workers: this shard's share [first, stop) of the epoch.
+        # Split over ranks and workers: this shard's spans of the part of the epoch its
+        # iteration reads (all of it, or what a merged state left), minus what it already
+        # delivered (a loaded shard state, or the skipped batches). Known as soon as the
+        # iterator exists: a StatefulDataLoader worker saves its state then.
         workers, shard, shards = _split_by_rank_and_worker(self.rank, self.world_size, worker,
                                                            skip_batches)
-        first, stop = _shard_bounds(self.samples_per_epoch, shards, shard)
-        # Minus what it already delivered: a loaded state, or the skipped batches.
-        done = (self._resumed(epoch, shard, shards) if self._resume is not None else
-                _delivered(self.samples_per_epoch, shards, shard, workers, skip_batches,
-                           batch_size))
-        self._place = _Place(epoch, shard, shards, done)
+        if self._resume is not None:
+            part, done = self._resumed(epoch, shard, shards)
+        else:
+            part = self._part(epoch)
+            done = _delivered(_length(part, self.samples_per_epoch), shards, shard, workers,
+                              skip_batches, batch_size)
+        self._place = _Place(epoch, shard, shards, done, part)
+        spans = _after(_spans(self.samples_per_epoch, part, shards, shard), done)
+        return self._stream(epoch, spans, worker is not None)
+
+    def _stream(self, epoch, spans, in_worker):
+        """The items of ``spans`` of the epoch."""
+        _refuse_zarrs_after_fork()
+        if in_worker:
+            _keep_freed_memory()
         # Reopen remote arrays in a new process; check that remote stores are unchanged.
         for source in self._sources:
             source.attach()
-        # The share's groups of visits, their boxes decoded in a background thread.
-        reader = _Reader(self._sources, self._plan(epoch).groups(first, stop, done),
-                         self._region_mb * 2**20)
+        # The spans' groups of visits, their boxes decoded in a background thread.
+        plan = self._plan(epoch)
+        groups = itertools.chain.from_iterable(plan.groups(*span) for span in spans)
+        reader = _Reader(self._sources, groups, self._region_mb * 2**20)
         try:
             # Cut, transform and yield the blocks, in the plan's order.
             yield from self._items(reader)
@@ -599,21 +677,28 @@ class VesuviusStream(IterableDataset):
         return item if isinstance(item, tuple) else (item,)
 
     def _resumed(self, epoch, shard, shards):
-        """Items this shard delivered before the saved state (used once)."""
-        state, self._resume = self._resume, None
-        if state['shard'] is None:          # saved before this worker yielded anything
-            return 0
-        if (state['shard'], state['shards']) != (shard, shards):
-            raise ValueError(f"the state was saved by shard {state['shard']} of "
-                             f"{state['shards']} (rank x worker), this is shard {shard} of "
-                             f"{shards}: resume with the same num_workers and ranks")
-        if state['epoch'] != epoch:
-            raise ValueError(f"the state was saved in epoch {state['epoch']}; call "
-                             f"set_epoch({state['epoch']}) before resuming it")
-        return state['yielded']
+        """(part, items delivered) of this shard before the loaded shard state (used once)."""
+        place, self._resume = self._resume, None
+        if place.shard is None:             # saved before this worker yielded anything
+            return self._part(epoch), 0
+        if (place.shard, place.shards) != (shard, shards):
+            raise ValueError(f"the state was saved by shard {place.shard} of "
+                             f"{place.shards} (rank x worker), this is shard {shard} of "
+                             f"{shards}: resume with the same num_workers and ranks, or "
+                             f"merge every shard's state (merge_state_dicts) and load that")
+        if place.epoch != epoch:
+            raise ValueError(f"the state was saved in epoch {place.epoch}; call "
+                             f"set_epoch({place.epoch}) before resuming it")
+        return place.part, place.yielded
+
+    def _part(self, epoch):
+        """The part of ``epoch`` that iterations read: what a loaded merged state left of
+        it, else None (the whole epoch)."""
+        return self._left[1] if self._left is not None and self._left[0] == epoch else None
 
     def _config(self):
-        """What an epoch's order depends on, to check a saved state against."""
+        """What an epoch's order depends on, to check a saved state against (a merged
+        state's, as ``_epoch_config`` gives it, without the rank and world size)."""
         return {'sources': [[list(s.shape), str(s.volume.dtype), s.selection.positions]
                             for s in self._sources],
                 'selection': self._selection,
@@ -1571,24 +1656,28 @@ class _EpochPlan:
         self.streams, self.group_size, self.interleave = streams, group_size, interleave
         self.totals = np.cumsum([0] + [s.total for s in streams])
 
-    def groups(self, first, stop, skip=0):
-        """Yield the groups of the share [first, stop), from its item ``skip`` on.
+    def groups(self, first, stop, skip=0, end=None):
+        """Yield the groups of the share [first, stop), its items [skip, end) only.
 
-        Interleaved, a group is ``group_size`` consecutive visits counted from
-        the one holding ``first``, each trimmed to the share, so that
-        neighbouring shares read one visit in common at most.
+        Items are counted in the share's own order (default ``end``: all of
+        them). Interleaved, a group is ``group_size`` consecutive visits counted
+        from the one holding ``first``, each trimmed to the share, so that
+        neighbouring shares read one visit in common at most; the group holding
+        item ``skip`` (or ``end``) is read in part, in the order it has in the
+        whole share.
         """
+        end = stop - first if end is None else end
         if not self.interleave:
-            yield from self._one_visit_groups(first + skip, stop)
+            yield from self._one_visit_groups(first + skip, first + end)
             return
-        if first + skip >= stop:
+        if skip >= end:
             return
         merge = _Merge(self.streams)
         origin = merge.seek(first).ordinal
         if skip:                     # resume at the group holding item ``skip``
             holding = merge.seek(first + skip).ordinal
             merge.seek_ordinal(origin + (holding - origin) // self.group_size * self.group_size)
-        while merge.sample < stop and not merge.done:
+        while merge.sample < first + end and not merge.done:
             begin, visits = merge.sample, []
             while len(visits) < self.group_size and not merge.done:
                 visits.append((merge.sample, merge.advance()))
@@ -1599,7 +1688,7 @@ class _EpochPlan:
                 if a < b:
                     trimmed.append(visit._replace(first=visit.first + a, stop=visit.first + b))
             if trimmed:              # visits of a round may all be empty (tiny regions)
-                yield _Group.of(trimmed, first + skip - lo, hi - lo)
+                yield _Group.of(trimmed, first + skip - lo, min(hi, first + end) - lo)
 
     def _one_visit_groups(self, first, stop):
         """Sources one after the other, one visit a group, samples [first, stop)."""
@@ -1728,6 +1817,14 @@ class _Group(typing.NamedTuple):
 
 # -- a shard's share: the split over ranks and workers ------------------------
 
+# A *span* (first, stop, begin, end) is the items [begin, end) of the share [first,
+# stop) of the epoch, counted in the order that share is read in (_EpochPlan.groups). A
+# *part* of an epoch is a list of spans, in epoch order; the shards of an iteration
+# split the concatenation of its items as they split a whole epoch (part None), into
+# contiguous shares at most one apart. What the shards of an interrupted iteration had
+# not delivered is such a part (one span per shard of a whole epoch): so a resumed epoch
+# is read in its old shards' groups, and its iteration can be interrupted and merged again.
+
 @dataclasses.dataclass
 class _Place:
     """Where an iteration is in its epoch: what ``state_dict`` saves (None: not begun)."""
@@ -1735,6 +1832,7 @@ class _Place:
     shard: int = None           # rank * workers + worker, of ``shards``
     shards: int = None
     yielded: int = 0            # items of the shard's share delivered so far
+    part: list = None           # the part of the epoch the shards split (None: all of it)
 
 
 def _split_by_rank_and_worker(rank, world_size, worker, skip_batches):
@@ -1753,6 +1851,174 @@ def _split_by_rank_and_worker(rank, world_size, worker, skip_batches):
 def _shard_bounds(total, shards, shard):
     """``[first, stop)`` of shard ``shard`` of ``shards``: contiguous, sizes at most one apart."""
     return total * shard // shards, total * (shard + 1) // shards
+
+
+def _length(part, total):
+    """Items of ``part`` of an epoch of ``total`` items (None: the whole epoch)."""
+    return total if part is None else sum(end - begin for _, _, begin, end in part)
+
+
+def _spans(total, part, shards, shard):
+    """The spans of shard ``shard`` of ``shards`` of ``part`` (None: the whole epoch)."""
+    if part is None:
+        first, stop = _shard_bounds(total, shards, shard)
+        return [(first, stop, 0, stop - first)] if first < stop else []
+    lo, hi = _shard_bounds(_length(part, total), shards, shard)
+    spans, before = [], 0            # items of the part before the span
+    for first, stop, begin, end in part:
+        a, b = max(lo - before, 0), min(hi - before, end - begin)
+        if a < b:
+            spans.append((first, stop, begin + a, begin + b))
+        before += end - begin
+    return spans
+
+
+def _after(spans, count):
+    """``spans`` without their first ``count`` items."""
+    left = []
+    for first, stop, begin, end in spans:
+        skipped = min(count, end - begin)
+        count -= skipped
+        if begin + skipped < end:
+            left.append((first, stop, begin + skipped, end))
+    return left
+
+
+def _joined(spans):
+    """``spans`` with consecutive items of one share in one span."""
+    joined = []
+    for span in spans:
+        if joined and joined[-1][:2] == span[:2] and joined[-1][3] == span[2]:
+            joined[-1] = (*span[:2], joined[-1][2], span[3])
+        else:
+            joined.append(tuple(span))
+    return joined
+
+
+_SHARD_KEYS = {'epoch', 'shard', 'shards', 'yielded', 'part', 'config'}
+_MERGED_KEYS = {'epoch', 'part', 'config'}
+
+
+def _is_merged(state):
+    """Whether ``state`` is a merged state (else a shard's); refuses what is neither."""
+    if not isinstance(state, dict):
+        raise TypeError(f"a VesuviusStream state is a dict, got {type(state).__name__}")
+    if state.keys() not in (_SHARD_KEYS, _MERGED_KEYS):
+        raise ValueError(f"not a VesuviusStream state: keys {sorted(map(str, state))}, "
+                         f"expected {sorted(_SHARD_KEYS)} (a shard's) or "
+                         f"{sorted(_MERGED_KEYS)} (merged)")
+    if not isinstance(state['config'], dict):
+        raise TypeError(f"the state's config is a dict, got "
+                        f"{type(state['config']).__name__}")
+    return state.keys() == _MERGED_KEYS
+
+
+def _epoch_config(config):
+    """A state's configuration without the rank and world size: what a merged state keeps."""
+    return {key: value for key, value in config.items() if key not in ('rank', 'world_size')}
+
+
+def _checked_part(part, total):
+    """``part`` (JSON's lists or tuples) as a list of span tuples, checked: each a
+    nonempty part of a share within the epoch's ``total`` items, none overlapping."""
+    if part is None:
+        return None
+    if not isinstance(part, (list, tuple)):
+        raise TypeError(f"the state's part is a list of spans, got {type(part).__name__}")
+    spans = []
+    for span in part:
+        if not (isinstance(span, (list, tuple)) and len(span) == 4
+                and all(map(_is_int, span))):
+            raise TypeError(f"a span of the state's part is 4 ints (first, stop, begin, end), "
+                            f"got {span!r}")
+        first, stop, begin, end = map(int, span)
+        if not (0 <= first < stop <= total and 0 <= begin < end <= stop - first):
+            raise ValueError(f"the state's span {list(span)} is not a nonempty part of a share "
+                             f"of the epoch's {total} items")
+        spans.append((first, stop, begin, end))
+    reach = {}                           # share -> items up to which its spans went
+    for first, stop, begin, end in sorted(spans):
+        if (first, stop) not in reach and any(f < stop and first < s for f, s in reach):
+            raise ValueError(f"the state's part has overlapping shares: [{first}, {stop}) "
+                             f"and another one")
+        if reach.get((first, stop), 0) > begin:
+            raise ValueError(f"the state's part has the items of share [{first}, {stop}) "
+                             f"from {begin} twice")
+        reach[first, stop] = end
+    return spans
+
+
+def _checked_place(state, total):
+    """The _Place of a shard's state (keys and config already checked), its types and
+    ranges checked: ``yielded`` within its shard's share of the part."""
+    if state['shard'] is None:            # saved before this worker yielded anything
+        if (state['epoch'], state['shards'], state['yielded'], state['part']) != (
+                None, None, 0, None):
+            raise ValueError(f"a state without a shard has epoch None, shards None, yielded 0 "
+                             f"and part None, got {state!r}")
+        return _Place()
+    for name in ('epoch', 'shard', 'shards', 'yielded'):
+        if not _is_int(state[name]):
+            raise TypeError(f"the state's {name} is an int, got {state[name]!r}")
+    epoch, shard, shards, yielded = (int(state[name])
+                                     for name in ('epoch', 'shard', 'shards', 'yielded'))
+    if epoch < 0 or not 0 <= shard < shards:
+        raise ValueError(f"the state's epoch {epoch} or shard {shard} of {shards} is out of "
+                         f"range")
+    part = _checked_part(state['part'], total)
+    share = _length(_spans(total, part, shards, shard), total)
+    if not 0 <= yielded <= share:
+        raise ValueError(f"the state's yielded={yielded} is outside [0, {share}], the share "
+                         f"of shard {shard} of {shards}")
+    return _Place(epoch, shard, shards, yielded, part)
+
+
+# torchdata's StatefulDataLoader.state_dict(): with workers, '_snapshot' holds each
+# worker's state as of the last batch handed out ('_worker_snapshots', the dataset's
+# under 'dataset_state') and '_steps_since_snapshot' the batches handed out since (0 with
+# its default snapshot_every_n_steps=1); without workers, 'dataset_state' is the dataset's.
+
+def _shard_states(state, name):
+    """``[(name, state)]``: the shard states in a rank's saved ``state``, each checked,
+    those saved before their shard began numbered (rank * workers + worker)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{name} is a {type(state).__name__}, not a state dict")
+    try:
+        if '_snapshot' in state:
+            if state['_steps_since_snapshot']:
+                raise ValueError(
+                    f"{name} was saved {state['_steps_since_snapshot']} batches after the "
+                    f"StatefulDataLoader's last snapshot: it does not hold what its workers "
+                    f"delivered since. Save it when the batches are a multiple of "
+                    f"snapshot_every_n_steps (or keep its default, 1)")
+            snapshot = state['_snapshot']
+            workers = snapshot['_main_snapshot']['_num_workers']
+            found = [(f"{name} (worker {worker['worker_id']})", worker['dataset_state'],
+                      worker['worker_id'], workers)
+                     for worker in snapshot['_worker_snapshots'].values()]
+        elif 'dataset_state' in state:
+            found = [(name, state['dataset_state'], 0, 1)]
+        else:
+            found = [(name, state, 0, 1)]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{name} is not a StatefulDataLoader state: no {error}") from None
+    shards = []
+    for label, shard_state, worker, workers in found:
+        try:
+            if _is_merged(shard_state):
+                raise ValueError("a merged state, not a shard's")
+            total, rank, world_size = (shard_state['config'].get(key) for key in
+                                       ('samples_per_epoch', 'rank', 'world_size'))
+            if not all(map(_is_int, (total, rank, world_size, worker, workers))):
+                raise TypeError(f"samples_per_epoch, rank and world_size are ints, got "
+                                f"{total!r}, {rank!r}, {world_size!r}")
+            place = _checked_place(shard_state, total)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{label}: {error}") from None
+        if place.shard is None:
+            place.shard, place.shards = rank * workers + worker, world_size * workers
+        shards.append((label, {**dataclasses.asdict(place), 'config': shard_state['config']}))
+    return shards
 
 
 def _delivered(total, shards, shard, workers, batches, batch_size):
