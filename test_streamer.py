@@ -877,6 +877,117 @@ def test_a_state_saved_through_json_resumes_exactly(tmp_path):
     assert [tuple(c.tolist()) for _, _, c in again] == rest
 
 
+# -- resuming on other ranks and workers -------------------------------------------
+
+def two_sources(tmp_path):
+    """make(**kwargs): a dataset over two labelled sources, one with a mask, z_range (1, 9)."""
+    masked, _, _ = segment_group(tmp_path / "masked.zarr", mask=disk_mask((60, 70), (30, 35), 25))
+    plain, _, _ = segment_group(tmp_path / "plain.zarr", shape=(10, 40, 50))
+
+    def make(**kwargs):
+        kwargs.setdefault("region_mb", 0.1)
+        return VesuviusStream([masked, plain], 4, 9, 11, 301, return_coords=True,
+                              z_range=(1, 9), **kwargs)
+    return make
+
+
+def coords_of(batch):
+    return [tuple(c) for c in batch[-1].tolist()]
+
+
+def interrupted(make, ranks, workers, batches, **options):
+    """Each rank's StatefulDataLoader state after ``batches`` batches of 8 of epoch 3, the
+    coordinates handed out before, and those the same loaders hand out after it."""
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    states, seen, rest = [], [], []
+    for rank in range(ranks):
+        ds = make(rank=rank, world_size=ranks)
+        ds.set_epoch(3)
+        loader = stateful.StatefulDataLoader(ds, batch_size=8, num_workers=workers, **options)
+        items = iter(loader)
+        seen += [c for batch in itertools.islice(items, batches) for c in coords_of(batch)]
+        states.append(loader.state_dict())
+        rest += [c for batch in items for c in coords_of(batch)]
+    return states, seen, rest
+
+
+def left_in_order(make, shards, seen):
+    """What ``shards`` shards of epoch 3 had not delivered, in their order, after checking
+    that what each delivered is the start of its share (in the order it reads it)."""
+    left = []
+    for shard in range(shards):
+        ds = make(rank=shard, world_size=shards)     # shard k of ranks x workers, alone
+        ds.set_epoch(3)
+        order = epoch(ds)
+        done = sum(c in seen for c in order)
+        assert set(order[:done]) <= seen
+        left += order[done:]
+    return left
+
+
+def resumed(make, merged, ranks, workers):
+    """Each rank's coordinates after loading ``merged`` (through JSON), fresh DataLoaders."""
+    got = []
+    for rank in range(ranks):
+        ds = make(rank=rank, world_size=ranks)
+        ds.load_state_dict(json.loads(json.dumps(merged)))
+        got.append(epoch(ds, num_workers=workers, batch_size=8))
+        assert len(ds) == len(got[-1])
+    return got
+
+
+def assert_splits_exactly(got, left):
+    """The ranks' items are the contiguous shares of ``left``, at most one apart."""
+    assert sum(map(len, got)) == len(left) and max(map(len, got)) - min(map(len, got)) <= 1
+    for rank, items in enumerate(got):
+        share = left[len(left) * rank // len(got):len(left) * (rank + 1) // len(got)]
+        assert sorted(items) == sorted(share)
+
+
+@pytest.mark.parametrize("ranks, workers, batches", [(3, 1, 1), (1, 3, 6), (2, 0, 9)])
+def test_an_epoch_interrupted_on_2_ranks_x_2_workers_resumes_exactly_on_other_shapes(
+        tmp_path, ranks, workers, batches):
+    make = two_sources(tmp_path)
+    states, seen, rest = interrupted(make, 2, 2, batches)
+    assert len(seen) == 2 * batches * 8
+    merged = VesuviusStream.merge_state_dicts(states)
+    left = left_in_order(make, 4, set(seen))
+    # Delivered is what the loop was handed: the items the loaders had prefetched (and
+    # gave after the state was saved) are left, and only they.
+    assert sorted(left) == sorted(rest)
+    got = resumed(make, merged, ranks, workers)
+    assert_splits_exactly(got, left)
+    if workers <= 1:                     # one reader per rank: the share in its order
+        assert got == [left[len(left) * r // ranks:len(left) * (r + 1) // ranks]
+                       for r in range(ranks)]
+    else:                                # each worker's share: that of a shard alone
+        alone = resumed(make, merged, ranks * workers, 0)
+        assert_splits_exactly(alone, left)
+    whole = make()
+    whole.set_epoch(3)
+    assert set(seen) | {c for items in got for c in items} == set(epoch(whole))
+    # The merged state is for its epoch: the next one is whole again.
+    ds, fresh = make(rank=0, world_size=ranks), make(rank=0, world_size=ranks)
+    ds.load_state_dict(merged)
+    ds.set_epoch(4)
+    fresh.set_epoch(4)
+    assert len(ds) == len(fresh)
+    assert epoch(ds, num_workers=workers) == epoch(fresh, num_workers=workers)
+
+
+def test_positive_fraction_stays_exact_over_a_resume_on_other_shapes():
+    sources = [inked(), inked(seed=4)]
+
+    def make(**kwargs):
+        return VesuviusStream(sources, 3, 5, 5, 400, positive_fraction=0.3,
+                              return_coords=True, region_mb=0.002, **kwargs)
+    states, seen, _ = interrupted(make, 2, 2, 3)
+    got = resumed(make, VesuviusStream.merge_state_dicts(states), 3, 1)
+    coords = seen + [c for items in got for c in items]
+    assert len(coords) == len(set(coords)) == 400
+    assert sum(is_positive(sources[c[0]], (3, 5, 5), c) for c in coords) == 120
+
+
 # -- bad input ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, message", [
