@@ -988,6 +988,97 @@ def test_positive_fraction_stays_exact_over_a_resume_on_other_shapes():
     assert sum(is_positive(sources[c[0]], (3, 5, 5), c) for c in coords) == 120
 
 
+def shard_states(make, ranks, items, epoch_of=lambda rank: 3, **kwargs):
+    """Each rank's ``state_dict()`` after ``items`` items (no workers), and their coordinates."""
+    states, seen = [], []
+    for rank in range(ranks):
+        ds = make(rank=rank, world_size=ranks, **kwargs)
+        ds.set_epoch(epoch_of(rank))
+        seen += [tuple(c.tolist()) for *_, c in itertools.islice(iter(ds), items)]
+        states.append(ds.state_dict())
+    return states, seen
+
+
+def test_states_of_other_epochs_configurations_splits_or_missing_or_twice_are_refused(
+        tmp_path):
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    make = two_sources(tmp_path)
+    (s0, s1), _ = shard_states(make, 2, 5)
+    merge = VesuviusStream.merge_state_dicts
+    for states, message in [
+            (shard_states(make, 2, 5, epoch_of=lambda rank: 3 + rank)[0],
+             "state 1 and state 0 are of different iterations (epoch 4 and 3)"),
+            ([s0, shard_states(make, 2, 5, seed=1)[0][1]],
+             "state 1 and state 0 were saved with other configurations: seed: 1 in state 1, "
+             "0 in state 0"),
+            ([s0], "shards [1] of 2 are missing (the states hold 1)"),
+            ([s0, s0, s1], "shard 0 of 2 is given twice, in state 0 and in state 1"),
+            ([s0, shard_states(make, 3, 5)[0][1]],
+             "state 1 and state 0 are of different iterations (shards 3 and 2)"),
+            ([s0, {"shard": 1}], "state 1: not a VesuviusStream state: keys ['shard']"),
+            ([s0, {"_snapshot": {}, "_steps_since_snapshot": 0}],
+             "state 1 is not a StatefulDataLoader state: no '_main_snapshot'"),
+            ([], "no state to merge")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            merge(states)
+    with pytest.raises(TypeError, match="states is a list of every rank's state, got dict"):
+        merge(s0)
+    # torchdata saves its workers' states every snapshot_every_n_steps batches: between
+    # two, the state does not say what they delivered.
+    ds = make()
+    loader = stateful.StatefulDataLoader(ds, batch_size=8, num_workers=1,
+                                         snapshot_every_n_steps=2)
+    next(iter(loader))
+    with pytest.raises(ValueError, match=re.escape(
+            "state 0 was saved 1 batches after the StatefulDataLoader's last snapshot")):
+        merge([loader.state_dict()])
+    # A merged state: refused by another configuration (rank and world size may differ),
+    # or edited so that a position would come twice.
+    merged = merge([s0, s1])
+    with pytest.raises(ValueError, match=re.escape("another configuration: seed: saved 0, "
+                                                   "here 1")):
+        make(seed=1).load_state_dict(merged)
+    make(rank=2, world_size=5).load_state_dict(merged)
+    first, stop, begin, end = merged["part"][0]
+    for part, message in [([[first, stop, begin, end]] * 2, "items of share [0, 150) from"),
+                          ([[first, stop + 1, begin, end], merged["part"][1]],
+                           "overlapping shares: [150, 301)"),
+                          ([[first, stop, begin, stop - first + 1]], "not a nonempty part")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make().load_state_dict({**merged, "part": part})
+
+
+def test_a_resumed_epoch_can_be_interrupted_and_resumed_again_on_any_shape(tmp_path):
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    make = two_sources(tmp_path)
+    first_states, seen = shard_states(make, 2, 40)
+    merged = VesuviusStream.merge_state_dicts(first_states)
+    states, rest = [], []
+    for rank in range(3):                # the resumed run: 3 ranks x 1 worker, interrupted
+        ds = make(rank=rank, world_size=3)
+        ds.load_state_dict(merged)
+        loader = stateful.StatefulDataLoader(ds, batch_size=8, num_workers=1)
+        items = iter(loader)
+        seen += [c for batch in itertools.islice(items, 2 + rank) for c in coords_of(batch)]
+        states.append(loader.state_dict())
+        rest.append([c for batch in items for c in coords_of(batch)])
+    # Same shape: torchdata's own resume of the resumed run gives the rest, batch for batch.
+    for rank in range(3):
+        ds = make(rank=rank, world_size=3)
+        loader = stateful.StatefulDataLoader(ds, batch_size=8, num_workers=1)
+        loader.load_state_dict(states[rank])
+        ds.set_epoch(3)
+        assert [c for batch in loader for c in coords_of(batch)] == rest[rank]
+    # Another shape: merged again, read by 1 rank x 2 workers.
+    again = VesuviusStream.merge_state_dicts(states)
+    got, = resumed(make, again, 1, 2)
+    assert sorted(got) == sorted(c for share in rest for c in share)
+    whole = make()
+    whole.set_epoch(3)
+    coords = seen + got
+    assert len(coords) == len(set(coords)) == 301 and set(coords) == set(epoch(whole))
+
+
 # -- bad input ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, message", [
