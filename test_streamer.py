@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import email.utils
 import errno
 import functools
@@ -1077,6 +1078,68 @@ def test_a_resumed_epoch_can_be_interrupted_and_resumed_again_on_any_shape(tmp_p
     whole.set_epoch(3)
     coords = seen + got
     assert len(coords) == len(set(coords)) == 301 and set(coords) == set(epoch(whole))
+
+
+def test_a_state_saved_early_in_a_later_epoch_with_persistent_workers_resumes(tmp_path):
+    # A persistent worker's state is saved when its iterator is made: it is already the
+    # new epoch's, not the end of the last one, for the workers yet to deliver a batch.
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    make = two_sources(tmp_path)
+
+    def loader(ds):
+        return stateful.StatefulDataLoader(ds, batch_size=8, num_workers=2,
+                                           persistent_workers=True)
+    ds = make()
+    whole = loader(ds)
+    ds.set_epoch(3)
+    batches(whole)
+    ds.set_epoch(4)
+    items = iter(whole)
+    seen = coords_of(next(items))
+    saved = whole.state_dict()
+    rest = [c for batch in items for c in coords_of(batch)]
+    ds = make()
+    again = loader(ds)
+    again.load_state_dict(saved)
+    ds.set_epoch(4)
+    assert [c for batch in again for c in coords_of(batch)] == rest
+    merged = VesuviusStream.merge_state_dicts([saved])
+    assert merged["epoch"] == 4
+    got, = resumed(make, merged, 1, 0)
+    assert sorted(got) == sorted(rest) and not set(got) & set(seen)
+
+
+def test_a_resumed_shards_first_group_takes_at_most_twice_the_planning_work_of_a_fresh_one(
+        monkeypatch):
+    # Loading a merged state is arithmetic on spans; a new shard then seeks its first span
+    # as a shard resumed with the same shape does: two seeks of the share (its start and
+    # the item the span starts at) where a fresh shard makes one, then a step back to the
+    # start of that item's group (a call per source), wherever the span lies and however
+    # many shards had split the epoch.
+    calls = collections.Counter()
+    for name in ("start", "visit", "locate"):
+        method = getattr(streamer._ShuffledVisits, name)
+        monkeypatch.setattr(streamer._ShuffledVisits, name,
+                            lambda self, *args, method=method, name=name:
+                            calls.update([name]) or method(self, *args))
+    ds = VesuviusStream([np.zeros((4, 32, 32), np.uint8)] * 300, 2, 8, 8, 30000,
+                        "proportional")
+    plan, total = ds._plan(0), ds.samples_per_epoch
+
+    def first_group_work(spans):
+        calls.clear()
+        next(plan.groups(*spans[0]))
+        return sum(calls.values())
+    for old in (4, 64):
+        merged = VesuviusStream.merge_state_dicts(
+            [{**dataclasses.asdict(streamer._Place(0, k, old, 37)), "config": ds._config()}
+             for k in range(old)])
+        part = streamer._checked_part(merged["part"], total)
+        for shard in (0, 2):
+            spans = streamer._spans(total, part, 3, shard)
+            assert spans[0][2] > 0                       # it starts inside an old share
+            fresh = first_group_work(streamer._spans(total, None, 3, shard))
+            assert 0 < first_group_work(spans) <= 2 * fresh + len(ds._sources)
 
 
 # -- bad input ----------------------------------------------------------------
