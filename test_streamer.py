@@ -1109,7 +1109,7 @@ def test_a_state_saved_early_in_a_later_epoch_with_persistent_workers_resumes(tm
     assert sorted(got) == sorted(rest) and not set(got) & set(seen)
 
 
-def test_a_resumed_shards_first_group_takes_at_most_twice_the_planning_work_of_a_fresh_one(
+def test_a_resumed_shard_starts_with_two_seeks_where_a_fresh_one_makes_one(
         monkeypatch):
     # Loading a merged state is arithmetic on spans; a new shard then seeks its first span
     # as a shard resumed with the same shape does: two seeks of the share (its start and
@@ -1140,6 +1140,44 @@ def test_a_resumed_shards_first_group_takes_at_most_twice_the_planning_work_of_a
             assert spans[0][2] > 0                       # it starts inside an old share
             fresh = first_group_work(streamer._spans(total, None, 3, shard))
             assert 0 < first_group_work(spans) <= 2 * fresh + len(ds._sources)
+
+
+def test_torchdatas_own_resume_on_another_shape_fails_and_the_dataset_says_to_merge(
+        tmp_path):
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    make = two_sources(tmp_path)
+    (saved,), _, _ = interrupted(make, 1, 2, 3)
+    with pytest.raises(AssertionError, match="State doesn't contain key"):
+        loader = stateful.StatefulDataLoader(make(), batch_size=8, num_workers=0)
+        loader.load_state_dict(saved)
+        next(iter(loader))
+    ds = make()
+    loader = stateful.StatefulDataLoader(ds, batch_size=8, num_workers=3)
+    loader.load_state_dict(saved)
+    ds.set_epoch(3)
+    with pytest.raises(ValueError, match=re.escape(
+            "the state was saved by shard 0 of 2 (rank x worker), this is shard 0 of 3: "
+            "resume with the same num_workers and ranks, or merge every shard's state")):
+        next(iter(loader))
+
+
+def test_the_readme_resume_recipe_runs_on_2_then_3_gloo_ranks(tmp_path):
+    pytest.importorskip("torchdata.stateful_dataloader")
+    recipe, = [code for _, code in readme_python_blocks() if "merge_state_dicts(states)" in code]
+    copy_into(tmp_path, "streamer.py")
+    shutil.copytree(EXAMPLE, tmp_path / "segment.zarr")
+    (tmp_path / "train.py").write_text(recipe, encoding="utf-8")
+    printed = []
+    for ranks in (2, 3):
+        with checkout_untouched():
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={ranks}", "train.py"], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        printed.append(re.findall(r"^epoch \d+: \d+ samples on \d+ ranks$", run.stdout, re.M))
+    # The last checkpoint of the first run: 50 batches of 8 per rank of epoch 1.
+    assert printed == [["epoch 0: 960 samples on 2 ranks", "epoch 1: 960 samples on 2 ranks"],
+                       ["epoch 1: 160 samples on 3 ranks"]]
 
 
 # -- bad input ----------------------------------------------------------------
