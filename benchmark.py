@@ -8,7 +8,8 @@ In one run, on the same store and DataLoader settings, it measures:
 4. VesuviusStream with its defaults;
 
 then the time to the first item of the first and the last of 64 shards
-(samples_per_epoch 1e9, or the positions there are), and VesuviusStream
+(samples_per_epoch 1e9, or the positions there are), that of the last of 3
+ranks resuming what 64 shards left (merge_state_dicts), and VesuviusStream
 with synthetic 2D ink labels (about 5 % of the pixels, a few areas) with and
 without ``positive_fraction=0.5``.
 
@@ -458,6 +459,26 @@ def shard_starts(path, block, samples, shards=64):
     return seconds
 
 
+def resumed_starts(path, block, samples, shards=64, ranks=3):
+    """Seconds to the first item of the last of ``ranks`` ranks: of a fresh epoch, and of
+    the rest of one whose ``shards`` shards delivered an item each (merged states)."""
+    states = []
+    for rank in range(shards):
+        interrupted = VesuviusStream([path], *block, samples, rank=rank, world_size=shards)
+        next(iter(interrupted))
+        states.append(interrupted.state_dict())
+    merged = VesuviusStream.merge_state_dicts(states)
+    seconds = []
+    for state in (None, merged):
+        start = time.perf_counter()
+        dataset = VesuviusStream([path], *block, samples, rank=ranks - 1, world_size=ranks)
+        if state is not None:
+            dataset.load_state_dict(state)
+        next(iter(dataset))
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def tiles_per_batch(coords, block):
     """Mean number of distinct (file, 256x256 tile of the block centre) per batch."""
     counts = []
@@ -670,6 +691,9 @@ def benchmark_stream(path, args):
     first, last = in_fresh_process(shard_starts, path, block, samples)
     print(f"\nfirst item of shard 0 / shard 63 of 64, samples_per_epoch={samples:.0e}: "
           f"{first:.2f} s / {last:.2f} s ({last / first:.2f}x)")
+    fresh, resumed = in_fresh_process(resumed_starts, path, block, samples)
+    print(f"first item of rank 2 of 3, fresh / resuming what 64 shards left "
+          f"(merge_state_dicts): {fresh:.2f} s / {resumed:.2f} s ({resumed / fresh:.2f}x)")
 
     labels = synthetic_ink(array.shape[1:])
     print(f"\nwith 2D ink labels on {np.count_nonzero(labels) / labels.size:.1%} of the "

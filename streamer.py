@@ -129,6 +129,10 @@ class VesuviusStream(IterableDataset):
       ``StatefulDataLoader`` continue an interrupted epoch exactly, batch for
       batch; with a plain DataLoader, ``set_epoch(e, skip_batches=B,
       batch_size=S)`` does the same after B batches (same ``num_workers``).
+      On another number of ranks or workers, ``merge_state_dicts`` of every
+      rank's state, then ``load_state_dict`` of the result, yields exactly
+      what the old shards had not handed to the training loop, each
+      position once, in contiguous shares at most one apart.
       A state saved through JSON is accepted; one edited, or saved over
       other data (the mask's or labels' counts per region differ), is
       refused. Random augmentations in ``transform`` are not replayed.
@@ -306,6 +310,11 @@ class VesuviusStream(IterableDataset):
         ds.set_epoch(saved_epoch)
         for blocks, labels, coords in loader:       # the rest of that epoch
             ...
+
+        # On other GPUs or workers: every rank's loader.state_dict(), merged.
+        merged = VesuviusStream.merge_state_dicts(states)   # e.g. all_gather_object
+        ds.load_state_dict(merged)                  # any rank, world_size, num_workers
+        loader = DataLoader(ds, batch_size=32, num_workers=6)
 
     .. warning::
         Call ``set_epoch(epoch)`` before each epoch, as with
@@ -1936,15 +1945,17 @@ def _checked_part(part, total):
             raise ValueError(f"the state's span {list(span)} is not a nonempty part of a share "
                              f"of the epoch's {total} items")
         spans.append((first, stop, begin, end))
-    reach = {}                           # share -> items up to which its spans went
+    share, reach = (0, 0), 0         # the share met last, and how far its spans went
     for first, stop, begin, end in sorted(spans):
-        if (first, stop) not in reach and any(f < stop and first < s for f, s in reach):
-            raise ValueError(f"the state's part has overlapping shares: [{first}, {stop}) "
-                             f"and another one")
-        if reach.get((first, stop), 0) > begin:
+        if (first, stop) != share:
+            if first < share[1]:
+                raise ValueError(f"the state's part has overlapping shares: [{share[0]}, "
+                                 f"{share[1]}) and [{first}, {stop})")
+            share, reach = (first, stop), 0
+        if begin < reach:
             raise ValueError(f"the state's part has the items of share [{first}, {stop}) "
                              f"from {begin} twice")
-        reach[first, stop] = end
+        reach = end
     return spans
 
 

@@ -1043,7 +1043,7 @@ def test_states_of_other_epochs_configurations_splits_or_missing_or_twice_are_re
     first, stop, begin, end = merged["part"][0]
     for part, message in [([[first, stop, begin, end]] * 2, "items of share [0, 150) from"),
                           ([[first, stop + 1, begin, end], merged["part"][1]],
-                           "overlapping shares: [150, 301)"),
+                           "overlapping shares: [0, 151) and [150, 301)"),
                           ([[first, stop, begin, stop - first + 1]], "not a nonempty part")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             make().load_state_dict({**merged, "part": part})
@@ -1070,6 +1070,11 @@ def test_a_resumed_epoch_can_be_interrupted_and_resumed_again_on_any_shape(tmp_p
         loader.load_state_dict(states[rank])
         ds.set_epoch(3)
         assert [c for batch in loader for c in coords_of(batch)] == rest[rank]
+    # A plain DataLoader's resume of the resumed epoch: skip_batches counts its batches.
+    ds = make(rank=1, world_size=3)
+    ds.load_state_dict(merged)
+    ds.set_epoch(3, skip_batches=3, batch_size=8)
+    assert epoch(ds, num_workers=1, batch_size=8) == rest[1]
     # Another shape: merged again, read by 1 rank x 2 workers.
     again = VesuviusStream.merge_state_dicts(states)
     got, = resumed(make, again, 1, 2)
@@ -2248,6 +2253,8 @@ def test_benchmark_runs_on_a_small_store(tmp_path):
     assert float(rows[0][6]) > 1 and 0 < float(rows[1][6]) < float(rows[0][6])
     assert re.search(r"decode \d+ us, cut \d+ us, collate \+ transfer \d+ us", result.stdout)
     assert "first item of shard 0 / shard 63 of 64, samples_per_epoch=" in result.stdout
+    assert re.search(r"first item of rank 2 of 3, fresh / resuming what 64 shards left "
+                     r"\(merge_state_dicts\): [\d.]+ s / [\d.]+ s", result.stdout)
     ink = re.findall(r"positive_fraction=(\S+) .* ([\d.]+)% of the blocks with ink",
                      result.stdout)
     assert [(f, float(share)) for f, share in ink][1] == ("0.5", 50.0)
