@@ -600,12 +600,15 @@ class VesuviusStream(IterableDataset):
         mine, saved = self._config(), state['config']
         if merged:
             mine, saved = _epoch_config(mine), _epoch_config(saved)
-        differ = [f"{key}: saved {saved.get(key)!r}, here {value!r}"
-                  for key, value in mine.items() if _plain(saved.get(key)) != _plain(value)]
+        differ = {key: f"{key}: saved {saved.get(key)!r}, here {value!r}"
+                  for key, value in mine.items() if _plain(saved.get(key)) != _plain(value)}
         if differ or saved.keys() != mine.keys():
+            ranks = (" (on other ranks, merge every rank's state with merge_state_dicts and "
+                     "load that)" if differ.keys() <= {'rank', 'world_size'} else "")
             raise ValueError("this state was saved by a VesuviusStream with another "
-                             "configuration: " + "; ".join(differ or [
-                                 f"keys {sorted(map(str, saved))}, here {sorted(mine)}"]))
+                             "configuration: " + "; ".join(differ.values() or [
+                                 f"keys {sorted(map(str, saved))}, here {sorted(mine)}"])
+                             + ranks)
         if not merged:
             self._resume = _checked_place(state, self.samples_per_epoch)
         elif state['epoch'] is None and state['part'] is None:   # nothing was delivered

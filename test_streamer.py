@@ -1160,9 +1160,16 @@ def test_torchdatas_own_resume_on_another_shape_fails_and_the_dataset_says_to_me
     loader = stateful.StatefulDataLoader(ds, batch_size=8, num_workers=3)
     loader.load_state_dict(saved)
     ds.set_epoch(3)
+    with pytest.raises(ValueError, match=r"the state was saved by shard (\d) of 2 \(rank x "
+                       r"worker\), this is shard \1 of 3: resume with the same num_workers "
+                       r"and ranks, or merge every shard's state"):
+        next(iter(loader))
+    ds = make(rank=0, world_size=3)
+    loader = stateful.StatefulDataLoader(ds, batch_size=8, num_workers=2)
+    loader.load_state_dict(saved)
     with pytest.raises(ValueError, match=re.escape(
-            "the state was saved by shard 0 of 2 (rank x worker), this is shard 0 of 3: "
-            "resume with the same num_workers and ranks, or merge every shard's state")):
+            "another configuration: world_size: saved 1, here 3 (on other ranks, merge every "
+            "rank's state with merge_state_dicts and load that)")):
         next(iter(loader))
 
 
