@@ -1192,6 +1192,26 @@ def test_the_readme_resume_recipe_runs_on_2_then_3_gloo_ranks(tmp_path):
                        ["epoch 1: 160 samples on 3 ranks"]]
 
 
+def test_a_grid_epoch_resumes_on_other_ranks_in_its_order(multi_region):
+    path, _ = multi_region
+
+    def make(**kwargs):
+        return multi_region_stream(path, None, sampling_method="grid", **kwargs)
+    whole = make()
+    whole.set_epoch(3)
+    order = epoch(whole)
+    states, seen = [], []
+    for rank, items in enumerate((7, 30)):
+        ds = make(rank=rank, world_size=2)
+        ds.set_epoch(3)
+        seen += [tuple(c.tolist()) for _, c in itertools.islice(iter(ds), items)]
+        states.append(ds.state_dict())
+    half = len(order) // 2
+    assert seen == order[:7] + order[half:half + 30]
+    got = resumed(make, VesuviusStream.merge_state_dicts(states), 3, 0)
+    assert [c for items in got for c in items] == order[7:half] + order[half + 30:]
+
+
 # -- bad input ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, message", [
