@@ -539,14 +539,13 @@ class VesuviusStream(IterableDataset):
                  for shard in _shard_states(state, f"state {index}")]
         if not found:
             raise ValueError("no state to merge: give every rank's state")
-        name, first = found[0]
-        config = _epoch_config(first['config'])
+        named, config = found[0][0], _epoch_config(found[0][1]['config'])
         for other, state in found[1:]:
             differ = [f"{key}: {_plain(state['config'].get(key))!r} in {other}, "
-                      f"{_plain(value)!r} in {name}" for key, value in config.items()
+                      f"{_plain(value)!r} in {named}" for key, value in config.items()
                       if _plain(state['config'].get(key)) != _plain(value)]
             if differ or _epoch_config(state['config']).keys() != config.keys():
-                raise ValueError(f"{other} and {name} were saved with other configurations: "
+                raise ValueError(f"{other} and {named} were saved with other configurations: "
                                  + "; ".join(differ or ["other keys"]))
         begun = [(n, s) for n, s in found if s['epoch'] is not None]
         for other, state in begun[1:]:
