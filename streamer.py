@@ -512,7 +512,10 @@ class VesuviusStream(IterableDataset):
         the part of the epoch its shards split (None: all of it; else what a
         merged state had left) and the configuration it belongs to.
         """
-        return {**dataclasses.asdict(self._place), 'config': self._config()}
+        place = self._place
+        if place.shard is None and self._left is not None:   # not begun, a merged state loaded
+            place = _Place(epoch=self._left[0], part=self._left[1])
+        return {**dataclasses.asdict(place), 'config': self._config()}
 
     @staticmethod
     def merge_state_dicts(states):
@@ -691,7 +694,7 @@ class VesuviusStream(IterableDataset):
         """(part, items delivered) of this shard before the loaded shard state (used once)."""
         place, self._resume = self._resume, None
         if place.shard is None:             # saved before this worker yielded anything
-            return self._part(epoch), 0
+            return (place.part if place.epoch == epoch else self._part(epoch)), 0
         if (place.shard, place.shards) != (shard, shards):
             raise ValueError(f"the state was saved by shard {place.shard} of "
                              f"{place.shards} (rank x worker), this is shard {shard} of "
@@ -1964,12 +1967,14 @@ def _checked_part(part, total):
 def _checked_place(state, total):
     """The _Place of a shard's state (keys and config already checked), its types and
     ranges checked: ``yielded`` within its shard's share of the part."""
-    if state['shard'] is None:            # saved before this worker yielded anything
-        if (state['epoch'], state['shards'], state['yielded'], state['part']) != (
-                None, None, 0, None):
-            raise ValueError(f"a state without a shard has epoch None, shards None, yielded 0 "
-                             f"and part None, got {state!r}")
-        return _Place()
+    if state['shard'] is None:   # saved before this worker yielded anything (of a merged
+        epoch = state['epoch']   # state's epoch and part, if one was loaded)
+        if ((state['shards'], state['yielded']) != (None, 0)
+                or (epoch is None) != (state['part'] is None)
+                or not (epoch is None or _is_int(epoch) and epoch >= 0)):
+            raise ValueError(f"a state without a shard has shards None, yielded 0, and an "
+                             f"epoch and part, or neither, got {state!r}")
+        return _Place(epoch=epoch, part=_checked_part(state['part'], total))
     for name in ('epoch', 'shard', 'shards', 'yielded'):
         if not _is_int(state[name]):
             raise TypeError(f"the state's {name} is an int, got {state[name]!r}")

@@ -1054,6 +1054,12 @@ def test_a_resumed_epoch_can_be_interrupted_and_resumed_again_on_any_shape(tmp_p
     make = two_sources(tmp_path)
     first_states, seen = shard_states(make, 2, 40)
     merged = VesuviusStream.merge_state_dicts(first_states)
+    # Saved before a resumed run read anything, the states still say what is left.
+    unread = [make(rank=rank, world_size=2) for rank in range(2)]
+    for ds in unread:
+        ds.load_state_dict(merged)
+    assert (json.dumps(VesuviusStream.merge_state_dicts([ds.state_dict() for ds in unread]))
+            == json.dumps(merged))
     states, rest = [], []
     for rank in range(3):                # the resumed run: 3 ranks x 1 worker, interrupted
         ds = make(rank=rank, world_size=3)
