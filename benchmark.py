@@ -11,7 +11,11 @@ then the time to the first item of the first and the last of 64 shards
 (samples_per_epoch 1e9, or the positions there are), that of the last of 3
 ranks resuming what 64 shards left (merge_state_dicts), and VesuviusStream
 with synthetic 2D ink labels (about 5 % of the pixels, a few areas) with and
-without ``positive_fraction=0.5``.
+without ``positive_fraction=0.5``; over two copies of the volume, with
+``positive_fraction=0.5``, today's rule next to ``min_positive_fraction``,
+``ignore_label`` and weights (the counting pass when the dataset is built,
+and the streaming rate); and the counting pass with a 2D and a 3D mask at
+1/8 of the volume's resolution next to one at full resolution.
 
 For each it prints samples/s and MB/s delivered, the ratio to naive, the fraction
 of the limit, read amplification (bytes decoded / bytes delivered), distinct
@@ -700,12 +704,38 @@ def benchmark_stream(path, args):
           f"pixels, in {INK_AREAS} areas:")
     balanced = {}
     for fraction in (None, 0.5):
-        rate, inked, built, rss = in_fresh_process(ink_row, array, labels, fraction, args)
+        rate, inked, built, rss = in_fresh_process(ink_row, array, labels,
+                                                   {"positive_fraction": fraction}, args)
         balanced[fraction] = rate
         print(f"  positive_fraction={fraction!s:5} {rate:8.0f} samples/s "
               f"({rate / naive_rate:.1f}x naive), {inked:5.1%} of the "
               f"blocks with ink, built in {built:.2f} s, peak RSS {rss}")
     print(f"  0.5 / None: {balanced[0.5] / balanced[None]:.2f}")
+
+    # Sampling as the field samples: a threshold, an ignore value, weights, coarse masks.
+    ignored = (labels == 0) & (synthetic_ink(labels.shape, seed=1) > 0)
+    field_labels = np.where(ignored, np.uint8(2), labels)
+    print(f"\nthreshold, ignore, weights: two copies of the volume, the ink labels plus "
+          f"{np.count_nonzero(ignored) / labels.size:.1%} of the pixels labelled 2, "
+          f"positive_fraction=0.5, {args.batches * args.batch_size} samples:")
+    field = {}
+    for name, options in (("today's rule, 'uniform'", {}), ("threshold, ignore, weights",
+                                                           FIELD_OPTIONS)):
+        rate, _, built, rss = in_fresh_process(ink_row, array, field_labels,
+                                               {"positive_fraction": 0.5, **options}, args, 2)
+        field[name] = rate, built
+        print(f"  {name:27} {rate:8.0f} samples/s, counting pass (built in) {built:.2f} s, "
+              f"peak RSS {rss}")
+    (today, today_built), (options, options_built) = field.values()
+    print(f"  ({', '.join(f'{k}={v}' for k, v in FIELD_OPTIONS.items())}) / today's: "
+          f"counting pass {options_built / today_built:.2f}x, streaming {options / today:.2f}x")
+    print(f"\nmask at 1/{MASK_FACTOR} resolution vs full, counting pass (built in, no labels):")
+    for ndim in (2, 3):
+        built = {factor: in_fresh_process(mask_build_seconds, array, ndim, factor, args)
+                 for factor in (1, MASK_FACTOR)}
+        print(f"  {ndim}D mask: full {built[1]:.3f} s, 1/{MASK_FACTOR} "
+              f"{built[MASK_FACTOR]:.4f} s ({built[MASK_FACTOR] / built[1]:.4f}x; the coarse "
+              f"mask has 1/{MASK_FACTOR**ndim} of the voxels)")
 
     rates = {sources: in_fresh_process(many_sources_rate, sources) for sources in (30, 300)}
     print(f"\nmany small sources (numpy {MANY_SHAPE}, blocks {MANY_BLOCK}, {MANY_ITEMS} items, "
@@ -732,12 +762,17 @@ def stream_options(args):
     return {name: value for name, value in options.items() if value is not None}
 
 
-def ink_row(array, labels, fraction, args):
-    """VesuviusStream with 2D ``labels`` (in a fresh process): samples/s, the share of
-    blocks with ink, seconds to build it, peak RSS."""
+FIELD_OPTIONS = {"min_positive_fraction": 0.1, "ignore_label": 2, "sampling_method": (3, 1)}
+MASK_FACTOR = 8
+
+
+def ink_row(array, labels, options, args, copies=1):
+    """VesuviusStream with 2D ``labels`` and ``options`` over ``copies`` of the volume
+    (in a fresh process): samples/s, the share of blocks with ink (a nonzero label),
+    seconds to build it, peak RSS."""
     start = time.perf_counter()
-    dataset = VesuviusStream([{"volume": array, "labels": labels}], *args.block,
-                             return_coords=True, positive_fraction=fraction,
+    dataset = VesuviusStream([{"volume": array, "labels": labels}] * copies, *args.block,
+                             return_coords=True, **options,
                              samples_per_epoch=args.batches * args.batch_size,
                              **stream_options(args))
     built = time.perf_counter() - start
@@ -746,6 +781,27 @@ def ink_row(array, labels, fraction, args):
     inked = sum(bool(labels[y:y + height, x:x + width].any())
                 for batch in coords for _, _, y, x in batch.tolist())
     return samples / seconds, inked / samples, built, str(rss)
+
+
+def mask_build_seconds(array, ndim, factor, args):
+    """Seconds to build VesuviusStream over ``array`` with a mask (in a fresh process):
+    a (y, x) or (z, y, x) papyrus disc (zero in the first layers), at 1/``factor`` of
+    the volume's resolution, or at full resolution as that one repeated."""
+    shape = array.shape[3 - ndim:]
+    coarse = [-(-size // MASK_FACTOR) for size in shape]
+    mask = synthetic_ink(coarse[-2:], areas=1, fraction=0.6) > 0
+    if ndim == 3:
+        mask = np.broadcast_to(mask, coarse).copy()
+        mask[:coarse[0] // 4] = 0
+    if factor == 1:
+        for axis in range(ndim):
+            mask = np.repeat(mask, MASK_FACTOR, axis=axis)
+        mask = mask[tuple(slice(0, size) for size in shape)]
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    start = time.perf_counter()
+    VesuviusStream([{"volume": array, "mask": mask}], *args.block, samples_per_epoch=1,
+                   **stream_options(args))
+    return time.perf_counter() - start
 
 
 def stream_breakdown(stream, dtype, args):

@@ -163,14 +163,23 @@ class VesuviusStream(IterableDataset):
     the arrays ``volume`` (z, y, x) and optionally ``labels`` and ``mask``
     (each (y, x) or (z, y, x)), which is what ``converter.py`` writes; an
     opened ``zarr.Array`` or ``zarr.Group``; a 3D ``numpy.ndarray``; or a dict
-    ``{'volume': a, 'labels': b, 'mask': c}`` of numpy or zarr arrays (other
-    keys are refused). Either all sources have labels or none, and all volumes
-    (and all labels) have one dtype. The label of a block at (z, y, x) is
-    ``labels[y:y+h, x:x+w]`` for 2D labels and ``labels[z:z+d, y:y+h, x:x+w]``
-    for 3D ones, in the labels' own dtype. The mask is nonzero where papyrus
-    is. An OME-Zarr multiscale group (one with ``multiscales`` metadata)
-    stands for its full-resolution level; a path to one level
-    (``scroll.zarr/2``) reads that level.
+    ``{'volume': a, 'labels': b, 'mask': c}`` of numpy or zarr arrays, or of
+    paths and URLs to Zarr arrays, opened as a list's sources are (with the
+    same retries, cache and errors), e.g. ``{'volume': 'scroll.zarr/0',
+    'mask': 'scroll.zarr/3'}`` (other keys are refused). Either all sources
+    have labels or none, and all volumes (and all labels) have one dtype. The
+    label of a block at (z, y, x) is ``labels[y:y+h, x:x+w]`` for 2D labels and
+    ``labels[z:z+d, y:y+h, x:x+w]`` for 3D ones, in the labels' own dtype. The
+    mask is nonzero where papyrus is; it may be coarser than the volume by an
+    integer factor f per axis (ceil(size / f) voxels along it), e.g. a coarse
+    level of the scroll's own pyramid, which is zero outside the scroll: a
+    position is then judged as if each mask voxel were repeated f times along
+    each axis (cropped to the volume), and only the coarse array is read. f
+    comes from the OME-Zarr ``scale`` transforms when volume and mask are
+    levels of one multiscale group given by path, else it is the smallest
+    integer f that gives the mask's size. An OME-Zarr multiscale group (one
+    with ``multiscales`` metadata) stands for its full-resolution level; a
+    path to one level (``scroll.zarr/2``) reads that level.
 
     Read failures: a chunk that cannot be decoded (corrupt, truncated) raises
     ``OSError`` naming the source, the voxels being read and the chunk's key,
@@ -212,7 +221,7 @@ class VesuviusStream(IterableDataset):
         samples_per_epoch (int or None): items per epoch in total over all
             workers and ranks, at most the number of positions. ``None`` in
             ``'grid'`` mode (every grid position), and only there.
-        sampling_method (str): ``'uniform'`` (default): each sample picks a
+        sampling_method (str or sequence): ``'uniform'`` (default): each sample picks a
             source uniformly at random (among those with positions left), then
             a position in it. ``'proportional'``: sources are picked with
             probability proportional to their number of positions, i.e. one
@@ -220,11 +229,19 @@ class VesuviusStream(IterableDataset):
             block of a regular grid with steps ``stride``, the last block along
             each axis shifted back to end at the border, so that every voxel
             (within ``z_range``) is covered; positions off the mask are
-            skipped; region by region, for inference and stitching.
+            skipped; region by region, for inference and stitching. Or a
+            sequence of weights, numbers >= 0, one per source: each source
+            gives exactly its weight's share of ``samples_per_epoch`` in
+            every epoch (``floor(n * w / sum(w))``, the samples left over one
+            each to the largest fractional parts, ties to the lower source;
+            so ``(3, 1)`` of 401 gives 301 and 100, ``(1, 1)`` 201 and 200), a
+            weight of 0 none; a source asked for more positions than it has
+            is refused when the dataset is built, with its counts.
         shuffle (bool): ``True`` (default) draws random positions. ``False``
             yields positions in raster order (z, then y, then x) within each
             source, sources in order, each source's share fixed by
-            ``sampling_method`` (equal or proportional). Ignored by ``'grid'``.
+            ``sampling_method`` (equal, proportional or weighted). Ignored by
+            ``'grid'``.
             Meant for inspection: with a mask, each shard counts the mask's
             positions before its share once (the one plan that reads data).
         seed (int): the seed of every random choice, any int (seeds equal
@@ -239,14 +256,27 @@ class VesuviusStream(IterableDataset):
             larger than the block along an axis is refused (it would skip voxels).
         min_mask_fraction (float): a position is drawn only if at least this
             fraction of its block's footprint is inside the mask (the (y, x)
-            footprint for a 2D mask, the whole block for a 3D one), and always
-            at least one voxel: the default 0 means the block touches papyrus,
-            1 means it lies wholly on it.
+            footprint for a 2D mask, the whole block for a 3D one; voxels of
+            the volume's resolution, for a coarse mask too), and always at
+            least one voxel: the default 0 means the block touches papyrus, 1
+            means it lies wholly on it.
         positive_fraction (float, optional): with labels, in random epochs:
             exactly ``round(f * samples_per_epoch)`` items of each epoch are
-            *positive* (a nonzero label in the block's label footprint), the
-            rest negative, each kind drawn as a dataset of its own (sources
-            chosen by ``sampling_method``). Default None: labels play no part.
+            *positive* (enough positive labels in the block's label
+            footprint: see ``min_positive_fraction``), the rest negative, each
+            kind drawn as a dataset of its own (sources chosen by
+            ``sampling_method``, weights applying within each kind). Default
+            None: labels play no part.
+        min_positive_fraction (float): with ``positive_fraction``: a position
+            is positive when at least ``max(1, ceil(f * footprint))`` voxels of
+            its label footprint (``h * w`` for 2D labels, ``d * h * w`` for 3D)
+            are positive, e.g. 0.01 as villa's 3D ink training. Default 0: at
+            least one.
+        ignore_label (int, optional): with ``positive_fraction``: label voxels
+            of this value are not positive (a voxel is positive when nonzero
+            and not ``ignore_label``), e.g. 2 for surface labels (0
+            background, 1 surface, 2 ignore). Items' labels still come as
+            stored. Default None.
         transform (callable, optional): applied to each item in the worker
             before coordinates are appended: ``transform(block)`` returns a
             block, or ``transform(block, label)`` a ``(block, label)`` pair
@@ -325,8 +355,8 @@ class VesuviusStream(IterableDataset):
     def __init__(self, file_paths, z_size, y_size, x_size, samples_per_epoch,
                  sampling_method='uniform', shuffle=True, seed=0,
                  return_coords=False, *, z_range=None, stride=None,
-                 min_mask_fraction=0.0, positive_fraction=None, transform=None, rank=None,
-                 world_size=None,
+                 min_mask_fraction=0.0, positive_fraction=None, min_positive_fraction=0.0,
+                 ignore_label=None, transform=None, rank=None, world_size=None,
                  samples_per_region=None, region_mb=128, open_regions=8,
                  storage_options=None, cache_dir=None):
         super().__init__()
@@ -340,9 +370,11 @@ class VesuviusStream(IterableDataset):
                              "zarr.Array or 3D numpy array")
         block = tuple(_positive_int(name, value) for name, value in
                       (('z_size', z_size), ('y_size', y_size), ('x_size', x_size)))
-        if sampling_method not in _METHODS:
+        if not isinstance(sampling_method, str):
+            sampling_method = _weights(sampling_method, len(file_paths))
+        elif sampling_method not in _METHODS:
             raise ValueError(f"sampling_method must be one of {', '.join(map(repr, _METHODS))}, "
-                             f"got {sampling_method!r}")
+                             f"or one weight per source, got {sampling_method!r}")
         grid = sampling_method == 'grid'
         if stride is not None:
             if not grid:
@@ -367,6 +399,16 @@ class VesuviusStream(IterableDataset):
             raise ValueError(f"min_mask_fraction must be a number in [0, 1], "
                              f"got {min_mask_fraction!r}")
         min_mask_fraction = float(min_mask_fraction)
+        if not (_is_number(min_positive_fraction) and 0 <= min_positive_fraction <= 1):
+            raise ValueError(f"min_positive_fraction must be a number in [0, 1], "
+                             f"got {min_positive_fraction!r}")
+        min_positive_fraction = float(min_positive_fraction)
+        if ignore_label is not None and not _is_int(ignore_label):
+            raise TypeError(f"ignore_label must be an int or None, got {ignore_label!r}")
+        if positive_fraction is None and (min_positive_fraction or ignore_label is not None):
+            raise ValueError(f"min_positive_fraction={min_positive_fraction} and ignore_label="
+                             f"{ignore_label!r} say which positions are positive, which only "
+                             f"positive_fraction uses: give positive_fraction too")
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         if samples_per_region is not None:
@@ -387,7 +429,8 @@ class VesuviusStream(IterableDataset):
         step = (stride or block) if grid else (1, 1, 1)
         self._sources = [
             _Source(_open_source(source, index, **remote), index, _describe(source), block,
-                    z_range, step, region_bytes, samples_per_region, min_mask_fraction)
+                    z_range, step, region_bytes, samples_per_region, min_mask_fraction,
+                    min_positive_fraction, None if ignore_label is None else int(ignore_label))
             for index, source in enumerate(file_paths)]
         if len({source.labels is None for source in self._sources}) > 1:
             raise ValueError("either all sources have labels or none: "
@@ -422,6 +465,7 @@ class VesuviusStream(IterableDataset):
         self.sampling_method = sampling_method
         self.shuffle = bool(shuffle) and not grid
         self.positive_fraction, self._positives = self._positive_split(positive_fraction)
+        self._check_weights()
         # The positions the mask and labels select fix the epoch's order: a state saved
         # over another selection (a mask moved, labels edited) would resume another one.
         self._selection = hashlib.sha256(b''.join(
@@ -433,6 +477,7 @@ class VesuviusStream(IterableDataset):
         self._region_mb = region_mb
         self._z_range, self._step = z_range, step
         self._min_mask_fraction = min_mask_fraction
+        self._min_positive_fraction, self._ignore_label = min_positive_fraction, ignore_label
         # (epoch, skip_batches, batch_size) in shared memory, so that
         # set_epoch reaches persistent DataLoader workers.
         self._epoch = torch.zeros(3, dtype=torch.int64).share_memory_()
@@ -449,10 +494,15 @@ class VesuviusStream(IterableDataset):
             raise ValueError(f"positive_fraction must be a number in [0, 1], got {fraction!r}")
         if self._sources[0].labels is None:
             raise ValueError("positive_fraction needs labels: give sources with 'labels' (a "
-                             "positive block has a nonzero label in its footprint)")
+                             "positive block has positive labels in its footprint)")
         if not self.shuffle:
             raise ValueError("positive_fraction applies to random epochs: not to 'grid' or "
                              "shuffle=False")
+        ignore, dtype = self._sources[0].selection.ignore_label, self._sources[0].labels.dtype
+        if ignore is not None and dtype.kind in 'iu' and not (
+                np.iinfo(dtype).min <= ignore <= np.iinfo(dtype).max):
+            raise ValueError(f"ignore_label={ignore} cannot occur in labels of dtype {dtype}: "
+                             f"give the value your labels use for 'ignore'")
         positives = [int(source.selection.count_positives().sum())
                      for source in self._sources]
         wanted_positives = math.floor(fraction * self.samples_per_epoch + 0.5)  # .5 rounds up
@@ -474,6 +524,29 @@ class VesuviusStream(IterableDataset):
         """Each source's volume shape ``(z, y, x)``, in the order of ``file_paths``: the
         index space of its ``coords``, whatever the source was (path, array, group)."""
         return [source.shape for source in self._sources]
+
+    def _check_weights(self):
+        """Refuse per-source weights that ask a source for more positions (of a kind) than
+        it has: their counts are fixed (see _weighted_shares)."""
+        if isinstance(self.sampling_method, str):
+            return
+        sources = self._sources
+        if self.positive_fraction is None:
+            kinds = {'': (self.samples_per_epoch, [s.selection.positions for s in sources])}
+        else:
+            positives = [int(s.selection.count_positives().sum()) for s in sources]
+            kinds = {'positive ': (self._positives, positives),
+                     'negative ': (self.samples_per_epoch - self._positives,
+                                   [s.selection.positions - p for s, p in zip(sources, positives)])}
+        for kind, (total, available) in kinds.items():
+            counts = _weighted_shares(total, self.sampling_method)
+            for source, count, have in zip(sources, counts, available):
+                if count > have:
+                    raise ValueError(
+                        f"sampling_method weights {list(self.sampling_method)} give source "
+                        f"{source.index} ({source.name}) {count} of the {total} {kind}"
+                        f"positions per epoch, but it has {have}: lower its weight or "
+                        f"samples_per_epoch")
 
     def __len__(self):
         """Items this rank yields per epoch (``samples_per_epoch`` over all ranks); after
@@ -721,6 +794,8 @@ class VesuviusStream(IterableDataset):
                 'seed': self.seed, 'z_range': self._z_range, 'stride': list(self._step),
                 'min_mask_fraction': self._min_mask_fraction,
                 'positive_fraction': self.positive_fraction,
+                'min_positive_fraction': self._min_positive_fraction,
+                'ignore_label': self._ignore_label,
                 'regions': [list(s.lattice.region) for s in self._sources],
                 'samples_per_region': [s.per_visit for s in self._sources],
                 'open_regions': self.open_regions,
@@ -764,59 +839,141 @@ class VesuviusStream(IterableDataset):
 
 # -- sources: opening what the user gave, and checking it ---------------------
 
+class _Opened(typing.NamedTuple):
+    """The arrays of one source, as given or opened."""
+    volume: object
+    labels: object = None
+    mask: object = None
+    mask_scale: tuple = None    # the mask's scale over the volume's, from OME-Zarr metadata
+
+
 def _open_source(source, index, storage_options=None, cache_dir=None):
-    """``(volume, labels, mask)`` of one source; labels and mask may be None."""
-    if isinstance(source, (np.ndarray, zarr.Array)):
-        return source, None, None
+    """The arrays of one source; paths and URLs (the source, or a dict's values) opened."""
+    remote = {'storage_options': storage_options, 'cache_dir': cache_dir}
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        remote = '://' in path
-        if not remote and not os.path.exists(path):
-            raise FileNotFoundError(f"source {index}: no Zarr store at {path!r}")
-        store = _RemoteStore.from_url(path, index, storage_options, cache_dir) if remote else path
-        try:
-            source = zarr.open(store, mode='r')
-        except (PermissionError, _GaveUp, _Unreachable):
-            raise
-        except FileNotFoundError as error:
-            if remote:
-                raise FileNotFoundError(f"source {index}: no Zarr array or group at {path!r} "
-                                        f"(no metadata found there)") from error
-            raise ValueError(f"source {index}: {path!r} is not a Zarr array or group") from error
-        except Exception as error:
-            raise ValueError(f"source {index}: {path!r} is not a Zarr array or group "
-                             f"({error})") from error
-        if isinstance(source, zarr.Array):
-            return source, None, None
+        source = _open_path(os.fspath(source), index, **remote)
+    if isinstance(source, (np.ndarray, zarr.Array)):
+        return _Opened(source)
     if isinstance(source, zarr.Group):
         level = _multiscale_level(source)
         if level is not None and 'volume' not in source:
-            return source[level], None, None
-    if isinstance(source, dict) and not set(source) <= {'volume', 'labels', 'mask'}:
-        unknown = sorted(map(repr, set(source) - {'volume', 'labels', 'mask'}))
-        raise ValueError(f"source {index}: unknown key {', '.join(unknown)} in a dict source; "
-                         f"the keys are 'volume', 'labels' and 'mask'")
+            return _Opened(source[level])
+    mask_scale = None
+    if isinstance(source, dict):
+        if not set(source) <= {'volume', 'labels', 'mask'}:
+            unknown = sorted(map(repr, set(source) - {'volume', 'labels', 'mask'}))
+            raise ValueError(f"source {index}: unknown key {', '.join(unknown)} in a dict "
+                             f"source; the keys are 'volume', 'labels' and 'mask'")
+        # Each path: (the array, (the group holding it as a level, the level's path)).
+        opened = {name: _open_level(os.fspath(value), index, name, remote)
+                  for name, value in source.items() if isinstance(value, (str, os.PathLike))}
+        source = {**source, **{name: array for name, (array, _) in opened.items()}}
+        if {'volume', 'mask'} <= opened.keys():
+            mask_scale = _levels_scale(opened['volume'][1], opened['mask'][1], index, remote)
     if isinstance(source, (zarr.Group, dict)):
         if 'volume' not in source:
             raise ValueError(f"source {index}: a group or dict needs an array 'volume' (or "
                              f"OME-Zarr 'multiscales'); it has {sorted(source.keys())}")
-        return tuple(source[name] if name in source else None
-                     for name in ('volume', 'labels', 'mask'))
+        return _Opened(*(source[name] if name in source else None
+                         for name in ('volume', 'labels', 'mask')), mask_scale)
     raise TypeError(f"source {index}: a source must be a path/URL, a zarr.Array or "
                     f"zarr.Group, a numpy array or a dict of them, got {type(source).__name__}")
 
 
-def _multiscale_level(group):
-    """Path of the full-resolution level of an OME-Zarr multiscale group, else None.
+def _open_path(path, index, storage_options=None, cache_dir=None):
+    """The Zarr array or group at a local path or a URL (remote: retried, cached)."""
+    remote = '://' in path
+    if not remote and not os.path.exists(path):
+        raise FileNotFoundError(f"source {index}: no Zarr store at {path!r}")
+    store = _RemoteStore.from_url(path, index, storage_options, cache_dir) if remote else path
+    try:
+        return zarr.open(store, mode='r')
+    except (PermissionError, _GaveUp, _Unreachable):
+        raise
+    except FileNotFoundError as error:
+        if remote:
+            raise FileNotFoundError(f"source {index}: no Zarr array or group at {path!r} "
+                                    f"(no metadata found there)") from error
+        raise ValueError(f"source {index}: {path!r} is not a Zarr array or group") from error
+    except Exception as error:
+        raise ValueError(f"source {index}: {path!r} is not a Zarr array or group "
+                         f"({error})") from error
 
-    NGFF 0.4 keeps ``multiscales`` in the group's attributes, 0.5 under ``ome``;
-    the first dataset of the first multiscale is level 0.
+
+def _open_level(path, index, name, remote):
+    """``(array, (group path, level path))`` of a dict source's path: an array, as a
+    level of its parent folder, or an OME-Zarr multiscale group, as its level 0."""
+    node = _open_path(path, index, **remote)
+    path = path.rstrip('/')
+    if isinstance(node, zarr.Array):
+        return node, tuple(path.rpartition('/')[::2])
+    level = _multiscale_level(node)
+    if level is None:
+        raise ValueError(f"source {index}: its {name} {path!r} is a Zarr group, not an array; "
+                         f"give the path of an array in it")
+    return node[level], (path, level)
+
+
+def _levels_scale(volume_at, mask_at, index, remote):
+    """The mask's scale over the volume's per axis when both are levels of one OME-Zarr
+    multiscale group (its datasets' ``scale`` transforms), else None.
+
+    ``volume_at``, ``mask_at``: (group path, level path), as _open_level gives them.
+    """
+    if volume_at[0] != mask_at[0] or not volume_at[0]:
+        return None
+    try:
+        group = _open_path(volume_at[0], index, **remote)
+    except (FileNotFoundError, ValueError):      # the levels' folder is no Zarr group
+        return None
+    multiscale = _multiscale(group) if isinstance(group, zarr.Group) else None
+    scales = {}
+    for dataset in (multiscale or {}).get('datasets', []):
+        for transform in dataset.get('coordinateTransformations', []):
+            if transform.get('type') == 'scale':
+                scales[str(dataset.get('path'))] = transform['scale']
+    if volume_at[1] not in scales or mask_at[1] not in scales:
+        return None
+    return tuple(m / v for m, v in zip(scales[mask_at[1]], scales[volume_at[1]]))
+
+
+def _multiscale(group):
+    """The first multiscale of an OME-Zarr group's metadata, else None.
+
+    NGFF 0.4 keeps ``multiscales`` in the group's attributes, 0.5 under ``ome``.
     """
     attributes = group.attrs.asdict()
     multiscales = attributes.get('multiscales') or attributes.get('ome', {}).get('multiscales')
-    if not multiscales:
-        return None
-    return multiscales[0]['datasets'][0]['path']
+    return multiscales[0] if multiscales else None
+
+
+def _multiscale_level(group):
+    """Path of the full-resolution level of an OME-Zarr multiscale group, else None
+    (the first dataset of the first multiscale is level 0)."""
+    multiscale = _multiscale(group)
+    return None if multiscale is None else multiscale['datasets'][0]['path']
+
+
+def _mask_factor(index, shape, mask_shape, scale):
+    """The mask's integer factor per axis of the volume's ``shape``: along each axis the
+    mask holds ceil(size / f) voxels. From the OME-Zarr ``scale`` ratio when given,
+    else the smallest f giving the mask's size (1: full resolution)."""
+    sizes, mask_shape = shape[3 - len(mask_shape):], tuple(mask_shape)
+    if scale is not None and len(scale) >= len(mask_shape):
+        scale = scale[len(scale) - len(mask_shape):]
+        factor = tuple(max(1, round(r)) for r in scale)
+        source = f"the OME-Zarr scales give f = {factor}"
+        if any(abs(r - f) > 1e-6 for r, f in zip(scale, factor)):
+            factor, source = None, f"the OME-Zarr scales' ratio {scale} is not an integer"
+    else:
+        factor = tuple(-(-v // max(m, 1)) for v, m in zip(sizes, mask_shape))
+        source = "no integer f gives that size"
+    if (len(mask_shape) in (2, 3) and factor is not None
+            and tuple(-(-v // f) for v, f in zip(sizes, factor)) == mask_shape):
+        return factor
+    raise ValueError(f"source {index}: mask of shape {mask_shape} do not match the volume "
+                     f"{shape}; expected {shape[1:]} or {shape}, or coarser by an integer "
+                     f"factor f per axis (ceil(size / f) voxels): {source}")
 
 
 def _describe(source):
@@ -961,6 +1118,22 @@ def _positive_int(name, value):
     return int(value)
 
 
+def _weights(weights, sources):
+    """``sampling_method`` given as weights: one non-negative number per source."""
+    try:
+        weights = tuple(weights)
+    except TypeError:
+        raise TypeError(f"sampling_method must be a str or a sequence of weights, one per "
+                        f"source, got {weights!r}") from None
+    if len(weights) != sources:
+        raise ValueError(f"sampling_method has {len(weights)} weights for {sources} sources: "
+                         f"give one weight per source")
+    if not (all(_is_number(w) and 0 <= w < math.inf for w in weights) and any(weights)):
+        raise ValueError(f"sampling_method weights must be finite numbers >= 0, not all 0, "
+                         f"got {list(weights)}")
+    return tuple(w.item() if isinstance(w, np.generic) else w for w in weights)
+
+
 def _resolve_ranks(rank, world_size):
     """(rank, world_size): explicit values, else torch.distributed's, else (0, 1)."""
     if rank is None and world_size is None:
@@ -1078,6 +1251,36 @@ class _Band:
         return self.data[rows.start - self.start:rows.stop - self.start, columns]
 
 
+def _footprint_sums(window, offsets, block, factor):
+    """Sums of ``window`` over boxes of ``block`` voxels starting at ``offsets`` (an int
+    array per axis; every start along each axis with every other), as if each voxel
+    of ``window`` were repeated ``factor[i]`` times along axis i.
+
+    Axis by axis: the prefix sums C along it (C[k] = sum of the first k, C[0] = 0),
+    then each box's sum along it as P(t + b) - P(t), where P is the repeated
+    array's prefix sum: at t = q f + r, P(t) = f C[q] + r a[q] = (f - r) C[q] +
+    r C[q + 1] (C[t] itself when f = 1). So a coarse array is never repeated: the
+    work is that of its own voxels, then of the starts.
+    """
+    sums = window.astype(np.int32)                              # sizes < 2**31
+    for axis, (starts, b, f) in enumerate(zip(offsets, block, factor)):
+        shape = list(sums.shape)
+        shape[axis] += 1
+        prefix = np.zeros(shape, np.int32)
+        np.cumsum(sums, axis=axis, out=prefix[(slice(None),) * axis + (slice(1, None),)])
+        ends = []
+        for t in (starts + b, starts):
+            if f == 1:
+                ends.append(np.take(prefix, t, axis=axis))
+                continue
+            q, r = np.divmod(t, f)
+            r = r.astype(np.int32).reshape([-1 if a == axis else 1 for a in range(sums.ndim)])
+            ends.append((f - r) * np.take(prefix, q, axis=axis) + r * np.take(
+                prefix, np.minimum(q + 1, shape[axis] - 1), axis=axis))
+        sums = ends[0] - ends[1]
+    return sums
+
+
 def _count(valid, shape):
     """Positions of a lattice box of ``shape`` given its ``selected`` (None: all)."""
     if valid is None:
@@ -1100,9 +1303,10 @@ class _Source:
     """
 
     def __init__(self, arrays, index, name, block, z_range, step, region_bytes,
-                 samples_per_region, min_mask_fraction):
+                 samples_per_region, min_mask_fraction, min_positive_fraction=0.0,
+                 ignore_label=None):
         self.index, self.name = index, name
-        self.volume, self.labels, self.mask = arrays
+        self.volume, self.labels, self.mask, mask_scale = arrays
         self._process = os.getpid()
         shape = self.shape = tuple(int(s) for s in self.volume.shape)
         if len(shape) != 3:
@@ -1119,10 +1323,11 @@ class _Source:
         self._versions = {name: _LocalVersion.of(array) for name, array in self.arrays()}
         _RemoteStore.verify(f"source {index} ({self.name})",
                             [array for _, array in self.arrays() if _RemoteStore.undated(array)])
-        for name, array in (('labels', self.labels), ('mask', self.mask)):
-            if array is not None and tuple(array.shape) not in (shape, shape[1:]):
-                raise ValueError(f"source {index}: {name} of shape {tuple(array.shape)} do not "
-                                 f"match the volume {shape}; expected {shape[1:]} or {shape}")
+        if self.labels is not None and tuple(self.labels.shape) not in (shape, shape[1:]):
+            raise ValueError(f"source {index}: labels of shape {tuple(self.labels.shape)} do "
+                             f"not match the volume {shape}; expected {shape[1:]} or {shape}")
+        mask_factor = (None if self.mask is None else
+                       _mask_factor(index, shape, self.mask.shape, mask_scale))
         lo, hi = (0, 0, 0), shape
         if z_range is not None:
             if not 0 <= z_range[0] < z_range[1] <= shape[0]:
@@ -1151,7 +1356,8 @@ class _Source:
         self.per_visit = samples_per_region or max(
             1, 4 * math.prod(lattice.box(lattice.region)) // math.prod(block))
         self.selection = _Selection(lattice, block, self.mask, self.labels, min_mask_fraction,
-                                    self.decode)
+                                    self.decode, mask_factor, min_positive_fraction,
+                                    ignore_label)
 
     def arrays(self):
         """``(name, array)`` of the volume, labels and mask this source has."""
@@ -1238,23 +1444,34 @@ class _Selection:
 
     A position is *on the mask* when its block's mask footprint holds at least
     ``threshold`` mask voxels, and *positive* (kind True) when its label
-    footprint holds a nonzero label, else negative (kind False). The mask and
-    labels are read through ``decode(name, box)``. ``region_counts`` holds the
-    positions of each region on the mask (all of them without a mask), one
-    integer per region, counted once; ``digest`` is a digest of every position
-    the counting passes selected, which the epoch's order depends on too.
+    footprint holds at least ``positive_threshold`` positive labels (nonzero,
+    and not ``ignore_label``), else negative (kind False). A mask coarser than
+    the volume by ``factor`` (per axis of the mask) counts as if each of its
+    voxels were repeated f times along each axis, cropped to the volume. The
+    mask and labels are read through ``decode(name, box)``. ``region_counts``
+    holds the positions of each region on the mask (all of them without a
+    mask), one integer per region, counted once; ``digest`` is a digest of
+    every position the counting passes selected, which the epoch's order
+    depends on too.
     """
 
-    def __init__(self, lattice, block, mask, labels, min_mask_fraction, decode):
+    def __init__(self, lattice, block, mask, labels, min_mask_fraction, decode,
+                 mask_factor=None, min_positive_fraction=0.0, ignore_label=None):
         self.lattice, self.block, self.decode = lattice, block, decode
         # Only their ndim (and whether they exist): the arrays themselves are the
         # source's, reopened in each worker.
         self.ndim = {name: array.ndim for name, array in (('mask', mask), ('labels', labels))
                      if array is not None}
-        self.threshold = None
+        self.factor = {name: (1,) * ndim for name, ndim in self.ndim.items()}
+        self.threshold = self.positive_threshold = None
         if mask is not None:
             footprint = math.prod(block[3 - mask.ndim:])
             self.threshold = max(1, math.ceil(min_mask_fraction * footprint))
+            self.factor['mask'] = tuple(mask_factor or self.factor['mask'])
+        if labels is not None:
+            footprint = math.prod(block[3 - labels.ndim:])
+            self.positive_threshold = max(1, math.ceil(min_positive_fraction * footprint))
+        self.ignore_label = ignore_label
         self.digest = b''
         self.region_counts = self._count_regions(kind=None)
         self.positions = int(self.region_counts.sum())
@@ -1287,8 +1504,10 @@ class _Selection:
         banded = copy.copy(self)
         for row in range(rows):
             start, end = self.lattice.voxel_box(*self.lattice.region_bounds(row * columns))
-            band = (slice(start[1], end[1]), slice(0, self.lattice.hi[2]))
-            bands = {name: _Band(self.decode(name, band), band[0].start) for name in needed}
+            bands = {}
+            for name in needed:
+                band = self.window(name, (start[1], 0), (end[1], self.lattice.hi[2]))
+                bands[name] = _Band(self.decode(name, band), band[0].start)
             banded.decode = lambda name, box: bands[name][box]
             for cell in range(row * columns, (row + 1) * columns):
                 valid = banded.selected(*self.lattice.region_bounds(cell), kind)
@@ -1311,7 +1530,7 @@ class _Selection:
         if 'mask' in self.ndim:
             parts.append(self._footprint_hits('mask', origin, shape) >= self.threshold)
         if kind is not None:
-            positive = self._footprint_hits('labels', origin, shape) > 0
+            positive = self._footprint_hits('labels', origin, shape) >= self.positive_threshold
             parts.append(positive if kind else ~positive)
         if not parts:
             return None
@@ -1319,28 +1538,33 @@ class _Selection:
             parts = [np.broadcast_to(part, tuple(shape)) for part in parts]
         return np.logical_and.reduce(parts)
 
+    def window(self, name, lo, hi):
+        """Slices of array ``name`` holding the volume's voxels [lo, hi) (per axis of it)."""
+        return tuple(slice(l // f, -(-h // f)) for l, h, f in zip(lo, hi, self.factor[name]))
+
     def _footprint_hits(self, name, origin, shape):
-        """Nonzero voxels of array ``name`` under each block's footprint in a lattice box.
+        """Positive voxels of array ``name`` under each block's footprint in a lattice box.
 
         (ny, nx) counts for a 2D array (the block's (y, x) footprint), (nz, ny,
-        nx) for a 3D one, from a summed-area table of the box's window.
+        nx) for a 3D one, from prefix sums of the box's window (of the coarse
+        array itself, for a coarse mask: see _footprint_sums).
         """
-        ndim = self.ndim[name]
+        ndim, factor = self.ndim[name], self.factor[name]
         axes = self.lattice.axis_corners(origin, shape)[3 - ndim:]
         block = self.block[3 - ndim:]
         lo, hi = (bounds[3 - ndim:] for bounds in self.lattice.voxel_box(origin, shape))
-        window = self.decode(name, tuple(slice(l, h) for l, h in zip(lo, hi))) != 0
+        box = self.window(name, lo, hi)
+        data = self.decode(name, box)
+        window = data != 0
+        if name == 'labels' and self.ignore_label is not None:
+            window &= data != self.ignore_label
         if not window.any():         # unwritten label chunks, empty mask: nothing to sum
             return np.zeros([len(a) for a in axes], dtype=np.int64)
-        table = np.pad(window.astype(np.int32), [(1, 0)] * window.ndim)   # sizes < 2**31
-        for axis in range(window.ndim):
-            np.cumsum(table, axis=axis, out=table)
-        # Inclusion-exclusion over the 2**ndim corners of every footprint.
-        counts = 0
-        for signs in itertools.product((0, 1), repeat=window.ndim):
-            index = np.ix_(*[a - l + (b if s else 0) for a, l, b, s in zip(axes, lo, block, signs)])
-            counts = counts + (-1) ** (window.ndim - sum(signs)) * table[index]
-        return counts
+        if window.all():             # inside the papyrus: every footprint is full
+            return np.full([len(a) for a in axes], math.prod(block), dtype=np.int64)
+        # Footprints start at offsets (in the volume's voxels) from the window's first voxel.
+        return _footprint_sums(window, [a - s.start * f for a, s, f in zip(axes, box, factor)],
+                               block, factor)
 
     def count_selected(self, origin, shape, kind=None):
         """Positions of the lattice box (origin, shape) that ``selected`` keeps."""
@@ -1370,8 +1594,27 @@ class _Selection:
 
 # -- how many samples each source gives ------------------------------------
 
+def _weighted_shares(total, weights):
+    """Per-source counts adding up to ``total``, each its weight's share of it.
+
+    Largest remainder: each source gets the floor of ``total * w / sum(w)``
+    (exact rational arithmetic), and the samples left over go one each to the
+    sources with the largest fractional parts, ties to the lower source index.
+    A weight of 0 gets nothing. Capacities are checked when the dataset is built.
+    """
+    weights = [fractions.Fraction(w) for w in weights]
+    quotas = [total * w / sum(weights) for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in order[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def _random_shares(total, capacities, method, rng):
-    """Random per-source sample counts adding up to ``total``."""
+    """Random per-source sample counts adding up to ``total`` (fixed for weights)."""
+    if not isinstance(method, str):
+        return _weighted_shares(total, method)
     counts = [0] * len(capacities)
     if method == 'proportional':
         # Multivariate hypergeometric: the count of each source among the
@@ -1403,7 +1646,9 @@ def _random_shares(total, capacities, method, rng):
 
 
 def _fixed_shares(total, capacities, method):
-    """Deterministic per-source counts: equal, or proportional to capacity."""
+    """Deterministic per-source counts: equal, proportional to capacity, or weighted."""
+    if not isinstance(method, str):
+        return _weighted_shares(total, method)
     counts = [0] * len(capacities)
     left = total
     while left:

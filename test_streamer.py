@@ -1690,6 +1690,296 @@ def test_positive_fraction_epochs_resume_with_set_epoch_skip_batches():
     assert_same_batches(batches(DataLoader(ds, batch_size=16, num_workers=2)), expected[7:])
 
 
+# -- sampling as the field samples: thresholds, an ignore label, coarse masks, weights --
+
+def is_positive_by(source, block, coords, fraction=0.0, ignore=None):
+    """Whether at least max(1, ceil(fraction x footprint)) of the block's label footprint
+    is positive (nonzero, and not ``ignore``), counted in the slice itself."""
+    label = expected_item(coords[1:], block, source["volume"], source["labels"])[1].numpy()
+    hits = np.count_nonzero((label != 0) & (label != (0 if ignore is None else ignore)))
+    return hits >= max(1, math.ceil(fraction * label.size))
+
+
+def sparse_labels(shape=(6, 40, 50), labels_3d=False, seed=3):
+    """A dict source with sparse labels 0 / 1 / 2: a patch of mixed density (1 and 2),
+    a patch of 2 only, and a few lone 1s, so that thresholds and the ignore label both
+    change which positions are positive."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape if labels_3d else shape[1:], np.uint8)
+    labels[..., 4:20, 8:30] = rng.choice([0, 1, 2], labels[..., 4:20, 8:30].shape,
+                                         p=[0.6, 0.25, 0.15])
+    labels[..., 26:36, 32:46] = 2
+    labels[..., 30, 5] = labels[..., 8, 40] = 1
+    return {"volume": volume(shape, np.uint8, seed=seed), "labels": labels}
+
+
+@pytest.mark.parametrize("labels_3d", [False, True], ids=["2d-labels", "3d-labels"])
+@pytest.mark.parametrize("threshold, ignore", [(0.1, None), (0.0, 2), (0.1, 2)])
+def test_positive_threshold_and_ignore_label_give_exact_counts_for_any_workers_and_ranks(
+        labels_3d, threshold, ignore):
+    sources = [sparse_labels(labels_3d=labels_3d), sparse_labels(labels_3d=labels_3d, seed=4)]
+    block, positions = (3, 5, 5), [(f, z, y, x) for f in range(2) for z in range(4)
+                                   for y in range(36) for x in range(46)]
+    positive = {p for p in positions if is_positive_by(sources[p[0]], block, p, threshold,
+                                                       ignore)}
+    # The options change the selection: today's rule would count other positions.
+    assert positive != {p for p in positions if is_positive_by(sources[p[0]], block, p)}
+    options = dict(positive_fraction=0.4, min_positive_fraction=threshold, ignore_label=ignore,
+                   return_coords=True, region_mb=0.002)
+    ds = VesuviusStream(sources, *block, 400, **options)
+    assert sum(int(s.selection.count_positives().sum()) for s in ds._sources) == len(positive)
+    epochs = []
+    for workers, ranks in ((0, 1), (2, 1), (3, 1), (2, 2)):
+        coords = []
+        for rank in range(ranks):
+            coords += epoch(VesuviusStream(sources, *block, 400, rank=rank, world_size=ranks,
+                                           **options), num_workers=workers, batch_size=16)
+        assert len(coords) == len(set(coords)) == 400
+        assert sum(c in positive for c in coords) == 160
+        epochs.append(set(coords))
+    assert all(e == epochs[0] for e in epochs)
+
+
+def repeated(mask, factor, shape):
+    """``mask`` with each voxel repeated ``factor[i]`` times along axis i, cropped to
+    ``shape``: the full-resolution mask a coarse one stands for."""
+    for axis, f in enumerate(factor):
+        mask = np.repeat(mask, f, axis=axis)
+    return np.ascontiguousarray(mask[tuple(slice(0, s) for s in shape)])
+
+
+@pytest.mark.parametrize("factor", [(3, 4), (2, 3, 5)], ids=["2d-mask", "3d-mask"])
+@pytest.mark.parametrize("method", ["grid", "uniform"])
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_a_coarse_mask_selects_exactly_the_positions_of_the_repeated_mask(tmp_path, factor,
+                                                                          method, fraction):
+    data = volume((13, 37, 41), np.uint8)
+    shape = data.shape[3 - len(factor):]
+    coarse = (np.random.default_rng(1).random([-(-s // f) for s, f in zip(shape, factor)])
+              < 0.6).astype(np.uint8)
+    coarse_zarr = zarr.open_array(zarr_v3(tmp_path / "mask.zarr", coarse, (3,) * coarse.ndim),
+                                  mode="r")
+    full = repeated(coarse, factor, shape)
+
+    def stream(mask, **kwargs):
+        return VesuviusStream([{"volume": data, "mask": mask}], 3, 5, 6,
+                              None if method == "grid" else 900, method, return_coords=True,
+                              min_mask_fraction=fraction, region_mb=0.002, **kwargs)
+
+    coarse_ds, full_ds = stream(coarse_zarr), stream(full)
+    assert coarse_ds._sources[0].selection.factor["mask"] == factor
+    assert coarse_ds.capacity == full_ds.capacity
+    if method == "uniform":
+        assert coarse_ds.capacity == len(brute_force_valid(full, (3, 5, 6), (11, 33, 36),
+                                                           fraction))
+    assert epoch(coarse_ds) == epoch(full_ds)          # the same positions, in the same order
+    if method == "uniform":
+        coarse_ds.set_epoch(1)
+        full_ds.set_epoch(1)
+        assert epoch(coarse_ds, num_workers=2) == epoch(full_ds, num_workers=2)
+    else:
+        strided = [stream(m, stride=(2, 3, 4)) for m in (coarse_zarr, full)]
+        assert epoch(strided[0]) == epoch(strided[1])
+
+
+def scroll_pyramid(path, shape=(33, 64, 72), seed=7):
+    """A small OME-Zarr scroll as the real ones are served (NGFF 0.4, zarr format 2, '/'
+    keys, uint8, 32³ chunks): level 0 zero outside a cylinder of papyrus that ends at
+    60 % of its layers, levels 1-3 each 2x coarser (every other voxel) with their ``scale``
+    transforms, and 3D surface labels ``labels`` at full resolution (0 background,
+    1 surface, 2 ignore on both sides of it) in part of the volume.
+    Returns (level 0, labels)."""
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    papyrus = ((y - shape[1] / 2) ** 2 + (x - shape[2] / 2) ** 2 <= (shape[1] / 2.5) ** 2) \
+        & (z < 0.6 * shape[0])
+    data = np.where(papyrus, volume(shape, np.uint8, seed=seed) | 1, 0).astype(np.uint8)
+    sheet = 8 + y // 6                                    # a slanted surface
+    labels = np.zeros(shape, np.uint8)
+    labels[(abs(z - sheet) <= 2) & papyrus & (x < shape[2] // 2)] = 2
+    labels[(z == sheet) & papyrus & (x < shape[2] // 2)] = 1
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    keys = {"name": "v2", "separator": "/"}
+    for level in range(4):
+        scaled = data[::2**level, ::2**level, ::2**level]
+        group.create_array(str(level), shape=scaled.shape, chunks=(32, 32, 32),
+                           dtype="uint8", chunk_key_encoding=keys)[:] = scaled
+    group.create_array("labels", shape=shape, chunks=(32, 32, 32), dtype="uint8",
+                       chunk_key_encoding=keys)[:] = labels
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "name": "scroll", "axes": [{"name": a, "type": "space",
+                                                      "unit": "micrometer"} for a in "zyx"],
+        "datasets": [{"path": str(level), "coordinateTransformations": [
+            {"type": "scale", "scale": [7.91 * 2**level] * 3}]} for level in range(4)]}]
+    return data, labels
+
+
+def test_a_scroll_pyramid_given_by_paths_takes_its_mask_from_a_coarse_level(tmp_path):
+    data, labels = scroll_pyramid(tmp_path / "scroll.zarr")
+    level3 = data[::8, ::8, ::8]
+    # From the shapes alone the z factor would be 7 (ceil(33 / 7) = 5 layers, as
+    # ceil(33 / 8)); the scales say 8, and so does the selection.
+    assert level3.shape[0] == 5 == -(-33 // 7)
+    options = dict(positive_fraction=0.5, min_positive_fraction=0.01, ignore_label=2,
+                   return_coords=True, region_mb=0.05)
+    paths = {"volume": str(tmp_path / "scroll.zarr" / "0"), "mask": str(tmp_path / "scroll.zarr/3"),
+             "labels": str(tmp_path / "scroll.zarr/labels")}
+    by_path = VesuviusStream([paths], 8, 12, 12, 300, **options)
+    assert by_path._sources[0].selection.factor["mask"] == (8, 8, 8)
+    # The same level 0 (its chunks shape the regions), numpy labels and repeated mask.
+    arrays = {"volume": zarr.open_array(paths["volume"], mode="r"), "labels": labels,
+              "mask": repeated(level3, (8, 8, 8), data.shape)}
+    by_array = VesuviusStream([arrays], 8, 12, 12, 300, **options)
+    seven = VesuviusStream([{**arrays, "mask": repeated(level3, (7, 8, 8), data.shape)}],
+                           8, 12, 12, 300, **options)
+    assert by_path.capacity == by_array.capacity != seven.capacity
+    coords = epoch(by_path, num_workers=2)
+    assert coords == epoch(by_array, num_workers=2)
+    assert sum(is_positive_by({"volume": data, "labels": labels}, (8, 12, 12), c, 0.01, 2)
+               for c in coords) == 150
+    whole = VesuviusStream([{**paths, "volume": str(tmp_path / "scroll.zarr")}], 8, 12, 12,
+                           300, **options)                # the group stands for its level 0
+    assert epoch(whole, num_workers=2) == coords
+    for block, label, (f, *corner) in whole:
+        expected_block, expected_label = expected_item(corner, (8, 12, 12), data, labels)
+        assert torch.equal(block, expected_block) and torch.equal(label, expected_label)
+
+
+def test_urls_in_a_dict_source_are_opened_as_list_sources_are_with_retries(tmp_path):
+    data, labels = scroll_pyramid(tmp_path / "scroll.zarr")
+    handler, log = answering(503)
+    options = dict(positive_fraction=0.5, ignore_label=2, return_coords=True, region_mb=0.05)
+    local = {"volume": str(tmp_path / "scroll.zarr/0"), "mask": str(tmp_path / "scroll.zarr/2"),
+             "labels": str(tmp_path / "scroll.zarr/labels")}
+    expected = epoch(VesuviusStream([local], 8, 12, 12, 200, **options), num_workers=2)
+    with serve(str(tmp_path), handler=handler) as url:
+        remote = {"volume": f"{url}/scroll.zarr/0", "mask": f"{url}/scroll.zarr/2",
+                  "labels": f"{url}/scroll.zarr/labels"}
+        ds = VesuviusStream([remote], 8, 12, 12, 200, **options)
+        assert ds._sources[0].selection.factor["mask"] == (4, 4, 4)
+        assert epoch(ds, num_workers=2) == expected
+        with pytest.raises(FileNotFoundError, match=re.escape(
+                f"source 0: no Zarr array or group at '{url}/scroll.zarr/9'")):
+            VesuviusStream([{**remote, "mask": f"{url}/scroll.zarr/9"}], 8, 12, 12, 200)
+    assert log["failures"] > 0
+
+
+def test_paths_in_dict_sources_that_are_missing_or_groups_are_refused(tmp_path):
+    scroll_pyramid(tmp_path / "scroll.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(FileNotFoundError, match=re.escape("source 0: no Zarr store at")):
+        VesuviusStream([{"volume": str(tmp_path / "scroll.zarr/0"),
+                         "mask": str(tmp_path / "scroll.zarr/7")}], 4, 4, 4, 10)
+    with pytest.raises(ValueError, match="its mask .*plain.zarr' is a Zarr group, not an array"):
+        VesuviusStream([{"volume": str(tmp_path / "scroll.zarr/0"),
+                         "mask": str(tmp_path / "plain.zarr")}], 4, 4, 4, 10)
+
+
+def source_counts(coords, sources=2):
+    return tuple(sum(c[0] == f for c in coords) for f in range(sources))
+
+
+@pytest.mark.parametrize("weights, expected", [((3, 1), (301, 100)), ((1, 1), (201, 200)),
+                                               ((0, 1), (0, 401))])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_weights_give_each_source_exactly_its_share_for_any_workers_and_ranks(weights,
+                                                                              expected, shuffle):
+    # 401 samples: 3:1 gives 300.75 and 100.25 (largest remainder: 301, 100); 1:1 gives
+    # 200.5 twice (a tie: the lower source takes it).
+    sources = [volume((6, 30, 30), np.uint8, seed=1), volume((5, 20, 25), np.uint8, seed=2)]
+    sets = []
+    for workers, ranks in ((0, 1), (2, 1), (3, 1), (2, 2)):
+        coords = []
+        for rank in range(ranks):
+            ds = VesuviusStream(sources, 3, 5, 5, 401, weights, shuffle, return_coords=True,
+                                region_mb=0.002, rank=rank, world_size=ranks)
+            coords += epoch(ds, num_workers=workers, batch_size=16)
+        assert len(coords) == len(set(coords)) == 401
+        assert source_counts(coords) == expected
+        sets.append(set(coords))
+    assert all(s == sets[0] for s in sets)
+    ds = VesuviusStream(sources, 3, 5, 5, 401, weights, shuffle, return_coords=True,
+                        region_mb=0.002)
+    ds.set_epoch(1)
+    assert source_counts(epoch(ds)) == expected           # every epoch
+
+
+@pytest.mark.parametrize("weights, expected", [((3, 1), (75, 25)), ((1, 1), (50, 50)),
+                                               ((0, 1), (0, 100))])
+def test_weights_apply_within_each_kind_with_positive_fraction(weights, expected):
+    sources = [sparse_labels(), sparse_labels(seed=4)]
+    ds = VesuviusStream(sources, 3, 5, 5, 200, weights, positive_fraction=0.5,
+                        min_positive_fraction=0.1, ignore_label=2, return_coords=True,
+                        region_mb=0.002)
+    for e in range(2):
+        ds.set_epoch(e)
+        coords = epoch(ds, num_workers=2)
+        assert len(set(coords)) == 200
+        positive = [c for c in coords if is_positive_by(sources[c[0]], (3, 5, 5), c, 0.1, 2)]
+        assert source_counts(positive) == expected
+        assert source_counts(set(coords) - set(positive)) == expected
+
+
+def test_impossible_weights_and_sampling_options_are_refused_naming_source_and_counts():
+    small, big = volume((3, 10, 10), np.uint8), volume((6, 30, 30), np.uint8)
+    with pytest.raises(ValueError, match=re.escape(
+            "sampling_method weights [3, 1] give source 0 (a ndarray) 300 of the 400 "
+            "positions per epoch, but it has 36: lower its weight or samples_per_epoch")):
+        VesuviusStream([small, big], 3, 5, 5, 400, (3, 1))
+    sources = [sparse_labels(), sparse_labels(seed=4)]
+    positives = VesuviusStream(sources[:1], 3, 5, 5, 10, positive_fraction=0.5,
+                               min_positive_fraction=0.1)._sources[0].selection
+    have = int(positives.count_positives().sum())
+    with pytest.raises(ValueError, match=re.escape(
+            f"give source 0 (a dict) {have + 1} of the {have + 1} positive positions per "
+            f"epoch, but it has {have}")):
+        VesuviusStream(sources, 3, 5, 5, 2 * (have + 1), (1, 0), positive_fraction=0.5,
+                       min_positive_fraction=0.1)
+    for weights, message in (((1,), "has 1 weights for 2 sources"),
+                             ((1, -1), "finite numbers >= 0, not all 0, got [1, -1]"),
+                             ((0, 0.0), "not all 0"), ((1, float("inf")), "finite"),
+                             ("random", "or one weight per source, got 'random'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            VesuviusStream([small, big], 3, 5, 5, 10, weights)
+    with pytest.raises(ValueError, match="give positive_fraction too"):
+        VesuviusStream(sources, 3, 5, 5, 10, min_positive_fraction=0.1)
+    with pytest.raises(ValueError, match="give positive_fraction too"):
+        VesuviusStream(sources, 3, 5, 5, 10, ignore_label=2)
+    with pytest.raises(ValueError, match=re.escape("min_positive_fraction must be a number in "
+                                                   "[0, 1], got 1.5")):
+        VesuviusStream(sources, 3, 5, 5, 10, positive_fraction=0.5, min_positive_fraction=1.5)
+    with pytest.raises(TypeError, match="ignore_label must be an int or None, got 2.0"):
+        VesuviusStream(sources, 3, 5, 5, 10, positive_fraction=0.5, ignore_label=2.0)
+    with pytest.raises(ValueError, match=re.escape("ignore_label=300 cannot occur in labels "
+                                                   "of dtype uint8")):
+        VesuviusStream(sources, 3, 5, 5, 10, positive_fraction=0.5, ignore_label=300)
+    with pytest.raises(ValueError, match=re.escape(
+            "source 0: mask of shape (20, 20) do not match the volume (6, 30, 30); expected "
+            "(30, 30) or (6, 30, 30), or coarser by an integer factor f per axis (ceil(size "
+            "/ f) voxels): no integer f gives that size")):
+        VesuviusStream([{"volume": big, "mask": np.ones((20, 20), np.uint8)}], 3, 5, 5, 10)
+
+
+def test_sampling_options_are_part_of_a_saved_state_and_their_epochs_resume(tmp_path):
+    sources = [sparse_labels(), sparse_labels(seed=4)]
+    sources[0]["mask"] = np.ones((14, 17), np.uint8)          # 3x coarser than (40, 50)
+    sources[0]["mask"][:4, :5] = 0
+
+    def stream(**changes):
+        options = dict(sampling_method=(2, 1), positive_fraction=0.5, min_positive_fraction=0.1,
+                       ignore_label=2, return_coords=True, region_mb=0.002)
+        return VesuviusStream(sources, 3, 5, 5, 300, **{**options, **changes})
+
+    ds = stream()
+    expected = batches(DataLoader(ds, batch_size=16, num_workers=2))
+    ds.set_epoch(0, skip_batches=7, batch_size=16)
+    assert_same_batches(batches(DataLoader(ds, batch_size=16, num_workers=2)), expected[7:])
+    state = json.loads(json.dumps(stream().state_dict()))
+    stream().load_state_dict(state)
+    for name, value in (("sampling_method", (1, 1)), ("min_positive_fraction", 0.2),
+                        ("ignore_label", 3)):
+        with pytest.raises(ValueError, match=f"another configuration: .*{name}: saved"):
+            stream(**{name: value}).load_state_dict(state)
+
 def test_z_range_keeps_blocks_inside_the_layers(tmp_path):
     path, data, _ = segment_group(tmp_path / "s.zarr", shape=(12, 30, 30))
     ds = VesuviusStream([path], 4, 5, 5, 3 * 26 * 26, return_coords=True, z_range=(5, 11))
@@ -2291,6 +2581,8 @@ def test_benchmark_runs_on_a_small_store(tmp_path):
     ink = re.findall(r"positive_fraction=(\S+) .* ([\d.]+)% of the blocks with ink",
                      result.stdout)
     assert [(f, float(share)) for f, share in ink][1] == ("0.5", 50.0)
+    assert re.search(r"\) / today's: counting pass [\d.]+x, streaming [\d.]+x", result.stdout)
+    assert len(re.findall(r"\dD mask: full [\d.]+ s, 1/8 [\d.]+ s \([\d.]+x", result.stdout)) == 2
     assert re.search(r"many small sources .*: 30 sources \d+ items/s, 300 sources \d+ "
                      r"items/s \([\d.]+x\)", result.stdout)
 
@@ -3370,7 +3662,10 @@ def test_readme_code_blocks_run_as_written(tmp_path):
     from lines ``block = ...`` at its top; it runs a third time with those lines
     set to ``ADAPTED_KNOBS``, with a plain Zarr array of another shape at each
     ``.zarr`` name (``plain_zarr_array``; the example segment for a block with
-    labels). The ```bash blocks are not run here: the quick start's notebook
+    labels). A block whose first line is ``# for scroll pyramids`` runs as it is and
+    adapted with a small synthetic OME-Zarr scroll (``scroll_pyramid``: levels 0-3
+    and 3D surface ``labels``, level 0 of 64×96×96) at each quoted ``.zarr`` name
+    instead. The ```bash blocks are not run here: the quick start's notebook
     command is run by the notebook test, and the converter's commands name folders
     of the user's.
     """
@@ -3385,15 +3680,18 @@ def test_readme_code_blocks_run_as_written(tmp_path):
         adapted, knobs = re.subn(r"^(block|z_range|stride) = .*$",
                                  lambda knob: f"{knob[1]} = {ADAPTED_KNOBS[knob[1]]!r}",
                                  code, flags=re.M)
-        runs = [("labelled", code)] + [("unlabelled", code)] * (not labelled_only)
+        pyramids = code.startswith("# for scroll pyramids\n")
+        runs = [("labelled", code)] + [("unlabelled", code)] * (not (labelled_only or pyramids))
         if knobs:
             runs.append(("adapted", adapted))
         for run_name, text in runs:
             folder = tmp_path / f"line{line}_{run_name}"
             folder.mkdir()
             copy_into(folder, "streamer.py")
-            for name in names:
-                if run_name == "labelled" or (run_name == "adapted" and labelled_only):
+            for seed, name in enumerate(sorted(names)):
+                if pyramids:
+                    scroll_pyramid(folder / name, shape=(64, 96, 96), seed=seed)
+                elif run_name == "labelled" or (run_name == "adapted" and labelled_only):
                     shutil.copytree(EXAMPLE, folder / name)
                 elif run_name == "unlabelled":
                     unlabelled_example(folder / name)
