@@ -221,15 +221,16 @@ class VesuviusStream(IterableDataset):
         samples_per_epoch (int or None): items per epoch in total over all
             workers and ranks, at most the number of positions. ``None`` in
             ``'grid'`` mode (every grid position), and only there.
-        sampling_method (str or sequence): ``'uniform'`` (default): each sample picks a
-            source uniformly at random (among those with positions left), then
-            a position in it. ``'proportional'``: sources are picked with
-            probability proportional to their number of positions, i.e. one
-            permutation over the positions of all sources. ``'grid'``: every
-            block of a regular grid with steps ``stride``, the last block along
-            each axis shifted back to end at the border, so that every voxel
-            (within ``z_range``) is covered; positions off the mask are
-            skipped; region by region, for inference and stitching. Or a
+        sampling_method (str or sequence): ``'uniform'`` (default): each
+            sample picks a source uniformly at random (among those with
+            positions left), then a position in it. ``'proportional'``:
+            sources are picked with probability proportional to their number
+            of positions, i.e. one permutation over the positions of all
+            sources. ``'grid'``: every block of a regular grid with steps
+            ``stride``, the last block along each axis shifted back to end at
+            the border, so that every voxel (within ``z_range``) is covered;
+            positions off the mask are skipped; region by region, for
+            inference and stitching. Or a
             sequence of weights, numbers >= 0, one per source: each source
             gives exactly its weight's share of ``samples_per_epoch`` in
             every epoch (``floor(n * w / sum(w))``, the samples left over one
@@ -405,6 +406,7 @@ class VesuviusStream(IterableDataset):
         min_positive_fraction = float(min_positive_fraction)
         if ignore_label is not None and not _is_int(ignore_label):
             raise TypeError(f"ignore_label must be an int or None, got {ignore_label!r}")
+        ignore_label = None if ignore_label is None else int(ignore_label)
         if positive_fraction is None and (min_positive_fraction or ignore_label is not None):
             raise ValueError(f"min_positive_fraction={min_positive_fraction} and ignore_label="
                              f"{ignore_label!r} say which positions are positive, which only "
@@ -430,7 +432,7 @@ class VesuviusStream(IterableDataset):
         self._sources = [
             _Source(_open_source(source, index, **remote), index, _describe(source), block,
                     z_range, step, region_bytes, samples_per_region, min_mask_fraction,
-                    min_positive_fraction, None if ignore_label is None else int(ignore_label))
+                    min_positive_fraction, ignore_label)
             for index, source in enumerate(file_paths)]
         if len({source.labels is None for source in self._sources}) > 1:
             raise ValueError("either all sources have labels or none: "
@@ -535,9 +537,9 @@ class VesuviusStream(IterableDataset):
             kinds = {'': (self.samples_per_epoch, [s.selection.positions for s in sources])}
         else:
             positives = [int(s.selection.count_positives().sum()) for s in sources]
+            negatives = [s.selection.positions - p for s, p in zip(sources, positives)]
             kinds = {'positive ': (self._positives, positives),
-                     'negative ': (self.samples_per_epoch - self._positives,
-                                   [s.selection.positions - p for s, p in zip(sources, positives)])}
+                     'negative ': (self.samples_per_epoch - self._positives, negatives)}
         for kind, (total, available) in kinds.items():
             counts = _weighted_shares(total, self.sampling_method)
             for source, count, have in zip(sources, counts, available):
@@ -1602,7 +1604,7 @@ def _weighted_shares(total, weights):
     sources with the largest fractional parts, ties to the lower source index.
     A weight of 0 gets nothing. Capacities are checked when the dataset is built.
     """
-    weights = [fractions.Fraction(w) for w in weights]
+    weights = [fractions.Fraction(w) for w in weights]       # exact, floats included
     quotas = [total * w / sum(weights) for w in weights]
     counts = [math.floor(q) for q in quotas]
     order = sorted(range(len(weights)), key=lambda i: (counts[i] - quotas[i], i))

@@ -1777,6 +1777,8 @@ def test_a_coarse_mask_selects_exactly_the_positions_of_the_repeated_mask(tmp_pa
         coarse_ds.set_epoch(1)
         full_ds.set_epoch(1)
         assert epoch(coarse_ds, num_workers=2) == epoch(full_ds, num_workers=2)
+        raster = [stream(m, shuffle=False) for m in (coarse_zarr, full)]
+        assert epoch(raster[0]) == epoch(raster[1])
     else:
         strided = [stream(m, stride=(2, 3, 4)) for m in (coarse_zarr, full)]
         assert epoch(strided[0]) == epoch(strided[1])
@@ -1821,7 +1823,7 @@ def test_a_scroll_pyramid_given_by_paths_takes_its_mask_from_a_coarse_level(tmp_
     assert level3.shape[0] == 5 == -(-33 // 7)
     options = dict(positive_fraction=0.5, min_positive_fraction=0.01, ignore_label=2,
                    return_coords=True, region_mb=0.05)
-    paths = {"volume": str(tmp_path / "scroll.zarr" / "0"), "mask": str(tmp_path / "scroll.zarr/3"),
+    paths = {"volume": str(tmp_path / "scroll.zarr/0"), "mask": str(tmp_path / "scroll.zarr/3"),
              "labels": str(tmp_path / "scroll.zarr/labels")}
     by_path = VesuviusStream([paths], 8, 12, 12, 300, **options)
     assert by_path._sources[0].selection.factor["mask"] == (8, 8, 8)
