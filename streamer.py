@@ -1256,31 +1256,39 @@ class _Band:
 def _footprint_sums(window, offsets, block, factor):
     """Sums of ``window`` over boxes of ``block`` voxels starting at ``offsets`` (an int
     array per axis; every start along each axis with every other), as if each voxel
-    of ``window`` were repeated ``factor[i]`` times along axis i.
-
-    Axis by axis: the prefix sums C along it (C[k] = sum of the first k, C[0] = 0),
-    then each box's sum along it as P(t + b) - P(t), where P is the repeated
-    array's prefix sum: at t = q f + r, P(t) = f C[q] + r a[q] = (f - r) C[q] +
-    r C[q + 1] (C[t] itself when f = 1). So a coarse array is never repeated: the
-    work is that of its own voxels, then of the starts.
+    of ``window`` were repeated ``factor[i]`` times along axis i: axis by axis
+    (_axis_sums), so a coarse array is never repeated: the work is that of its own
+    voxels, then of the starts.
     """
-    sums = window.astype(np.int32)                              # sizes < 2**31
+    sums = window
     for axis, (starts, b, f) in enumerate(zip(offsets, block, factor)):
-        shape = list(sums.shape)
-        shape[axis] += 1
-        prefix = np.zeros(shape, np.int32)
-        np.cumsum(sums, axis=axis, out=prefix[(slice(None),) * axis + (slice(1, None),)])
-        ends = []
-        for t in (starts + b, starts):
-            if f == 1:
-                ends.append(np.take(prefix, t, axis=axis))
-                continue
-            q, r = np.divmod(t, f)
-            r = r.astype(np.int32).reshape([-1 if a == axis else 1 for a in range(sums.ndim)])
-            ends.append((f - r) * np.take(prefix, q, axis=axis) + r * np.take(
-                prefix, np.minimum(q + 1, shape[axis] - 1), axis=axis))
-        sums = ends[0] - ends[1]
+        sums = _axis_sums(sums, axis, starts, b, f)
     return sums
+
+
+def _axis_sums(array, axis, starts, b, f=1):
+    """Sums of ``array`` along ``axis`` over the ``b`` voxels from each of ``starts``,
+    as if each voxel were repeated ``f`` times along it (int32).
+
+    From the prefix sums C along the axis (C[k] = sum of the first k, C[0] = 0):
+    each sum is P(t + b) - P(t), where P is the repeated array's prefix sum: at
+    t = q f + r, P(t) = f C[q] + r a[q] = (f - r) C[q] + r C[q + 1] (C[t] itself
+    when f = 1).
+    """
+    shape = list(array.shape)
+    shape[axis] += 1
+    prefix = np.zeros(shape, np.int32)                          # sizes < 2**31
+    np.cumsum(array, axis=axis, out=prefix[(slice(None),) * axis + (slice(1, None),)])
+    ends = []
+    for t in (starts + b, starts):
+        if f == 1:
+            ends.append(np.take(prefix, t, axis=axis))
+            continue
+        q, r = np.divmod(t, f)
+        r = r.astype(np.int32).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+        ends.append((f - r) * np.take(prefix, q, axis=axis) + r * np.take(
+            prefix, np.minimum(q + 1, shape[axis] - 1), axis=axis))
+    return ends[0] - ends[1]
 
 
 def _count(valid, shape):
@@ -1453,8 +1461,8 @@ class _Selection:
     mask and labels are read through ``decode(name, box)``. ``region_counts``
     holds the positions of each region on the mask (all of them without a
     mask), one integer per region, counted once; ``digest`` is a digest of
-    every position the counting passes selected, which the epoch's order
-    depends on too.
+    what decided the counting passes' selection (a bit per position, or the
+    cells of a coarse mask: see _tally), which the epoch's order depends on too.
     """
 
     def __init__(self, lattice, block, mask, labels, min_mask_fraction, decode,
@@ -1494,10 +1502,8 @@ class _Selection:
         needed = [name for name in self.ndim if name == 'mask' or kind is not None]
         if any(self.ndim[name] == 3 for name in needed):
             for region in range(self.lattice.regions):
-                origin, shape = self.lattice.region_bounds(region)
-                valid = self.selected(origin, shape, kind)
-                digest.update(np.packbits(valid))
-                counts[region] = _count(valid, shape)
+                bits, counts[region] = self._tally(*self.lattice.region_bounds(region), kind)
+                digest.update(bits)
             self.digest = digest.digest()
             return counts
         # 2D arrays decide for all layers at once: one (y, x) cell, every z; a
@@ -1512,14 +1518,79 @@ class _Selection:
                 bands[name] = _Band(self.decode(name, band), band[0].start)
             banded.decode = lambda name, box: bands[name][box]
             for cell in range(row * columns, (row + 1) * columns):
-                valid = banded.selected(*self.lattice.region_bounds(cell), kind)
-                digest.update(np.packbits(valid))
-                in_cell = int(valid.sum())
+                bits, in_cell = banded._tally(*self.lattice.region_bounds(cell), kind)
+                digest.update(bits)
                 for layer in range(layers):
                     region = layer * rows * columns + cell
                     counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
         self.digest = digest.digest()
         return counts
+
+    def _tally(self, origin, shape, kind):
+        """``(bits, n)``: what the digest takes, and the positions of the lattice box
+        (origin, shape) that ``selected`` keeps (per layer, when made of 2D arrays only).
+
+        The bits are those of ``selected``, one per position; for a coarse mask alone
+        at threshold 1 in random epochs (lattice step 1), those of its window, whose
+        cells decide the selection given the block and the factor (_count_touching).
+        """
+        if (kind is None and self.threshold == 1 and set(self.lattice.step) == {1}
+                and set(self.factor['mask']) != {1}):
+            return self._count_touching(origin, shape)
+        valid = self.selected(origin, shape, kind)
+        return np.packbits(valid), int(valid.sum())
+
+    def _count_touching(self, origin, shape):
+        """``(bits, n)`` for a coarse mask: its window's nonzero bits, and the positions
+        of the lattice box (origin, shape) whose block's footprint touches a nonzero
+        cell (per layer, for a 2D mask), in work of the window's cells, not positions.
+
+        Along an axis of factor f, the block of b voxels at p = q f + r (0 <= r < f)
+        overlaps the cells q .. q + (r + b - 1) // f: L = (b - 1) // f + 1 of them
+        while r < f L - b + 1, L + 1 from there on. So the positions fall into two
+        classes per axis, each with its number of positions per first cell q. For
+        each combination of classes (2**ndim), whether the box of cells of those
+        lengths at q holds a nonzero one, times the product of those numbers at q,
+        summed over q.
+        """
+        ndim, factor = self.ndim['mask'], self.factor['mask']
+        axes = self.lattice.axis_corners(origin, shape)[3 - ndim:]
+        lo, hi = (bounds[3 - ndim:] for bounds in self.lattice.voxel_box(origin, shape))
+        box = self.window('mask', lo, hi)
+        window = self.decode('mask', box) != 0
+        bits = np.packbits(window)
+        if not window.any():
+            return bits, 0
+        if window.all():
+            return bits, math.prod(len(a) for a in axes)
+        classes = []                 # per axis: (L, positions per q early, late)
+        for corners, b, f, cells in zip(axes, self.block[3 - ndim:], factor, box):
+            q, r = np.divmod(corners, f)
+            q -= cells.start
+            length = (b - 1) // f + 1
+            late = r >= f * length - b + 1
+            classes.append((length, *(np.bincount(q[late == k], minlength=q[-1] + 1)
+                                      for k in (False, True))))
+        # Whether the box of cells at q holds a nonzero one, per combination of classes
+        # so far: axis by axis (any is separable), L cells from prefix sums, L + 1 as L
+        # at q or at q + 1. The last q's L cells may end one past the window: padded.
+        touched = [((), np.pad(window, [(0, 1)] * ndim))]   # (positions per q, hit)
+        for axis, (length, *weights) in enumerate(classes):
+            n = len(weights[0])
+            head, tail = ((slice(None),) * axis + (slice(i, i + n),) for i in (0, 1))
+            grown = []
+            for combination, hit in touched:
+                hit = _axis_sums(hit, axis, np.arange(n + 1), length) > 0    # L cells at q
+                for weight, held in zip(weights, (hit[head], hit[head] | hit[tail])):
+                    if weight.any():
+                        grown.append((combination + (weight,), held))
+            touched = grown
+        count = 0
+        for weights, hit in touched:                     # hit: (nq,) per axis
+            for weight in reversed(weights):             # contract the last axis
+                hit = hit @ weight
+            count += int(hit)
+        return bits, count
 
     def selected(self, origin, shape, kind=None):
         """Which positions of the lattice box (origin, shape) an epoch may draw.

@@ -1784,6 +1784,58 @@ def test_a_coarse_mask_selects_exactly_the_positions_of_the_repeated_mask(tmp_pa
         assert epoch(strided[0]) == epoch(strided[1])
 
 
+@pytest.mark.parametrize("shape, block, factor, z_range", [
+    ((5, 37, 41), (2, 5, 6), (3, 4), None),                   # f below the block
+    ((4, 38, 44), (2, 3, 2), (5, 7), None),                   # the block below f
+    ((13, 37, 41), (3, 5, 6), (2, 3, 5), None),
+    ((19, 45, 29), (2, 20, 7), (4, 8, 3), (2, 17)),           # b % f: 2, 4, 1; z cropped
+    ((13, 37, 41), (4, 8, 12), (1, 4, 4), None),              # (y, x) only; f divides b
+], ids=["2d-small-f", "2d-large-f", "3d", "3d-mixed-z-range", "3d-in-plane"])
+def test_a_coarse_mask_counts_its_regions_in_its_own_cells_exactly(monkeypatch, shape, block,
+                                                                   factor, z_range):
+    # Sizes not multiples of f, regions of a few positions that cut coarse cells: every
+    # region counts what the repeated mask at full resolution, position by position, does.
+    data = np.zeros(shape, np.uint8)
+    mask_shape = shape[3 - len(factor):]
+    options = dict(samples_per_epoch=1, region_mb=0.001, z_range=z_range)
+    for density in (0.03, 0.3, 0.9):
+        coarse = (np.random.default_rng(5).random([-(-s // f) for s, f in
+                                                    zip(mask_shape, factor)]) < density)
+        full = VesuviusStream([{"volume": data, "mask": repeated(coarse, factor, mask_shape)}],
+                              *block, **options)
+        with monkeypatch.context() as patch:      # no position by position on this path
+            patch.setattr(streamer._Selection, "selected", None)
+            fast = VesuviusStream([{"volume": data, "mask": coarse}], *block, **options)
+        selection = fast._sources[0].selection
+        assert selection.factor["mask"] == factor
+        assert full._sources[0].lattice.regions == fast._sources[0].lattice.regions > 20
+        assert np.array_equal(selection.region_counts,
+                              full._sources[0].selection.region_counts)
+        # A resumed run refuses a state saved over a moved mask: one cell changes the digest.
+        coarse.flat[coarse.size // 2] ^= True
+        moved = VesuviusStream([{"volume": data, "mask": coarse}], *block, **options)
+        assert moved._sources[0].selection.digest != selection.digest
+
+
+def test_a_coarse_mask_is_counted_without_a_value_per_position():
+    # 9.9 million positions in one region; the 1/8 mask has 32 768 cells, one of them set.
+    array = zarr.create_array({}, shape=(64, 512, 512), chunks=(64, 512, 512), dtype="uint8")
+    mask = np.zeros((8, 64, 64), np.uint8)
+    mask[3, 20, 41] = 1
+    tracemalloc.start()
+    ds = VesuviusStream([{"volume": array, "mask": mask}], 16, 64, 64, 1)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    lattice = ds._sources[0].lattice
+    assert (lattice.regions, lattice.positions) == (1, 49 * 449 * 449)
+    # Per axis, the starts p whose block [p, p + b) meets the cell's voxels [8c, 8c + 8).
+    assert ds.capacity == math.prod(len(range(max(0, 8 * c - b + 1), 8 * c + 8))
+                                    for c, b in zip((3, 20, 41), (16, 64, 64)))
+    # Position by position, the pass holds several bytes per position (160 MiB here);
+    # in the coarse cells, some per cell (0.7 MiB).
+    assert peak < lattice.positions // 4
+
+
 def scroll_pyramid(path, shape=(33, 64, 72), seed=7):
     """A small OME-Zarr scroll as the real ones are served (NGFF 0.4, zarr format 2, '/'
     keys, uint8, 32³ chunks): level 0 zero outside a cylinder of papyrus that ends at
