@@ -292,11 +292,13 @@ class VesuviusStream(IterableDataset):
             so that ``open_regions`` boxes fill it; the boxes being cut and
             those decoded ahead (volume and labels) count in this one budget:
             the next group's boxes are decoded as this group's are let go, or
-            beside them while they fit. Default 128 (boxes of 16 MiB with
-            ``open_regions=8``); more gives larger regions, so less decoding
+            beside them while they fit. Default 128 (boxes of 8 MiB with
+            ``open_regions=16``); more gives larger regions, so less decoding
             per sample, for more memory. Numpy sources are sliced as views and
             take none of it.
-        open_regions (int): regions a worker interleaves. Default 8.
+        open_regions (int): regions a worker interleaves: a batch of B
+            consecutive items of a worker holds about B / open_regions blocks
+            of each. Default 16 (a batch of 32 from 16 places).
         storage_options (dict, optional): fsspec options for URL sources, e.g.
             ``{'anon': True}`` for a public S3 bucket, or
             ``{'client_kwargs': {'headers': {...}}}`` for HTTP;
@@ -358,8 +360,8 @@ class VesuviusStream(IterableDataset):
                  return_coords=False, *, z_range=None, stride=None,
                  min_mask_fraction=0.0, positive_fraction=None, min_positive_fraction=0.0,
                  ignore_label=None, transform=None, rank=None, world_size=None,
-                 samples_per_region=None, region_mb=128, open_regions=8,
-                 storage_options=None, cache_dir=None):
+                 samples_per_region=None, region_mb=128, open_regions=16,
+                 storage_options=None, cache_dir=None, batch_size=None):
         super().__init__()
         if isinstance(file_paths, (str, os.PathLike, dict, np.ndarray, zarr.Array, zarr.Group)):
             raise TypeError(
@@ -413,6 +415,8 @@ class VesuviusStream(IterableDataset):
                              f"positive_fraction uses: give positive_fraction too")
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        if batch_size is not None:
+            batch_size = _positive_int('batch_size', batch_size)
         if samples_per_region is not None:
             samples_per_region = _positive_int('samples_per_region', samples_per_region)
         open_regions = _positive_int('open_regions', open_regions)
@@ -475,6 +479,7 @@ class VesuviusStream(IterableDataset):
         self.seed = seed
         self.return_coords = bool(return_coords)
         self.transform = transform
+        self.batch_size = batch_size
         self.open_regions = open_regions
         self._region_mb = region_mb
         self._z_range, self._step = z_range, step
@@ -552,11 +557,12 @@ class VesuviusStream(IterableDataset):
 
     def __len__(self):
         """Items this rank yields per epoch (``samples_per_epoch`` over all ranks); after
-        ``load_state_dict`` of a merged state, its share of what is left of that epoch."""
+        ``load_state_dict`` of a merged state, its share of what is left of that epoch.
+        With ``batch_size``, its batches: ``ceil(items / batch_size)``."""
         part = self._part(int(self._epoch[0]))
         first, stop = _shard_bounds(_length(part, self.samples_per_epoch), self.world_size,
                                     self.rank)
-        return stop - first
+        return stop - first if self.batch_size is None else -(-(stop - first) // self.batch_size)
 
     def set_epoch(self, epoch, skip_batches=0, batch_size=None):
         """Select the epoch whose positions the next iterations yield.
@@ -564,15 +570,22 @@ class VesuviusStream(IterableDataset):
         ``skip_batches=B, batch_size=S`` resumes that epoch with a plain
         ``DataLoader`` after its first B batches of S items, for the same
         number of workers (and ranks): each worker skips what it delivered in
-        those batches. Until the next ``set_epoch``, every iteration skips
-        them. (``torchdata``'s ``StatefulDataLoader`` needs none of this: it
-        saves and restores the position through ``state_dict``.) Selecting
-        another epoch than a loaded merged state's drops that state.
+        those batches. With the dataset's own ``batch_size`` a batch is one of
+        its batches and ``batch_size`` may be left out. Until the next
+        ``set_epoch``, every iteration skips them. (``torchdata``'s
+        ``StatefulDataLoader`` needs none of this: it saves and restores the
+        position through ``state_dict``.) Selecting another epoch than a loaded
+        merged state's drops that state.
         """
         if not _is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
         if not _is_int(skip_batches) or skip_batches < 0:
             raise ValueError(f"skip_batches must be an int >= 0, got {skip_batches!r}")
+        if self.batch_size is not None:
+            if batch_size not in (None, self.batch_size):
+                raise ValueError(f"this dataset yields batches of batch_size={self.batch_size}"
+                                 f": skip_batches counts those, got batch_size={batch_size!r}")
+            batch_size = self.batch_size
         if skip_batches and batch_size is None:
             raise ValueError("skip_batches needs the DataLoader's batch_size")
         batch_size = 0 if batch_size is None else _positive_int('batch_size', batch_size)
@@ -717,7 +730,7 @@ class VesuviusStream(IterableDataset):
         return self._stream(epoch, spans, worker is not None)
 
     def _stream(self, epoch, spans, in_worker):
-        """The items of ``spans`` of the epoch."""
+        """The items of ``spans`` of the epoch (or their batches, with ``batch_size``)."""
         _refuse_zarrs_after_fork()
         if in_worker:
             _keep_freed_memory()
@@ -729,40 +742,86 @@ class VesuviusStream(IterableDataset):
         groups = itertools.chain.from_iterable(plan.groups(*span) for span in spans)
         reader = _Reader(self._sources, groups, self._region_mb * 2**20)
         try:
-            # Cut, transform and yield the blocks, in the plan's order.
-            yield from self._items(reader)
+            # Cut, transform and yield the blocks, in the plan's order: items or batches.
+            if self.batch_size is None:
+                yield from self._items(reader)
+            else:
+                yield from self._batches(reader, _length(spans, None), shared=in_worker)
         finally:             # an early break, an error, the end: no thread left behind
             reader.close()
 
-    def _items(self, reader):
-        """The items of the groups ``reader`` gives, counted in ``self._place``.
+    def _cuts(self, reader):
+        """``(source, corner, box)`` of each block of the groups ``reader`` gives.
 
-        The blocks of a group are cut in its interleaved order, each as soon as
-        its box is decoded (a worker's first blocks: read alone, see _Reader); a
-        box is let go after its last block.
+        The blocks of a group come in its interleaved order, each as soon as its
+        box is decoded (a worker's first blocks: read alone, see _Reader); a box
+        is let go once its last block is cut, when the next is asked for: the
+        caller keeps no reference to a box past its cut (``del box``), so that
+        the boxes alive are those the reader counts in its budget.
         """
         for group, lanes in reader:
             last = len(group.order) - 1 - np.unique(group.order[::-1, 0], return_index=True)[1]
             for step, (lane, index) in enumerate(group.order):
                 visit, (slot, corners) = group.visits[lane], lanes[lane]
                 corner = corners[index]
-                item = self._sources[visit.source].cut(reader.box(slot, corner), corner)
+                yield visit.source, corner, reader.box(slot, corner)
                 if step == last[lane]:
                     reader.release(slot)
-                if self.transform is not None:
-                    item = self._transformed(item, visit.source, corner)
-                if self.return_coords:
-                    item = (*item, torch.tensor((visit.source, *corner), dtype=torch.int64))
-                self._place.yielded += 1
-                yield item if len(item) > 1 else item[0]
 
-    def _transformed(self, item, source, corner):
-        """``transform(*item)`` as a tuple; None is refused, naming the block."""
+    def _items(self, reader):
+        """The items of the groups ``reader`` gives, counted in ``self._place``."""
+        for source, corner, box in self._cuts(reader):
+            start = time.perf_counter()
+            item = self._sources[source].cut(box, corner)
+            del box
+            _COUNTERS.cut_seconds += time.perf_counter() - start
+            if self.transform is not None:
+                item = self._transformed(item, f"the block of source {source} at "
+                                               f"{tuple(map(int, corner))}")
+            if self.return_coords:
+                item = (*item, torch.tensor((source, *corner), dtype=torch.int64))
+            self._place.yielded += 1
+            yield item if len(item) > 1 else item[0]
+
+    def _batches(self, reader, left, shared):
+        """The ``left`` items of the groups ``reader`` gives, as batches of ``batch_size``
+        (the last may be smaller), each item counted in ``self._place``.
+
+        Each block (and label) is copied once, from its decoded box into its row
+        of the batch; in a DataLoader worker (``shared``) the batch is made in
+        shared memory, as collate makes its batches, so that the queue to the
+        main process passes it without another copy.
+        """
+        cuts = self._cuts(reader)
+        labels = self._sources[0].labels
+        while left:
+            size = min(self.batch_size, left)
+            batch = (_empty((size, *self.block), self._sources[0].volume.dtype, shared),)
+            if labels is not None:
+                batch += (_empty((size, *self.block[3 - labels.ndim:]), labels.dtype, shared),)
+            rows = [array.numpy() for array in batch]          # views, to write into
+            coords = np.empty((size, 4), dtype=np.int64)
+            for row, (source, corner, box) in zip(range(size), cuts):
+                start = time.perf_counter()
+                self._sources[source].cut_into(box, corner, [array[row] for array in rows])
+                del box
+                _COUNTERS.cut_seconds += time.perf_counter() - start
+                coords[row] = (source, *corner)
+            if self.transform is not None:
+                batch = self._transformed(batch, f"the batch of {size} blocks from source "
+                                                 f"{coords[0, 0]} at {tuple(coords[0, 1:])}")
+            if self.return_coords:
+                batch += (torch.from_numpy(coords),)
+            left -= size
+            self._place.yielded += size
+            yield batch if len(batch) > 1 else batch[0]
+
+    def _transformed(self, item, what):
+        """``transform(*item)`` as a tuple; None is refused, naming ``what`` it was given."""
         item = self.transform(*item)
         if item is None:
-            raise TypeError(f"transform {_name(self.transform)} returned None for the block of "
-                            f"source {source} at {tuple(map(int, corner))}; it must return "
-                            f"the block, or a (block, label) pair")
+            raise TypeError(f"transform {_name(self.transform)} returned None for {what}; "
+                            f"it must return the block, or a (block, label) pair")
         return item if isinstance(item, tuple) else (item,)
 
     def _resumed(self, epoch, shard, shards):
@@ -1185,11 +1244,25 @@ class _Lattice:
         """Region shape (in positions) whose box is chunk multiples within the budget.
 
         Starts from one chunk (halved while even that is over budget), then
-        grows by whole chunks, each step on the axis whose halo costs most
-        relative to its size.
+        grows by whole chunks while the box fits, each step on the axis that
+        leaves the least of the decoded chunks unused (what the box overlaps,
+        over the box: decoding per sample is proportional to it), the first
+        such axis on a tie. Thin boxes of whole chunks in z tend to waste
+        least, and spread a region over the plane, where 2D labels vary.
+        Example: 65 layers, chunks (16, 256, 256), block (26, 64, 64), 8 MiB:
+        the box of one chunk of positions, (41, 319, 319), overlaps (48, 512,
+        512) voxels, and any bigger box is over budget; with 16 MiB, growing y
+        (to (41, 575, 319) of (48, 768, 512): 2.5x) wastes less than growing z
+        (to (57, 319, 319) of (64, 512, 512): 2.9x).
         """
         def fits(region):
             return math.prod(self.box(region)) * itemsize <= region_bytes
+
+        def overlap(region):         # chunks' voxels decoded per voxel of the box
+            box = self.box(region)
+            decoded = math.prod((-(-(l + b) // c) - l // c) * c
+                                for l, b, c in zip(self.lo, box, chunks))
+            return decoded / math.prod(box)
 
         per_chunk = [max(1, c // s) for c, s in zip(chunks, self.step)]
         region = [min(c, e) for c, e in zip(per_chunk, self.extent)]
@@ -1197,17 +1270,15 @@ class _Lattice:
             axis = region.index(max(region))
             region[axis] = -(-region[axis] // 2)
         while True:
-            growable = [a for a in range(3) if region[a] < self.extent[a]]
-            growable.sort(key=lambda a: self.box(region)[a] / (region[a] * self.step[a]),
-                          reverse=True)
-            for axis in growable:
-                bigger = list(region)
-                bigger[axis] = min(region[axis] + per_chunk[axis], self.extent[axis])
-                if fits(bigger):
-                    region = bigger
-                    break
-            else:
+            bigger = []
+            for axis in range(3):
+                grown = list(region)
+                grown[axis] = min(region[axis] + per_chunk[axis], self.extent[axis])
+                if grown != region and fits(grown):
+                    bigger.append((overlap(grown), axis, grown))
+            if not bigger:
                 return tuple(region)
+            region = min(bigger)[2]
 
     def region_bounds(self, index):
         """Origin and shape (in positions) of region ``index``."""
@@ -1399,12 +1470,25 @@ class _Source:
                                                         end[3 - array.ndim:])) * array.dtype.itemsize
         return size
 
+    def chunk_bytes(self, origin, end):
+        """Bytes zarr decodes to read the box ``[origin, end)``: every chunk of the volume
+        and labels it overlaps, whole (edge chunks are stored whole); numpy: none."""
+        size = 0
+        for array in (self.volume, self.labels):
+            if isinstance(array, zarr.Array):
+                spans = [(-(-e // c) - o // c) * c for o, e, c in
+                         zip(origin[3 - array.ndim:], end[3 - array.ndim:], array.chunks)]
+                size += math.prod(spans) * array.dtype.itemsize
+        return size
+
     def read(self, origin, end):
         """Decode the voxel box ``[origin, end)`` (volume and labels)."""
+        start = time.perf_counter()
         box = tuple(slice(o, e) for o, e in zip(origin, end))
         volume = self.decode('volume', box)
         labels = None if self.labels is None else self.decode('labels',
                                                                box[3 - self.labels.ndim:])
+        _COUNTERS.decoded(time.perf_counter() - start, self.chunk_bytes(origin, end))
         return _Box(np.asarray(origin), volume, labels)
 
     def decode(self, name, box):
@@ -1431,14 +1515,27 @@ class _Source:
         return data
 
     def cut(self, box, corner):
-        """``(block,)`` or ``(block, label)`` tensors at ``corner`` from a read box."""
+        """``(block,)`` or ``(block, label)`` tensors at ``corner`` from a read box.
+
+        Contiguous copies: the box may be let go at once, and collate stacks
+        strided uint16 tensors many times slower than contiguous ones.
+        """
+        return tuple(torch.from_numpy(np.ascontiguousarray(window))
+                     for window in self._windows(box, corner))
+
+    def cut_into(self, box, corner, rows):
+        """Copy the block (and label) at ``corner`` of a read box into ``rows``, numpy
+        views of a batch's row of blocks (and of labels)."""
+        for row, window in zip(rows, self._windows(box, corner)):
+            row[...] = window
+
+    def _windows(self, box, corner):
+        """Views of the block (and label) at ``corner`` in a read box."""
         local = corner - box.origin
         window = tuple(slice(int(l), int(l) + b) for l, b in zip(local, self.block))
-        item = (torch.from_numpy(np.ascontiguousarray(box.volume[window])),)
-        if box.labels is not None:
-            item += (torch.from_numpy(np.ascontiguousarray(
-                box.labels[window[3 - box.labels.ndim:]])),)
-        return item
+        if box.labels is None:
+            return (box.volume[window],)
+        return box.volume[window], box.labels[window[3 - box.labels.ndim:]]
 
 
 class _Selection:
@@ -2311,6 +2408,33 @@ def _delivered(total, shards, shard, workers, batches, batch_size):
 
 # -- reading: boxes decoded in a background thread, within the budget ---------
 
+class _Counters:
+    """What this process spent reading and cutting, summed over its iterations.
+
+    The hook benchmark.py measures through (``streamer._COUNTERS``, one per
+    process: a DataLoader worker has its own): seconds decoding boxes and the
+    bytes of the chunks they overlap (whole chunks: what zarr decodes), timed
+    per box, and seconds cutting blocks into items or batch rows, timed per
+    block. ``snapshot()`` gives them as a dict.
+    """
+
+    def __init__(self):
+        self.decode_seconds = self.decoded_bytes = self.cut_seconds = 0
+        self._lock = threading.Lock()      # the reader thread and the cutting one decode
+
+    def decoded(self, seconds, nbytes):
+        with self._lock:
+            self.decode_seconds += seconds
+            self.decoded_bytes += nbytes
+
+    def snapshot(self):
+        return {'decode_seconds': self.decode_seconds, 'decoded_bytes': self.decoded_bytes,
+                'cut_seconds': self.cut_seconds}
+
+
+_COUNTERS = _Counters()
+
+
 class _Slot:
     """One decoded box (or one being decoded), shared by the lanes that cut from it."""
 
@@ -2517,6 +2641,19 @@ def _failing_chunk(array, box):
 def _native(array):
     """``array`` in native byte order (torch refuses others): a copy only if it is not."""
     return array.astype(array.dtype.newbyteorder('='), copy=False)
+
+
+# -- yielding batches ------------------------------------------------------------
+
+def _empty(shape, dtype, shared):
+    """An uninitialised tensor of numpy ``dtype`` (in native byte order); in shared
+    memory if ``shared``, made there directly as collate makes its batches (not moved
+    there, which would copy it)."""
+    dtype = torch.from_numpy(np.empty(0, np.dtype(dtype).newbyteorder('='))).dtype
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 # -- process hygiene: forked workers and malloc -------------------------------
