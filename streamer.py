@@ -20,6 +20,7 @@ See the class docstring for the guarantees and every argument.
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import ctypes
@@ -2406,7 +2407,7 @@ def _delivered(total, shards, shard, workers, batches, batch_size):
     return min(taken * batch_size, stop - first)
 
 
-# -- reading: boxes decoded in a background thread, within the budget ---------
+# -- reading: boxes decoded ahead in a background thread, within the budget --
 
 class _Counters:
     """What this process spent reading and cutting, summed over its iterations.
@@ -2436,188 +2437,149 @@ _COUNTERS = _Counters()
 
 
 class _Slot:
-    """One decoded box (or one being decoded), shared by the lanes that cut from it."""
+    """A box some lane needs, decoded once and shared by every lane that cuts from it."""
 
     def __init__(self, key, nbytes):
-        self.key, self.nbytes = key, nbytes
+        self.key, self.nbytes = key, nbytes   # key: (source, voxel origin, voxel end)
         self.users = 0              # lanes of posted groups that still cut from it
-        self.box = self.error = None
-        self.decoding = False
-        self.ready = threading.Event()
+        self.future = None          # its decoding, once started
         self.small = nbytes <= _SMALL_BOX
 
 
 class _Reader:
-    """A shard's groups with their boxes, decoded in a background thread.
+    """A shard's groups with their boxes, decoded by one background thread.
 
-    The thread posts each group with its lanes' corners, then decodes the
-    group's boxes in the order the cutting first needs them; a box (keyed by
-    source and voxel bounds) is decoded once and shared by every lane that
-    needs it while one does, in this group or the next. Decoding runs one
-    group ahead of the cutting, and ahead only while the boxes held (being
-    cut and decoded ahead) fit in ``budget`` bytes; the boxes of the group
-    being cut are decoded whatever they weigh, so that any block reads.
-    Iterate for ``(group, [(slot, corners) per lane])``; ``box(slot, corner)``
-    gives a box holding the block at ``corner``, waiting for it (and raising
-    the background error, if any), ``release(slot)`` ends a lane's use of it,
-    ``close()`` stops the thread.
+    Iterate for ``(group, [(slot, corners) per lane])``: a lane's corners are
+    those of its visit's blocks, its slot the box they are cut from, keyed by
+    source and voxel bounds and so shared by every lane that needs it while
+    one does, in this group or the next. One thread decodes the boxes as
+    futures, in the order the cutting first needs them: the boxes of the
+    group being cut whatever they weigh (so that any block reads), then the
+    next group's while the boxes held fit ``budget`` bytes. Everything else
+    (planning a group, the budget) runs in the iterating thread.
+    ``box(slot, corner)`` gives a box holding the block at ``corner``,
+    waiting for it and raising its decoding error (which names the source);
+    ``release(slot)`` ends a lane's use of it; ``close()`` ends the thread.
 
     First batch soon: nothing is ahead at the start, and the first batch
     would wait for most of the first group's boxes, since its items come
     from every lane in turn. So in the first group ``box`` reads the first
     ``_FIRST_BLOCKS`` blocks alone, straight from the store (as per-sample
-    reading would), and the thread holds back the group's boxes meanwhile:
-    decoding them beside those reads would slow the reads down several
-    times. Small boxes are decoded first, and their blocks cut from them.
-    A lane may so be done, and released, before its box is decoded: the box
-    is then not decoded, or dropped once it is.
+    reading would), and holds the boxes of more than ``_SMALL_BOX`` back
+    meanwhile: decoding them beside those reads would slow the reads down
+    several times. Small boxes are decoded at once, and their blocks cut
+    from them. A lane may so be done, and released, before its box is
+    decoded: the box is then never decoded.
     """
 
     def __init__(self, sources, groups, budget):
         self._sources, self._groups, self._budget = sources, groups, budget
-        self._lock = threading.Condition()
         self._live = {}             # key -> slot: boxes some posted lane still needs
         self._held = 0              # bytes of live boxes decoded or being decoded
-        self._posted = collections.deque()
-        self._cutting = -1          # index of the group being cut
-        self._finished = self._closed = False
-        self._error = None
+        self._waiting = collections.deque()   # (slot, needed now) not started, in order
+        self._first = True          # cutting the first group
         self._alone = 0             # blocks of the first group read alone
-        self._thread = threading.Thread(target=self._run, name='VesuviusStream reader',
-                                        daemon=True)
-        self._thread.start()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, 'VesuviusStream reader')
+        self._running = []          # futures started, kept only until done: close() asks
 
     def __iter__(self):
-        while True:
-            with self._lock:
-                self._lock.wait_for(lambda: self._posted or self._finished)
-                if not self._posted:
-                    if self._error is not None:
-                        raise self._error
-                    return
-                posted = self._posted.popleft()
-                self._cutting += 1
-                self._lock.notify_all()
-            yield posted
+        groups = iter(self._groups)
+        ahead = self._post(groups)
+        while ahead is not None:
+            if isinstance(ahead, Exception):       # planning it failed: after the items before
+                raise ahead
+            # The next group is posted before this one is cut, so that the boxes
+            # they share stay live while this one's lanes are released.
+            (group, lanes), ahead = ahead, self._post(groups)
+            self._waiting.clear()
+            for planned, now in (((group, lanes), True), (ahead, False)):
+                if planned is not None and not isinstance(planned, Exception):
+                    slots = [planned[1][lane][0] for lane in
+                             np.unique(planned[0].order[:, 0], return_index=True)[1].argsort()]
+                    # Small boxes first: the first group's blocks of the others are read
+                    # alone while those are held back.
+                    self._waiting += [(slot, now) for slot in sorted(slots, key=lambda slot:
+                                                                      self._first and
+                                                                      not slot.small)]
+            self._start()
+            yield group, lanes
+            self._first = False
 
     def box(self, slot, corner):
         """A box holding the block at ``corner`` of a lane of ``slot``: the block
         alone, read now (see above), or the slot's box once decoded."""
-        if self._reads_alone(slot):
+        if self._holds_back(slot):
             source = self._sources[slot.key[0]]
             block = source.read(corner, corner + source.block)
-            with self._lock:
-                self._alone += 1
-                self._lock.notify_all()
+            self._alone += 1
+            self._start()
             return block
-        slot.ready.wait()
-        if slot.error is not None:
-            raise slot.error
-        return slot.box
-
-    def _reads_alone(self, slot):
-        """Whether blocks of ``slot`` are read alone, its box held back: in the first
-        group (being cut, or about to be), until ``_FIRST_BLOCKS`` of them."""
-        return self._cutting <= 0 and self._alone < _FIRST_BLOCKS and not slot.small
+        return slot.future.result()
 
     def release(self, slot):
-        with self._lock:
-            slot.users -= 1
-            if slot.users == 0:
-                del self._live[slot.key]
-                if slot.decoding:   # else not counted in _held, and never to be decoded
-                    self._held -= slot.nbytes
-                slot.box = None
-                self._lock.notify_all()
+        """End a lane's use of ``slot``; its box is let go after the last lane's."""
+        slot.users -= 1
+        if slot.users == 0:
+            del self._live[slot.key]
+            if slot.future is not None:
+                slot.future.cancel()            # if not begun; else dropped once decoded
+                self._held -= slot.nbytes
+                slot.future = None              # the group's lanes still hold the slot
+            self._running = [future for future in self._running if not future.done()]
+            self._start()
 
     def close(self):
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
-        if self._thread.is_alive():
+        """Cancel what is not begun and end the thread, at once."""
+        if any(not future.done() for future in self._running):
             # It may wait on a server that stopped answering (and Ctrl-C does not reach
             # it): cancel the remote requests of its sources, so that it ends now.
             for source in self._sources:
                 for array in (source.volume, source.labels, source.mask):
                     if isinstance(getattr(array, 'store', None), _RemoteStore):
                         array.store.cancel()
-        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self):
+    def _holds_back(self, slot):
+        """Whether blocks of ``slot`` are read alone, its box held back: in the first
+        group, until ``_FIRST_BLOCKS`` of them."""
+        return self._first and self._alone < _FIRST_BLOCKS and not slot.small
+
+    def _start(self):
+        """Start decoding the waiting boxes, in order, as far as they may be: those
+        the group being cut needs unless held back, the next group's within budget."""
+        while self._waiting:
+            slot, now = self._waiting[0]
+            if slot.future is None and slot.users:     # else shared and begun, or released
+                if self._holds_back(slot) or (
+                        not now and self._held + slot.nbytes > self._budget):
+                    return
+                self._held += slot.nbytes
+                slot.future = self._pool.submit(self._sources[slot.key[0]].read, *slot.key[1:])
+                self._running.append(slot.future)
+            self._waiting.popleft()
+
+    def _post(self, groups):
+        """The next group of ``groups`` with its lanes (a live box is shared); None at
+        the end; an error planning it, to raise after the items before it."""
         try:
-            groups = iter(self._groups)
-            # The next group is posted before this one is decoded, so that the
-            # boxes they share stay live while this one's lanes are released.
-            ahead = self._post(next(groups, None))
-            index = 0
-            while ahead is not None and not self._closed:
-                group, lanes = ahead
-                with self._lock:         # never more than one group ahead of the cutting
-                    self._lock.wait_for(lambda: self._closed or index <= self._cutting + 1)
-                ahead = self._post(next(groups, None))
-                first_need = np.unique(group.order[:, 0], return_index=True)[1].argsort()
-                slots = [lanes[lane][0] for lane in first_need]
-                if index == 0:
-                    # Small boxes first: the cutting waits for them, and reads the
-                    # first blocks of the others alone while those are held back.
-                    slots.sort(key=lambda slot: not slot.small)
-                for slot in slots:
-                    self._decode(slot, index)
-                index += 1
-        except BaseException as error:      # surfaces in the cutting thread
-            with self._lock:
-                self._error = error
-                for slot in self._live.values():
-                    if not slot.ready.is_set():
-                        slot.error = error
-                        slot.ready.set()
-        finally:
-            with self._lock:
-                self._finished = True
-                self._lock.notify_all()
-
-    def _post(self, group):
-        """Give ``group`` its lanes (a live box is shared) and post it; None at the end."""
-        if group is None or self._closed:
-            return None
-        lanes = []
-        for visit in group.visits:
-            source = self._sources[visit.source]
-            corners = source.lattice.corners(source.selection.positions_of(visit))
-            # The whole lattice box, not just the visit's positions: the visits
-            # of one region share one decoded box.
-            key = (visit.source, *source.lattice.voxel_box(visit.origin, visit.shape))
-            with self._lock:
+            group = next(groups, None)
+            if group is None:
+                return None
+            lanes = []
+            for visit in group.visits:
+                source = self._sources[visit.source]
+                corners = source.lattice.corners(source.selection.positions_of(visit))
+                # The whole lattice box, not just the visit's positions: the visits
+                # of one region share one decoded box.
+                key = (visit.source, *source.lattice.voxel_box(visit.origin, visit.shape))
                 slot = self._live.get(key)
                 if slot is None:
                     slot = self._live[key] = _Slot(key, source.nbytes(*key[1:]))
                 slot.users += 1
-            lanes.append((slot, corners))
-        with self._lock:
-            self._posted.append((group, lanes))
-            self._lock.notify_all()
-        return group, lanes
-
-    def _decode(self, slot, index):
-        """Decode ``slot`` unless it is already, once it fits the budget (group ``index``).
-
-        Not while the cutting reads its blocks alone, nor once no lane needs it
-        (they read all their blocks alone).
-        """
-        with self._lock:
-            self._lock.wait_for(lambda: self._closed or slot.decoding or slot.users == 0 or (
-                index <= self._cutting or self._held + slot.nbytes <= self._budget)
-                and not self._reads_alone(slot))
-            if self._closed or slot.decoding or slot.users == 0:
-                return
-            slot.decoding = True
-            self._held += slot.nbytes
-        source, origin, end = slot.key
-        box = self._sources[source].read(origin, end)
-        with self._lock:
-            if slot.users:          # else released while it was decoded
-                slot.box = box
-        slot.ready.set()
+                lanes.append((slot, corners))
+            return group, lanes
+        except Exception as error:
+            return error
 
 
 def _failing_chunk(array, box):
