@@ -72,6 +72,10 @@ _METADATA_KEYS = ('zarr.json', '.zarray', '.zgroup', '.zattrs', '.zmetadata')
 # First batch soon (see _Reader): in its first group a worker reads up to _FIRST_BLOCKS
 # blocks (a typical batch) alone, straight from the store, before it decodes their
 # boxes; not those of a box of at most _SMALL_BOX bytes, which decodes in milliseconds.
+# What it gives (benchmark's store, batches of 32, 2 workers, 3 runs alternating, loaded
+# machine): the first batch in 0.78 s (0.60-1.01) instead of 1.48 s (1.22-1.51); what it
+# costs: those reads decode whole chunks for one block each, a few tenths of a second
+# of a worker's first epoch.
 _FIRST_BLOCKS, _SMALL_BOX = 32, 4 * 2**20
 # A process forked from this one inherits it; a spawned one imports this module anew.
 _IMPORTED_BY = os.getpid()
@@ -98,7 +102,11 @@ class VesuviusStream(IterableDataset):
     sources have labels an item is ``(block, label)``. With
     ``return_coords=True`` the item is a tuple whose last element is an int64
     tensor ``(file_index, z, y, x)``: the block's start corner in that volume's
-    own index space, whose shape is ``ds.shapes[file_index]``.
+    own index space, whose shape is ``ds.shapes[file_index]``. With
+    ``batch_size=B`` it yields whole batches instead, for ``DataLoader(ds,
+    batch_size=None)``: the batch a DataLoader with ``batch_size=B`` would
+    collate from the items, made by cutting each block straight into it (see
+    Args).
 
     Guarantees:
 
@@ -114,7 +122,10 @@ class VesuviusStream(IterableDataset):
       number of workers or ranks (and so is their order in raster and grid
       modes; random epochs mix each share's visits in turn). ``len(ds)`` is
       this rank's share (as ``DistributedSampler.__len__``), so that
-      ``len(loader)`` counts the batches this rank yields.
+      ``len(loader)`` counts the batches this rank yields; with
+      ``batch_size=B``, ``ceil(share / B)``, its batches (each worker's last
+      batch may be smaller, so with W workers a rank yields up to W - 1
+      batches more, as a DataLoader batching the items does).
     * ``set_epoch(e)`` selects another epoch; the same ``(seed, e)`` always
       gives the same epoch. It reaches persistent DataLoader workers too.
     * Every position of a volume has the same chance to be in an epoch
@@ -130,34 +141,35 @@ class VesuviusStream(IterableDataset):
       ``StatefulDataLoader`` continue an interrupted epoch exactly, batch for
       batch; with a plain DataLoader, ``set_epoch(e, skip_batches=B,
       batch_size=S)`` does the same after B batches (same ``num_workers``).
-      On another number of ranks or workers, ``merge_state_dicts`` of every
-      rank's state, then ``load_state_dict`` of the result, yields exactly
-      what the old shards had not handed to the training loop, each
-      position once, in contiguous shares at most one apart.
+      With the dataset's ``batch_size`` a DataLoader batch is one of its
+      batches, and both ways work alike. On another number of ranks or
+      workers, ``merge_state_dicts`` of every rank's state, then
+      ``load_state_dict`` of the result, yields exactly what the old shards
+      had not handed to the training loop, each position once, in
+      contiguous shares at most one apart.
       A state saved through JSON is accepted; one edited, or saved over
       other data (the mask's or labels' counts per region differ), is
       refused. Random augmentations in ``transform`` are not replayed.
 
     How it reads: the positions of each volume are partitioned into *regions*
     aligned to its chunk grid, each small enough that ``open_regions`` of them
-    (plus the block's halo) fit in ``region_mb``. An epoch visits regions in
-    rounds, each round in a random order of its own; a visit takes the
-    region's next ``samples_per_region`` positions (proportionally fewer for a
-    smaller region, or one with less of the mask) from the region's own random
+    (plus the block's halo) fit in ``region_mb``, and shaped to waste little
+    of the chunks they decode. An epoch visits regions in rounds, each round
+    in a random order of its own; a visit takes the region's next
+    ``samples_per_region`` positions (proportionally fewer for a smaller
+    region, or one with less of the mask) from the region's own random
     permutation of its positions. The visits of all sources are merged into
     one sequence, and a worker takes those of its share ``open_regions`` at a
     time and yields their blocks in turn, so that consecutive items come from
-    different places. A background thread per worker decodes the boxes (a
-    region's, shared by every visit of it in this group and the next) in the
-    order they are first needed, so that a block is cut as soon as its box is
-    ready, and decodes the next group's boxes while this one's are cut.
-    Positions of one epoch are therefore clustered by region, which is what
-    makes reading fast: lower ``samples_per_region`` for more spread, at more
-    decoding per sample. So that the first batch comes soon, a worker reads
-    its first 32 blocks alone, as per-sample reading would, and decodes its
-    first boxes after them (boxes of at most 4 MiB at once). With glibc, a
-    DataLoader worker keeps the buffers zarr frees for reuse (up to 64 MiB
-    per malloc arena) instead of taking fresh pages for each chunk decoded.
+    different places. A background thread per worker decodes each box once
+    (a region's, shared by every visit of it in this group and the next), in
+    the order they are first needed, and the next group's boxes while this
+    one's are cut, within ``region_mb``; a worker's first few blocks are read
+    alone, straight from the store, so that the first batch does not wait for
+    the first group's boxes. A block is copied once from its decoded box: into
+    an item, or straight into its row of the batch. Positions of one epoch are
+    therefore clustered by region, which is what makes reading fast: lower
+    ``samples_per_region`` for more spread, at more decoding per sample.
 
     Sources and their layout: a source is a path or URL (str or
     ``os.PathLike``) to a Zarr array (format 2 or 3), or to a Zarr group with
@@ -282,7 +294,10 @@ class VesuviusStream(IterableDataset):
         transform (callable, optional): applied to each item in the worker
             before coordinates are appended: ``transform(block)`` returns a
             block, or ``transform(block, label)`` a ``(block, label)`` pair
-            (``None`` raises TypeError).
+            (``None`` raises TypeError). With ``batch_size`` it is applied to
+            each whole batch instead, ``(B, z, y, x)`` blocks and ``(B, ...)``
+            labels, once per batch (write it for batches: a random choice
+            made once applies to the whole batch).
         rank, world_size (int, optional): this process's DDP rank and the
             number of ranks. Default: read from ``torch.distributed`` when it
             is initialized (when this dataset is built), else 0 and 1.
@@ -315,6 +330,15 @@ class VesuviusStream(IterableDataset):
             then told apart by their metadata alone. Chunks read in parts
             (sharded stores) are not cached. A failed cache write (disk full)
             warns once and ends caching in that process; the read goes on.
+        batch_size (int, optional): yield whole batches of this many items
+            (each worker's last one may be smaller), for ``DataLoader(ds,
+            batch_size=None, num_workers=...)``: a tuple in the DataLoader's
+            batch layout (``(blocks, labels, coords)`` with what the items
+            hold; the blocks alone as a tensor), the same batches a DataLoader
+            with ``batch_size`` collates from the items, item for item. Each
+            block is cut straight into its batch, in shared memory in a
+            DataLoader worker, so that its bytes are copied once on their way
+            to the training loop. Default None: items.
 
     Example::
 
@@ -2643,7 +2667,9 @@ def _keep_freed_memory():
     them at once. With glibc's default thresholds much of that memory goes back
     to the system on each free and comes back as fresh pages on the next chunk:
     a quarter of a worker's decode time went to page faults (measured: 20-24 ms
-    CPU a 26x64x64 block with 16x256x256 chunks, 15 with this). Set here to the
+    CPU a 26x64x64 block with 16x256x256 chunks, 15 with this; on the benchmark's
+    store with 2 workers, 3 runs alternating, 1131 samples/s (1114-1496) against
+    827 (674-969) without it, and the first batch 0.78 s against 1.49 s). Set here to the
     largest values glibc's own adaptive thresholds reach; a worker so keeps at
     most _TRIM_THRESHOLD freed per malloc arena. Only in DataLoader workers,
     which exist to serve this dataset; skipped when the environment sets these
