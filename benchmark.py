@@ -554,8 +554,9 @@ def build_parser():
     parser.add_argument("--region-mb", type=float, metavar="MB",
                         help="VesuviusStream's region_mb (default: its own, "
                         f"{inspect.signature(VesuviusStream).parameters['region_mb'].default:g})")
-    parser.add_argument("--open-regions", type=int, default=8, metavar="N",
-                        help="VesuviusStream's open_regions (default: %(default)s)")
+    parser.add_argument("--open-regions", type=int, metavar="N",
+                        help="VesuviusStream's open_regions (default: its own, "
+                        f"{inspect.signature(VesuviusStream).parameters['open_regions'].default})")
     parser.add_argument("--shard-samples", type=float, default=1e9, metavar="N",
                         help="samples_per_epoch (capped at the store's positions) when timing "
                              "the first item of shards 0 and 63 of 64 (default: %(default)g)")
@@ -714,11 +715,11 @@ def benchmark_stream(path, args):
           "cut: worker seconds, summed over workers, from the stream's counters; collate + "
           "transfer: wall, as many ready blocks through the same DataLoader):")
     for name, breakdown in breakdowns.items():
-        print(f"  {name:8} decode {breakdown['decode'] * 1e6:4.0f} us, cut "
-              f"{breakdown['cut'] * 1e6:4.0f} us, collate + transfer "
-              f"{breakdown['transfer'] * 1e6:4.0f} us; cut + collate + transfer "
-              f"{(breakdown['cut'] + breakdown['transfer']) * 1e6:4.0f} us; wall "
-              f"{breakdown['wall'] * 1e6:4.0f} us; {breakdown['tiles']:.1f} distinct "
+        print(f"  {name}: decode {breakdown['decode'] * 1e6:.0f} us, cut "
+              f"{breakdown['cut'] * 1e6:.0f} us, collate + transfer "
+              f"{breakdown['transfer'] * 1e6:.0f} us; cut + collate + transfer "
+              f"{(breakdown['cut'] + breakdown['transfer']) * 1e6:.0f} us; wall "
+              f"{breakdown['wall'] * 1e6:.0f} us; {breakdown['tiles']:.1f} distinct "
               f"{TILE}x{TILE} tiles per batch")
 
     samples = min(int(args.shard_samples), stream.capacity)

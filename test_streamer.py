@@ -2708,23 +2708,35 @@ SMALL_RUN = ["--block", "4", "16", "16", "--batch-size", "4", "--batches", "5",
 def test_benchmark_runs_on_a_small_store(tmp_path):
     path = zarr_v3(tmp_path / "bench.zarr", volume((8, 64, 64)), chunks=(4, 32, 32))
     with checkout_untouched():
-        result = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"), path,
-                                 *SMALL_RUN], capture_output=True, text=True, timeout=120)
+        result, labelled = (subprocess.run(
+            [sys.executable, os.path.join(HERE, "benchmark.py"), path, *SMALL_RUN, *extra],
+            capture_output=True, text=True, timeout=120) for extra in ([],
+                                                                      ["--synthetic-labels"]))
     assert result.returncode == 0, result.stderr
     assert "decode limit" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines()
             if line.startswith(("naive", "VesuviusStream"))]
-    assert [row[0] for row in rows] == ["naive", "VesuviusStream"]
+    assert [row[0] for row in rows] == ["naive", "VesuviusStream", "VesuviusStream"]
+    assert rows[2][1] == "batches"
     assert float(rows[0][3]) == 1.0                   # naive is its own reference
     # Read amplification: naive decodes whole 4x32x32 chunks for 4x16x16 blocks;
     # the stream's figure counts what its workers' reads decoded.
     assert float(rows[0][6]) > 1 and 0 < float(rows[1][6]) < float(rows[0][6])
-    assert re.search(r"decode \d+ us, cut \d+ us, collate \+ transfer \d+ us", result.stdout)
+    for form in ("items", "batches"):
+        assert re.search(form + r": decode \d+ us, cut \d+ us, collate \+ transfer \d+ us; "
+                         r"cut \+ collate \+ transfer \d+ us; wall \d+ us; [\d.]+ distinct "
+                         r"256x256 tiles per batch", result.stdout), form
     assert "first item of shard 0 / shard 63 of 64, samples_per_epoch=" in result.stdout
     assert re.search(r"first item of rank 2 of 3, fresh / resuming what 64 shards left "
                      r"\(merge_state_dicts\): [\d.]+ s / [\d.]+ s", result.stdout)
+    # A store without labels is measured as it is; synthetic labels only when asked.
+    assert "labelled rows skipped: the store has no labels" in result.stdout
+    assert "positive_fraction" not in result.stdout
+    assert labelled.returncode == 0, labelled.stderr
+    assert "with synthetic 2D ink labels" in labelled.stdout
+    assert "(--synthetic-labels)" in labelled.stdout
     ink = re.findall(r"positive_fraction=(\S+) .* ([\d.]+)% of the blocks with ink",
-                     result.stdout)
+                     labelled.stdout)
     assert [(f, float(share)) for f, share in ink][1] == ("0.5", 50.0)
     assert re.search(r"\) / today's: counting pass [\d.]+x, streaming [\d.]+x", result.stdout)
     assert len(re.findall(r"\dD mask: full [\d.]+ s, 1/8 [\d.]+ s \([\d.]+x", result.stdout)) == 2
@@ -2743,7 +2755,7 @@ def test_benchmark_help_states_every_option_and_its_default():
                             ("--batches N", "1000"), ("--naive-batches N", "20"),
                             ("--samples-per-region N", "its own"),
                             ("--region-mb MB", "its own, 128"),
-                            ("--open-regions N", "8")]:
+                            ("--open-regions N", "its own, 16")]:
         assert re.search(re.escape(option) + r" [^-]*\(default: " + re.escape(default) + r"\)",
                          text), option
 
