@@ -1285,9 +1285,8 @@ class _Lattice:
 
         def overlap(region):         # chunks' voxels decoded per voxel of the box
             box = self.box(region)
-            decoded = math.prod((-(-(l + b) // c) - l // c) * c
-                                for l, b, c in zip(self.lo, box, chunks))
-            return decoded / math.prod(box)
+            return math.prod(map(_chunk_span, self.lo, [l + b for l, b in zip(self.lo, box)],
+                                 chunks)) / math.prod(box)
 
         per_chunk = [max(1, c // s) for c, s in zip(chunks, self.step)]
         region = [min(c, e) for c, e in zip(per_chunk, self.extent)]
@@ -1334,6 +1333,12 @@ class _Lattice:
         axes = self.axis_corners(origin, shape)
         return (tuple(int(a[0]) for a in axes),
                 tuple(int(a[-1]) + b for a, b in zip(axes, self.block)))
+
+
+def _chunk_span(start, end, chunk):
+    """Voxels along one axis of the chunks that ``[start, end)`` overlaps (zarr decodes
+    whole chunks, and stores edge chunks whole)."""
+    return (-(-end // chunk) - start // chunk) * chunk
 
 
 # -- selection and reading: one volume's arrays -------------------------------
@@ -1501,9 +1506,8 @@ class _Source:
         size = 0
         for array in (self.volume, self.labels):
             if isinstance(array, zarr.Array):
-                spans = [(-(-e // c) - o // c) * c for o, e, c in
-                         zip(origin[3 - array.ndim:], end[3 - array.ndim:], array.chunks)]
-                size += math.prod(spans) * array.dtype.itemsize
+                size += math.prod(map(_chunk_span, origin[3 - array.ndim:],
+                                      end[3 - array.ndim:], array.chunks)) * array.dtype.itemsize
         return size
 
     def read(self, origin, end):
