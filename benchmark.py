@@ -2,28 +2,35 @@
 
 In one run, on the same store and DataLoader settings, it measures:
 
-1. the store's sequential decode rate: every chunk read once, in order (the limit);
+1. the store's decode rate: every chunk read once, in order, by one process and by
+   as many as there are workers (the limits);
 2. naive per-sample slicing: ``array[z:z+d, y:y+h, x:x+w]`` for each random block;
 3. the same reads through tensorstore, if it is installed (``pip install tensorstore``);
-4. VesuviusStream with its defaults;
+4. VesuviusStream with its defaults, yielding items (collated by the DataLoader)
+   and yielding whole batches (``batch_size``, ``DataLoader(batch_size=None)``);
 
 then the time to the first item of the first and the last of 64 shards
 (samples_per_epoch 1e9, or the positions there are), that of the last of 3
 ranks resuming what 64 shards left (merge_state_dicts), and VesuviusStream
-with synthetic 2D ink labels (about 5 % of the pixels, a few areas) with and
-without ``positive_fraction=0.5``; over two copies of the volume, with
-``positive_fraction=0.5``, today's rule next to ``min_positive_fraction``,
-``ignore_label`` and weights (the counting pass when the dataset is built,
-and the streaming rate); and the counting pass with a 2D and a 3D mask at
-1/8 of the volume's resolution next to one at full resolution.
+with labels with and without ``positive_fraction=0.5``: the store's own
+labels (a converter group's), synthetic 2D ink labels (about 5 % of the
+pixels, a few areas) on the synthetic store or when ``--synthetic-labels``
+asks, else none (those rows are skipped); with the synthetic labels, over
+two copies of the volume, with ``positive_fraction=0.5``, today's rule next
+to ``min_positive_fraction``, ``ignore_label`` and weights (the counting
+pass when the dataset is built, and the streaming rate); and the counting
+pass with a 2D and a 3D mask at 1/8 of the volume's resolution next to one
+at full resolution.
 
 For each it prints samples/s and MB/s delivered, the ratio to naive, the fraction
-of the limit, read amplification (bytes decoded / bytes delivered), distinct
+of the limits, read amplification (bytes decoded / bytes delivered), distinct
 256x256 (y, x) tiles per batch, and the peak RSS of the process that
 measures plus its DataLoader workers: each measurement runs in a child
 process of its own, so that none counts the memory of another. It then
-prints where VesuviusStream's time goes, per sample: decoding and cutting in
-the workers (an epoch with timers), collate + transfer in the DataLoader.
+prints where VesuviusStream's time goes, per sample, in both forms: decoding
+and cutting in the workers (read from the stream's own per-process counters,
+``streamer._COUNTERS``), collate + transfer in the DataLoader (as many ready
+blocks, or empty shared-memory batches, through the same DataLoader).
 
     python benchmark.py                       # synthetic 65x2048x2048 uint16 store
     python benchmark.py segment.zarr --block 26 64 64 --workers 2 --batch-size 32
@@ -305,16 +312,18 @@ def measure_decode_limit(path, passes=3):
     return min(times), math.prod(array.shape) * array.dtype.itemsize
 
 
-def run_loader(dataset, batch_size, workers, worker_init_fn=None):
+def run_loader(dataset, batch_size, workers):
     """Consume one epoch; return (seconds, first batch seconds, samples, coords per batch,
     peak RSS).
 
-    The time includes start-up (worker processes, first regions): a
-    loader pays it every epoch unless its workers persist.
+    A dataset that makes its own batches (``batched``: VesuviusStream's batch
+    form) goes through ``DataLoader(batch_size=None)``. The time includes
+    start-up (worker processes, first regions): a loader pays it every epoch
+    unless its workers persist.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        multiprocessing_context=start_method() if workers else None,
-                        worker_init_fn=worker_init_fn)
+    loader = DataLoader(dataset, batch_size=None if batched(dataset) else batch_size,
+                        num_workers=workers,
+                        multiprocessing_context=start_method() if workers else None)
     coords = []
     with PeakRSS() as rss:
         start = time.perf_counter()
@@ -325,6 +334,11 @@ def run_loader(dataset, batch_size, workers, worker_init_fn=None):
             coords.append(batch_coords)
         seconds = time.perf_counter() - start
     return seconds, first_batch, sum(len(c) for c in coords), coords, rss
+
+
+def batched(dataset):
+    """Whether ``dataset`` yields whole batches (VesuviusStream's ``batch_size``)."""
+    return getattr(dataset, "batch_size", None) is not None
 
 
 def start_method():
@@ -378,49 +392,48 @@ def loader_row(path, dataset, args):
             str(rss))
 
 
-def install_timers(spent, worker_id=None):
-    """Time ``streamer._Source.read`` and ``.cut`` in this process, into ``spent``.
+class Counted(IterableDataset):
+    """A VesuviusStream whose iterations add what they spent to ``spent``: a row per
+    DataLoader worker (shared memory) of seconds decoding, seconds cutting and bytes
+    decoded, read from the stream's own counters (``streamer._COUNTERS``, one per
+    process) before and after the worker's epoch."""
 
-    ``spent`` (shared memory) has a row per worker: seconds reading, seconds
-    cutting, bytes decoded (every chunk a read overlaps, whole). Called by each
-    DataLoader worker (``worker_init_fn``, so that spawned workers have it too),
-    or in the process itself without workers.
-    """
-    row = spent[worker_id or 0]
-    lock = threading.Lock()         # both the reader thread and the cutting thread read
-    read, cut = streamer._Source.read, streamer._Source.cut
+    def __init__(self, stream, spent):
+        self.stream, self.spent, self.batch_size = stream, spent, stream.batch_size
 
-    def timed_read(source, origin, end):
-        start = time.perf_counter()
-        box = read(source, origin, end)
-        with lock:
-            row[0] += time.perf_counter() - start
-            row[2] += decoded_bytes(source.volume, origin, np.subtract(end, origin))
-        return box
-
-    def timed_cut(source, box, corner):
-        start = time.perf_counter()
-        item = cut(source, box, corner)
-        with lock:
-            row[1] += time.perf_counter() - start
-        return item
-
-    streamer._Source.read, streamer._Source.cut = timed_read, timed_cut
+    def __iter__(self):
+        info = get_worker_info()
+        before = streamer._COUNTERS.snapshot()
+        yield from self.stream
+        after = streamer._COUNTERS.snapshot()
+        self.spent[0 if info is None else info.id] += torch.tensor(
+            [after[name] - before[name] for name in ("decode_seconds", "cut_seconds",
+                                                      "decoded_bytes")], dtype=torch.float64)
 
 
 class ReadyBlocks(IterableDataset):
-    """Blocks made once and yielded again: what collate + transfer alone cost."""
+    """Blocks made once and yielded again: what collate + transfer alone cost. With
+    ``batch_size``, whole batches in shared memory, made empty (as the batch form makes
+    them before cutting into them), the cost of passing them."""
 
-    def __init__(self, block, dtype, samples):
+    def __init__(self, block, dtype, samples, batch_size=None):
         self.block, self.dtype, self.samples = block, dtype, samples
+        self.batch_size = batch_size
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         block = torch.zeros(self.block, dtype=self.dtype)
         coords = torch.zeros(4, dtype=torch.int64)
-        for _ in range(worker, self.samples, workers):
-            yield block.clone(), coords
+        if self.batch_size is None:
+            for _ in range(worker, self.samples, workers):
+                yield block.clone(), coords
+            return
+        shape = (self.batch_size, *self.block)
+        for _ in range(worker, self.samples // self.batch_size, workers):
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * self.dtype.itemsize)
+            yield (torch.empty(0, dtype=self.dtype).set_(storage).view(shape),
+                   torch.zeros(self.batch_size, 4, dtype=torch.int64))
 
 
 def decode_slabs(path, slabs):
@@ -541,11 +554,16 @@ def build_parser():
     parser.add_argument("--region-mb", type=float, metavar="MB",
                         help="VesuviusStream's region_mb (default: its own, "
                         f"{inspect.signature(VesuviusStream).parameters['region_mb'].default:g})")
-    parser.add_argument("--open-regions", type=int, default=8, metavar="N",
-                        help="VesuviusStream's open_regions (default: %(default)s)")
+    parser.add_argument("--open-regions", type=int, metavar="N",
+                        help="VesuviusStream's open_regions (default: its own, "
+                        f"{inspect.signature(VesuviusStream).parameters['open_regions'].default})")
     parser.add_argument("--shard-samples", type=float, default=1e9, metavar="N",
                         help="samples_per_epoch (capped at the store's positions) when timing "
                              "the first item of shards 0 and 63 of 64 (default: %(default)g)")
+    parser.add_argument("--synthetic-labels", action="store_true",
+                        help="give a store without labels synthetic 2D ink labels for the "
+                        "labelled rows (default: a store's own labels; the synthetic store "
+                        "has synthetic ones)")
     parser.add_argument("--converter", action="store_true",
                         help="benchmark converter.py on a synthetic 65x2048x3072 stack instead")
     parser.add_argument("--clean", action="store_true",
@@ -652,30 +670,38 @@ def benchmark_stream(path, args):
     print(f"decode limit   {limit:8.0f} blocks/s  {nbytes / seconds / 2**20:7.0f} MB/s "
           f"(whole store, one process, best of 3 passes: {seconds:.2f} s)")
     processes = max(args.workers, 1)
-    seconds = measure_parallel_limit(path, array, processes)
+    seconds = min(measure_parallel_limit(path, array, processes) for _ in range(3))
     parallel = nbytes / seconds / block_bytes
     print(f"{processes}-process limit {parallel:8.0f} blocks/s  {nbytes / seconds / 2**20:7.0f} "
-          f"MB/s (whole store, disjoint slabs, one pass: {seconds:.2f} s)")
+          f"MB/s (whole store, disjoint slabs, best of 3 passes: {seconds:.2f} s)")
+    if parallel < limit:
+        # N processes decode at least what one does, unless other work takes the cores.
+        print(f"  below the one-process limit: other processes took the cores meanwhile "
+              f"(a loaded machine); 'of N-proc' uses the one-process limit")
+        parallel = limit
 
     naive = NaiveBlocks(path, block, args.naive_batches * args.batch_size)
-    stream = VesuviusStream([path], *block, return_coords=True,
-                            samples_per_epoch=args.batches * args.batch_size,
-                            **stream_options(args))
-    loaders = [("naive", naive), ("VesuviusStream", stream)]
+    stream, batches = (VesuviusStream([path], *block, return_coords=True,
+                                      samples_per_epoch=args.batches * args.batch_size,
+                                      batch_size=size, **stream_options(args))
+                       for size in (None, args.batch_size))
+    loaders = [("naive", naive), ("VesuviusStream", stream),
+               ("VesuviusStream batches", batches)]
     if importlib.util.find_spec("tensorstore"):
         loaders.insert(1, (TENSORSTORE, TensorstoreBlocks(path, block, naive.samples)))
     else:
         print(f"{TENSORSTORE} row skipped: pip install tensorstore gives it\n")
     rows = [(name, *in_fresh_process(loader_row, path, dataset, args))
             for name, dataset in loaders]
-    breakdown = in_fresh_process(stream_breakdown, stream, array.dtype, args)
+    breakdowns = {name: in_fresh_process(stream_breakdown, dataset, array.dtype, args)
+                  for name, dataset in (("items", stream), ("batches", batches))}
 
     naive_rate = rows[0][1]
     width = max(len(row[0]) for row in rows) + 2
     print(f"{'':{width}}{'samples/s':>10}{'MB/s':>8}{'x naive':>9}{'of limit':>10}"
           f"{'of N-proc':>10}{'read amp':>10}{'tiles/batch':>13}{'1st batch':>11}  peak RSS")
     for name, rate, first_batch, decoded, tiles, rss in rows:
-        decoded = breakdown["decoded"] if decoded is None else decoded
+        decoded = breakdowns["items"]["decoded"] if decoded is None else decoded
         print(f"{name:{width}}{rate:10.0f}{rate * block_bytes / 2**20:8.0f}"
               f"{rate / naive_rate:9.1f}{rate / limit:10.2f}{rate / parallel:10.2f}"
               f"{decoded / block_bytes:10.2f}{tiles:13.1f}{first_batch:10.2f}s  {rss}")
@@ -684,12 +710,17 @@ def benchmark_stream(path, args):
         print(f"first batch: VesuviusStream {first_batch['VesuviusStream']:.2f} s, "
               f"{TENSORSTORE} {first_batch[TENSORSTORE]:.2f} s "
               f"({first_batch['VesuviusStream'] / first_batch[TENSORSTORE]:.2f}x)")
-    print(f"(VesuviusStream's read amp: bytes its workers decoded in a second, timed epoch)\n"
-          f"\nper sample, VesuviusStream, timed epoch (worker seconds, summed over workers; "
-          f"wall {breakdown['wall'] * 1e6:.0f} us):\n"
-          f"  decode {breakdown['decode'] * 1e6:.0f} us, cut {breakdown['cut'] * 1e6:.0f} us, "
-          f"collate + transfer {breakdown['transfer'] * 1e6:.0f} us (wall, ready blocks "
-          f"through the same DataLoader)")
+    print("(VesuviusStream's read amp: bytes its workers decoded in a second epoch, as "
+          "counted by the stream)\n\nper sample, VesuviusStream, a second epoch (decode and "
+          "cut: worker seconds, summed over workers, from the stream's counters; collate + "
+          "transfer: wall, as many ready blocks through the same DataLoader):")
+    for name, breakdown in breakdowns.items():
+        print(f"  {name}: decode {breakdown['decode'] * 1e6:.0f} us, cut "
+              f"{breakdown['cut'] * 1e6:.0f} us, collate + transfer "
+              f"{breakdown['transfer'] * 1e6:.0f} us; cut + collate + transfer "
+              f"{(breakdown['cut'] + breakdown['transfer']) * 1e6:.0f} us; wall "
+              f"{breakdown['wall'] * 1e6:.0f} us; {breakdown['tiles']:.1f} distinct "
+              f"{TILE}x{TILE} tiles per batch")
 
     samples = min(int(args.shard_samples), stream.capacity)
     first, last = in_fresh_process(shard_starts, path, block, samples)
@@ -699,36 +730,54 @@ def benchmark_stream(path, args):
     print(f"first item of rank 2 of 3, fresh / resuming what 64 shards left "
           f"(merge_state_dicts): {fresh:.2f} s / {resumed:.2f} s ({resumed / fresh:.2f}x)")
 
-    labels = synthetic_ink(array.shape[1:])
-    print(f"\nwith 2D ink labels on {np.count_nonzero(labels) / labels.size:.1%} of the "
-          f"pixels, in {INK_AREAS} areas:")
+    node = zarr.open(path, mode="r")
+    if isinstance(node, zarr.Group) and "labels" in node:
+        source, labels = path, node["labels"]
+        print(f"\nwith the store's own labels {labels.shape}:")
+    elif args.store is None or args.synthetic_labels:
+        labels = synthetic_ink(array.shape[1:])
+        source = {"volume": array, "labels": labels}
+        print(f"\nwith synthetic 2D ink labels on {np.count_nonzero(labels) / labels.size:.1%} "
+              f"of the pixels, in {INK_AREAS} areas"
+              + (" (--synthetic-labels)" if args.store else " (the synthetic store's)") + ":")
+    else:
+        print("\nlabelled rows skipped: the store has no labels (--synthetic-labels adds "
+              "synthetic 2D ink labels)")
+        source = None
     balanced = {}
-    for fraction in (None, 0.5):
-        rate, inked, built, rss = in_fresh_process(ink_row, array, labels,
+    for fraction in (None, 0.5) if source is not None else ():
+        rate, inked, built, rss = in_fresh_process(ink_row, source, labels,
                                                    {"positive_fraction": fraction}, args)
         balanced[fraction] = rate
         print(f"  positive_fraction={fraction!s:5} {rate:8.0f} samples/s "
               f"({rate / naive_rate:.1f}x naive), {inked:5.1%} of the "
               f"blocks with ink, built in {built:.2f} s, peak RSS {rss}")
-    print(f"  0.5 / None: {balanced[0.5] / balanced[None]:.2f}")
+    if balanced:
+        print(f"  0.5 / None: {balanced[0.5] / balanced[None]:.2f}")
 
     # Sampling as the field samples: a threshold, an ignore value, weights, coarse masks.
-    ignored = (labels == 0) & (synthetic_ink(labels.shape, seed=1) > 0)
-    field_labels = np.where(ignored, np.uint8(2), labels)
-    print(f"\nthreshold, ignore, weights: two copies of the volume, the ink labels plus "
-          f"{np.count_nonzero(ignored) / labels.size:.1%} of the pixels labelled 2, "
-          f"positive_fraction=0.5, {args.batches * args.batch_size} samples:")
-    field = {}
-    for name, options in (("today's rule, 'uniform'", {}), ("threshold, ignore, weights",
-                                                           FIELD_OPTIONS)):
-        rate, _, built, rss = in_fresh_process(ink_row, array, field_labels,
-                                               {"positive_fraction": 0.5, **options}, args, 2)
-        field[name] = rate, built
-        print(f"  {name:27} {rate:8.0f} samples/s, counting pass (built in) {built:.2f} s, "
-              f"peak RSS {rss}")
-    (today, today_built), (options, options_built) = field.values()
-    print(f"  ({', '.join(f'{k}={v}' for k, v in FIELD_OPTIONS.items())}) / today's: "
-          f"counting pass {options_built / today_built:.2f}x, streaming {options / today:.2f}x")
+    if not isinstance(source, dict):
+        print("\nthreshold, ignore, weights rows skipped: they label synthetic ink labels "
+              "(the synthetic store's, or --synthetic-labels)")
+    else:
+        ignored = (labels == 0) & (synthetic_ink(labels.shape, seed=1) > 0)
+        field_labels = np.where(ignored, np.uint8(2), labels)
+        print(f"\nthreshold, ignore, weights: two copies of the volume, the ink labels plus "
+              f"{np.count_nonzero(ignored) / labels.size:.1%} of the pixels labelled 2, "
+              f"positive_fraction=0.5, {args.batches * args.batch_size} samples:")
+        field = {}
+        for name, options in (("today's rule, 'uniform'", {}), ("threshold, ignore, weights",
+                                                               FIELD_OPTIONS)):
+            rate, _, built, rss = in_fresh_process(
+                ink_row, {"volume": array, "labels": field_labels}, field_labels,
+                {"positive_fraction": 0.5, **options}, args, 2)
+            field[name] = rate, built
+            print(f"  {name:27} {rate:8.0f} samples/s, counting pass (built in) {built:.2f} s, "
+                  f"peak RSS {rss}")
+        (today, today_built), (options, options_built) = field.values()
+        print(f"  ({', '.join(f'{k}={v}' for k, v in FIELD_OPTIONS.items())}) / today's: "
+              f"counting pass {options_built / today_built:.2f}x, streaming "
+              f"{options / today:.2f}x")
     print(f"\nmask at 1/{MASK_FACTOR} resolution vs full, counting pass (built in, no labels):")
     for ndim in (2, 3):
         built = {factor: in_fresh_process(mask_build_seconds, array, ndim, factor, args)
@@ -766,20 +815,21 @@ FIELD_OPTIONS = {"min_positive_fraction": 0.1, "ignore_label": 2, "sampling_meth
 MASK_FACTOR = 8
 
 
-def ink_row(array, labels, options, args, copies=1):
-    """VesuviusStream with 2D ``labels`` and ``options`` over ``copies`` of the volume
-    (in a fresh process): samples/s, the share of blocks with ink (a nonzero label),
-    seconds to build it, peak RSS."""
+def ink_row(source, labels, options, args, copies=1):
+    """VesuviusStream over ``copies`` of ``source``, whose labels are ``labels`` (2D or
+    3D), with ``options`` (in a fresh process): samples/s, the share of blocks with ink
+    (a nonzero label), seconds to build it, peak RSS."""
     start = time.perf_counter()
-    dataset = VesuviusStream([{"volume": array, "labels": labels}] * copies, *args.block,
+    dataset = VesuviusStream([source] * copies, *args.block,
                              return_coords=True, **options,
                              samples_per_epoch=args.batches * args.batch_size,
                              **stream_options(args))
     built = time.perf_counter() - start
     seconds, _, samples, coords, rss = run_loader(dataset, args.batch_size, args.workers)
-    _, height, width = args.block
-    inked = sum(bool(labels[y:y + height, x:x + width].any())
-                for batch in coords for _, _, y, x in batch.tolist())
+    depth, height, width = args.block
+    inked = sum(bool(np.any(labels[(slice(z, z + depth), slice(y, y + height),
+                                    slice(x, x + width))[3 - labels.ndim:]]))
+                for batch in coords for _, z, y, x in batch.tolist())
     return samples / seconds, inked / samples, built, str(rss)
 
 
@@ -806,18 +856,17 @@ def mask_build_seconds(array, ndim, factor, args):
 
 def stream_breakdown(stream, dtype, args):
     """Per sample (in a fresh process): the workers' seconds decoding and cutting and
-    bytes decoded in an epoch with timers, and the DataLoader's own cost (a dict)."""
+    bytes decoded in an epoch (the stream's counters), and the DataLoader's own cost of
+    collating and passing as many ready blocks (or batches, for the batch form) (a dict)."""
     spent = torch.zeros(max(args.workers, 1), 3, dtype=torch.float64).share_memory_()
-    init = functools.partial(install_timers, spent) if args.workers else None
-    if not args.workers:
-        install_timers(spent)           # this process reads
-    seconds, _, samples, _, _ = run_loader(stream, args.batch_size, args.workers, init)
+    seconds, _, samples, coords, _ = run_loader(Counted(stream, spent), args.batch_size,
+                                                args.workers)
     decode, cut, decoded = (spent.sum(0) / samples).tolist()
     torch_dtype = torch.from_numpy(np.zeros(0, dtype.newbyteorder("="))).dtype
-    ready = ReadyBlocks(stream.block, torch_dtype, samples)
+    ready = ReadyBlocks(stream.block, torch_dtype, samples, stream.batch_size)
     transfer = run_loader(ready, args.batch_size, args.workers)[0] / samples
     return {"wall": seconds / samples, "decode": decode, "cut": cut, "decoded": decoded,
-            "transfer": transfer}
+            "transfer": transfer, "tiles": tiles_per_batch(coords, stream.block)}
 
 
 INK_AREAS = 6

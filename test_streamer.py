@@ -396,7 +396,8 @@ def test_every_position_is_equally_likely_including_border_regions(tmp_path):
 def test_batches_mix_several_regions(tmp_path):
     data = volume((8, 256, 256), np.uint8)
     path = zarr_v3(tmp_path / "mix.zarr", data, chunks=(8, 64, 64))
-    ds = VesuviusStream([path], 4, 16, 16, 4096, return_coords=True, region_mb=0.5)
+    ds = VesuviusStream([path], 4, 16, 16, 4096, return_coords=True, region_mb=0.5,
+                        open_regions=8)
     assert ds._sources[0].lattice.region == (5, 64, 64) and ds._sources[0].lattice.regions == 16
     regions_per_batch = [len({(y // 64, x // 64) for _, _, y, x in batch[-1].tolist()})
                          for batch in DataLoader(ds, batch_size=32, num_workers=2)]
@@ -504,7 +505,7 @@ def test_decoding_ahead_stays_within_region_mb():
 
 
 def reader_threads():
-    return [t for t in threading.enumerate() if t.name == "VesuviusStream reader"]
+    return [t for t in threading.enumerate() if t.name.startswith("VesuviusStream reader")]
 
 
 def test_an_error_while_decoding_ahead_surfaces_after_the_items_before_it(tmp_path):
@@ -702,8 +703,8 @@ def test_the_last_of_64_shards_starts_with_the_work_of_the_first(tmp_path, monke
     # search), nothing in proportion to the 1.6e7 positions before the last share.
     regions = sum(source.lattice.regions for source in ds._sources)
     assert permuted_last <= 1.1 * permuted_first < 40 * regions
-    # Masks: the eight visits of the first group, wherever the share lies.
-    assert max(reads_first, reads_last) <= 8 * masked
+    # Masks: the visits of the first group (open_regions), wherever the share lies.
+    assert max(reads_first, reads_last) <= ds.open_regions * masked
 
 
 def test_raster_order_with_a_mask_counts_each_run_once_per_shard(monkeypatch):
@@ -753,6 +754,7 @@ def test_three_thousand_sources_build_and_stream_exactly():
 
 def resumable(path, **kwargs):
     kwargs.setdefault("region_mb", 0.1)
+    kwargs.setdefault("open_regions", 8)          # regions of 12.8 KB
     return VesuviusStream([path], 4, 9, 11, 300, return_coords=True, **kwargs)
 
 
@@ -2121,6 +2123,147 @@ def flip_both(block, label):
     return block.to(torch.int32).flip(-1), label.flip(-1)
 
 
+# -- batches: batch_size ---------------------------------------------------------
+
+def labelled_streams(path, batch_size, **kwargs):
+    """The same epoch as items and as batches of ``batch_size`` (labels and coords)."""
+    options = dict(return_coords=True, region_mb=0.02, open_regions=3, **kwargs)
+    return (VesuviusStream([path], 3, 8, 8, 203, **options),
+            VesuviusStream([path], 3, 8, 8, 203, batch_size=batch_size, **options))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("rank", [None, 0, 1])
+def test_batch_form_yields_exactly_the_batches_the_dataloader_collates_from_items(
+        tmp_path, workers, rank):
+    # Same items, order, labels and coords, batch for batch (each worker's last batch
+    # smaller), for any number of workers and ranks.
+    path, data, labels = segment_group(tmp_path / "s.zarr")
+    ranks = {} if rank is None else dict(rank=rank, world_size=2)
+    items, batched = labelled_streams(path, 16, **ranks)
+    expected = batches(DataLoader(items, batch_size=16, num_workers=workers))
+    got = batches(DataLoader(batched, batch_size=None, num_workers=workers))
+    assert_same_batches(got, expected)
+    sizes = [len(batch[0]) for batch in got]
+    share = 203 if rank is None else 101 + rank         # [0, 101), [101, 203)
+    assert sum(sizes) == share and sizes.count(16) >= len(sizes) - max(workers, 1)
+    for blocks, block_labels, coords in got:
+        assert blocks.dtype == torch.uint16 and block_labels.dtype == torch.uint8
+        assert blocks.shape[1:] == (3, 8, 8) and block_labels.shape[1:] == (8, 8)
+        assert coords.dtype == torch.int64 and coords.shape[1:] == (4,)
+        for block, label, (_, *corner) in zip(blocks, block_labels, coords.tolist()):
+            expected_block, expected_label = expected_item(corner, (3, 8, 8), data, labels)
+            assert torch.equal(block, expected_block) and torch.equal(label, expected_label)
+
+
+def test_batch_layout_is_the_dataloaders_for_every_combination_of_labels_and_coords():
+    data, labels = volume((6, 20, 20)), volume((20, 20), np.uint8, seed=1)
+    for source in (data, {"volume": data, "labels": labels}):
+        for coords in (False, True):
+            items, batched = (VesuviusStream([source], 2, 5, 5, 12, return_coords=coords,
+                                             batch_size=size) for size in (None, 4))
+            expected = list(DataLoader(items, batch_size=4))
+            got = list(batched)
+            # A tensor alone, else a tuple in the same order (collate gives a list).
+            assert isinstance(got[0], torch.Tensor) == isinstance(expected[0], torch.Tensor)
+            assert_same_batches([g if coords or isinstance(source, dict) else (g,)
+                                 for g in got],
+                                [e if coords or isinstance(source, dict) else (e,)
+                                 for e in expected])
+
+
+def test_len_counts_batches_in_the_batch_form():
+    data = volume((6, 20, 20))
+    ds = VesuviusStream([data], 2, 5, 5, 100, batch_size=8, rank=1, world_size=3)
+    assert len(ds) == 5 and ds.samples_per_epoch == 100          # 33 items: 4 x 8 + 1
+    loader = DataLoader(ds, batch_size=None)
+    assert len(loader) == 5 and sum(1 for _ in loader) == 5
+    assert len(VesuviusStream([data], 2, 5, 5, 100, rank=1, world_size=3)) == 33
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_form_resumes_with_stateful_dataloader_and_with_skip_batches(tmp_path, workers):
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    path, _, _ = segment_group(tmp_path / "s.zarr")
+
+    def stream():
+        ds = resumable(path, batch_size=8)
+        ds.set_epoch(2)
+        return ds
+
+    expected = batches(DataLoader(stream(), batch_size=None, num_workers=workers))
+    for done in (1, 5, len(expected) - 1):
+        interrupted = stateful.StatefulDataLoader(stream(), batch_size=None,
+                                                  num_workers=workers)
+        assert_same_batches(batches(interrupted, done), expected[:done])
+        saved = interrupted.state_dict()
+        del interrupted
+        resumed = stateful.StatefulDataLoader(stream(), batch_size=None, num_workers=workers)
+        resumed.load_state_dict(saved)
+        assert_same_batches(batches(resumed), expected[done:])
+        # A plain DataLoader: a batch is one of the dataset's batches.
+        ds = stream()
+        ds.set_epoch(2, skip_batches=done)
+        assert_same_batches(batches(DataLoader(ds, batch_size=None, num_workers=workers)),
+                            expected[done:])
+    with pytest.raises(ValueError, match="yields batches of batch_size=8: skip_batches counts "
+                                         "those, got batch_size=4"):
+        stream().set_epoch(2, skip_batches=1, batch_size=4)
+
+
+def record_batch(blocks, labels):
+    """A batch transform (picklable): the batch's first block negated, labels kept;
+    whether the batch was in shared memory noted in its last label."""
+    blocks = blocks.to(torch.int32)
+    blocks[0] = -blocks[0]
+    labels[:, -1, -1] = int(blocks.is_shared() or labels.is_shared())
+    return blocks, labels
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batch_form_transform_gets_whole_batches_in_shared_memory_in_workers(tmp_path,
+                                                                             workers):
+    path, data, labels = segment_group(tmp_path / "s.zarr")
+    ds = VesuviusStream([path], 2, 6, 6, 50, return_coords=True, batch_size=16,
+                        transform=record_batch)
+    got = list(DataLoader(ds, batch_size=None, num_workers=workers))
+    assert [len(coords) for _, _, coords in got] == [16, 16, 16, 2]
+    for blocks, block_labels, coords in got:
+        for row, (block, label, (_, *corner)) in enumerate(zip(blocks, block_labels,
+                                                               coords.tolist())):
+            expected_block, expected_label = expected_item(corner, ds.block, data, labels)
+            expected_block = expected_block.to(torch.int32) * (-1 if row == 0 else 1)
+            assert torch.equal(block, expected_block)
+            assert torch.equal(label[:-1], expected_label[:-1])
+            assert int(label[-1, -1]) == workers          # shared memory in a worker only
+
+
+def test_a_batch_of_32_holds_16_distinct_tiles_at_the_default_region_mb():
+    # The benchmark's store (65 x 2048 x 2048, chunks 16 x 256 x 256, unwritten here:
+    # coordinates only), blocks 26 x 64 x 64: distinct 256 x 256 (y, x) tiles of the
+    # block centres in each batch of 32 of a worker's share.
+    array = zarr.create_array({}, shape=(65, 2048, 2048), chunks=(16, 256, 256),
+                              dtype="uint16")
+    ds = VesuviusStream([array], 26, 64, 64, 32 * 200, return_coords=True, batch_size=32)
+    tiles = [len({((y + 32) // 256, (x + 32) // 256) for _, _, y, x in coords.tolist()})
+             for _, coords in itertools.islice(ds, 100)]
+    assert np.mean(tiles) >= 16
+
+
+def test_counters_count_the_seconds_and_the_whole_chunks_an_epoch_decodes(tmp_path):
+    # One region (the whole volume): its box decoded once, 2 x 3 x 3 chunks of 4 x 8 x 8
+    # uint16, volume and 2D labels ((3 x 3 chunks of 8 x 8 uint8).
+    path, _, _ = segment_group(tmp_path / "s.zarr", shape=(8, 24, 24), chunks=(4, 8, 8))
+    ds = VesuviusStream([path], 2, 4, 4, 100)
+    assert ds._sources[0].lattice.regions == 1
+    before = streamer._COUNTERS.snapshot()
+    assert sum(1 for _ in ds) == 100
+    after = streamer._COUNTERS.snapshot()
+    assert after["decoded_bytes"] - before["decoded_bytes"] == 8 * 24 * 24 * 2 + 24 * 24
+    assert after["decode_seconds"] > before["decode_seconds"]
+    assert after["cut_seconds"] > before["cut_seconds"]
+
+
 # -- remote stores, OME-Zarr, DDP ----------------------------------------------
 
 METADATA = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
@@ -2617,25 +2760,38 @@ SMALL_RUN = ["--block", "4", "16", "16", "--batch-size", "4", "--batches", "5",
 def test_benchmark_runs_on_a_small_store(tmp_path):
     path = zarr_v3(tmp_path / "bench.zarr", volume((8, 64, 64)), chunks=(4, 32, 32))
     with checkout_untouched():
-        result = subprocess.run([sys.executable, os.path.join(HERE, "benchmark.py"), path,
-                                 *SMALL_RUN], capture_output=True, text=True, timeout=120)
+        result, labelled = (subprocess.run(
+            [sys.executable, os.path.join(HERE, "benchmark.py"), path, *SMALL_RUN, *extra],
+            capture_output=True, text=True, timeout=120) for extra in ([],
+                                                                      ["--synthetic-labels"]))
     assert result.returncode == 0, result.stderr
     assert "decode limit" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines()
             if line.startswith(("naive", "VesuviusStream"))]
-    assert [row[0] for row in rows] == ["naive", "VesuviusStream"]
+    assert [row[0] for row in rows] == ["naive", "VesuviusStream", "VesuviusStream"]
+    assert rows[2][1] == "batches"
     assert float(rows[0][3]) == 1.0                   # naive is its own reference
     # Read amplification: naive decodes whole 4x32x32 chunks for 4x16x16 blocks;
     # the stream's figure counts what its workers' reads decoded.
     assert float(rows[0][6]) > 1 and 0 < float(rows[1][6]) < float(rows[0][6])
-    assert re.search(r"decode \d+ us, cut \d+ us, collate \+ transfer \d+ us", result.stdout)
+    for form in ("items", "batches"):
+        assert re.search(form + r": decode \d+ us, cut \d+ us, collate \+ transfer \d+ us; "
+                         r"cut \+ collate \+ transfer \d+ us; wall \d+ us; [\d.]+ distinct "
+                         r"256x256 tiles per batch", result.stdout), form
     assert "first item of shard 0 / shard 63 of 64, samples_per_epoch=" in result.stdout
     assert re.search(r"first item of rank 2 of 3, fresh / resuming what 64 shards left "
                      r"\(merge_state_dicts\): [\d.]+ s / [\d.]+ s", result.stdout)
+    # A store without labels is measured as it is; synthetic labels only when asked.
+    assert "labelled rows skipped: the store has no labels" in result.stdout
+    assert "positive_fraction" not in result.stdout
+    assert labelled.returncode == 0, labelled.stderr
+    assert "with synthetic 2D ink labels" in labelled.stdout
+    assert "(--synthetic-labels)" in labelled.stdout
     ink = re.findall(r"positive_fraction=(\S+) .* ([\d.]+)% of the blocks with ink",
-                     result.stdout)
+                     labelled.stdout)
     assert [(f, float(share)) for f, share in ink][1] == ("0.5", 50.0)
-    assert re.search(r"\) / today's: counting pass [\d.]+x, streaming [\d.]+x", result.stdout)
+    assert "threshold, ignore, weights rows skipped" in result.stdout
+    assert re.search(r"\) / today's: counting pass [\d.]+x, streaming [\d.]+x", labelled.stdout)
     assert len(re.findall(r"\dD mask: full [\d.]+ s, 1/8 [\d.]+ s \([\d.]+x", result.stdout)) == 2
     assert re.search(r"many small sources .*: 30 sources \d+ items/s, 300 sources \d+ "
                      r"items/s \([\d.]+x\)", result.stdout)
@@ -2652,7 +2808,7 @@ def test_benchmark_help_states_every_option_and_its_default():
                             ("--batches N", "1000"), ("--naive-batches N", "20"),
                             ("--samples-per-region N", "its own"),
                             ("--region-mb MB", "its own, 128"),
-                            ("--open-regions N", "8")]:
+                            ("--open-regions N", "its own, 16")]:
         assert re.search(re.escape(option) + r" [^-]*\(default: " + re.escape(default) + r"\)",
                          text), option
 
