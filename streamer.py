@@ -2723,17 +2723,12 @@ class _Writer:
         if len(outputs) != len(dataset._sources):
             raise ValueError(f"writer needs one output per source: {len(dataset._sources)} "
                              f"sources, {len(outputs)} outputs")
-        scale = _positive_int('scale', scale)
-        for name, sizes in (('block', dataset.block), ('stride', dataset._step)):
-            if any(s % scale for s in sizes):
-                raise ValueError(f"scale={scale} must divide the {name} {tuple(sizes)} along "
-                                 f"every axis, so that each prediction is the block at "
-                                 f"1/{scale} and the grid's steps land on output voxels; "
-                                 f"choose a scale dividing {tuple(sizes)}")
+        self.dataset, self.scale = dataset, _positive_int('scale', scale)
+        self._check_scale(2)
         if blend not in ('gaussian', 'constant'):
             raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
         self.channels = None if channels is None else _positive_int('channels', channels)
-        self.dataset, self.scale, self.blend = dataset, scale, blend
+        self.blend = blend
         self.rank, self.world_size = dataset.rank, dataset.world_size
         self._distributed = torch.distributed.is_available() and \
             torch.distributed.is_initialized()
@@ -2771,10 +2766,21 @@ class _Writer:
             dataset._writing = self.tilings
         self._barrier()            # every rank checked and read the journals before any writes
 
+    def _check_scale(self, dims):
+        """Refuse a scale that does not divide the block and stride along the output's axes."""
+        for name, sizes in (('block', self.dataset.block), ('stride', self.dataset._step)):
+            if any(s % self.scale for s in sizes[3 - dims:]):
+                raise ValueError(
+                    f"scale={self.scale} must divide the {name} {tuple(sizes)} along the "
+                    f"{'yx' if dims == 2 else 'zyx'} axes of a {dims}D output, so that each "
+                    f"prediction is the block at 1/{self.scale} and the grid's steps land "
+                    f"on output voxels; choose a scale that divides them")
+
     # -- the outputs: opened or made at the first prediction ----------------------
 
     def _setup(self, index, dims):
         """Tiling of output ``index`` for ``dims`` spatial axes, its array opened or made."""
+        self._check_scale(dims)
         source = self.dataset._sources[index]
         spatial = tuple(-(-s // self.scale) for s in source.shape[3 - dims:])
         shape = spatial if self.channels is None else (self.channels, *spatial)
@@ -2955,6 +2961,7 @@ class _Writer:
         if self.folders[index] is not None:
             journal = self._journals.get(index)
             if journal is None:
+                os.makedirs(self.folders[index], exist_ok=True)
                 journal = self._journals[index] = open(
                     os.path.join(self.folders[index], f'done-{self.rank}'), 'a')
             journal.write(' '.join(map(str, tile)) + '\n')

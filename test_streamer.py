@@ -2556,6 +2556,195 @@ def test_ddp_ranks_split_the_epoch_disjointly(multi_region, tmp_path):
     assert ranks[0] | ranks[1] == set(epoch(single))
 
 
+# -- writing predictions ---------------------------------------------------------
+
+def predict(blocks, scale=1, dims=2, channels=None):
+    """A stand-in model that depends on every voxel of the block: its mean over z (2D) or
+    the block itself (3D), averaged over scale x scale (x scale) cells; float32."""
+    x = blocks.double().unsqueeze(1) / 65535                     # (B, 1, d, h, w)
+    if dims == 2:
+        p = torch.nn.functional.avg_pool2d(x.mean(2), scale)[:, 0]
+    else:
+        p = torch.nn.functional.avg_pool3d(x, scale)[:, 0]
+    if channels:
+        p = torch.stack([p + c * p * p for c in range(channels)], 1)
+    return p.float()
+
+
+def gaussian(size):
+    """The blending weights of a prediction of ``size``: a product of 1D Gaussians."""
+    weights = np.ones(())
+    for n in size:
+        weights = np.multiply.outer(weights, np.exp(-(np.arange(n) - (n - 1) / 2) ** 2
+                                                    / (2 * (n / 8) ** 2)))
+    return weights
+
+
+def blended(ds, scale=1, dims=2, channels=None, blend="gaussian"):
+    """The in-memory float64 reference of each source's output: sum(w p) / sum(w), a block at
+    corner c covering [ceil(c / scale), + its prediction's size), 0 where no block is."""
+    lead = () if channels is None else (channels,)
+    shapes = [tuple(-(-n // scale) for n in s.shape[3 - dims:]) for s in ds._sources]
+    num = [np.zeros(lead + shape) for shape in shapes]
+    den = [np.zeros(shape) for shape in shapes]
+    size = tuple(b // scale for b in ds.block[3 - dims:])
+    weights = gaussian(size) if blend == "gaussian" else np.ones(size)
+    for blocks, *_, coords in DataLoader(ds, batch_size=16):
+        for p, (f, *corner) in zip(predict(blocks, scale, dims, channels).double().numpy(),
+                                   coords.tolist()):
+            box = tuple(slice(-(-c // scale), -(-c // scale) + n)
+                        for c, n in zip(corner[3 - dims:], size))
+            num[f][(..., *box)] += weights * p
+            den[f][box] += weights
+    return [np.divide(n, d, out=np.zeros_like(n), where=d > 0) for n, d in zip(num, den)]
+
+
+def write_predictions(ds, outputs, num_workers=0, batch_size=16, scale=1, dims=2,
+                      channels=None, **options):
+    """Predict every block the grid yields into ``outputs``; the number of blocks."""
+    predicted = 0
+    with ds.writer(outputs, scale=scale, channels=channels, **options) as out:
+        for blocks, *_, coords in DataLoader(ds, batch_size=batch_size,
+                                             num_workers=num_workers):
+            out.add(predict(blocks, scale, dims, channels), coords)
+            predicted += len(blocks)
+    return predicted
+
+
+@pytest.fixture
+def two_sources(tmp_path):
+    """A plain array and a converter group whose mask has a hole (blocks off it: none)."""
+    group = zarr.open_group(str(tmp_path / "segment.zarr"), mode="w")
+    group.create_array("volume", data=volume((10, 60, 70), seed=4), chunks=(5, 16, 16))
+    group.create_array("mask", data=disk_mask((60, 70), (30, 35), 27)
+                       - disk_mask((60, 70), (30, 35), 14), chunks=(16, 16))
+    return [volume((10, 37, 45), seed=7), str(tmp_path / "segment.zarr")]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("scale", [1, 4])
+def test_writer_2d_outputs_equal_the_blended_float64_reference(tmp_path, two_sources,
+                                                               workers, scale):
+    ds = VesuviusStream(two_sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+                        return_coords=True, region_mb=0.05)
+    outputs = [str(tmp_path / "a_ink.zarr"), str(tmp_path / "b_ink.zarr")]
+    assert write_predictions(ds, outputs, workers, scale=scale) == len(ds)
+    for output, expected in zip(outputs, blended(ds, scale)):
+        got = zarr.open_array(output, mode="r")
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(got[:], expected, rtol=0, atol=1e-5)
+    off = expected == 0                               # the hole, off the mask
+    assert off[20 // scale:40 // scale, 25 // scale:45 // scale].any() and not off.all()
+    assert not zarr.open_array(outputs[1], mode="r")[:][off].any()
+    assert sorted(os.listdir(tmp_path)) == ["a_ink.zarr", "b_ink.zarr", "segment.zarr"]
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_writer_3d_and_channel_outputs_equal_the_reference(tmp_path, two_sources, channels):
+    ds = VesuviusStream(two_sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+                        z_range=(1, 10), return_coords=True, region_mb=0.05)
+    outputs = [str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")]
+    write_predictions(ds, outputs, 2, scale=2, dims=3, channels=channels)
+    for output, expected in zip(outputs, blended(ds, 2, 3, channels)):
+        got = zarr.open_array(output, mode="r")[:]
+        assert got.shape == expected.shape == (*([channels] if channels else []),
+                                               5, *got.shape[-2:])
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+        assert not got[..., 0, :, :].any()            # layer 0 is outside z_range
+
+
+def test_writer_fills_opened_zarr_arrays_in_their_own_chunks_and_blends_flat(tmp_path):
+    data = volume((6, 40, 52), seed=2)
+    ds = VesuviusStream([data], 6, 16, 16, None, "grid", stride=(6, 8, 8), return_coords=True)
+    output = zarr.create_array(str(tmp_path / "mine.zarr"), shape=(2, 40, 52), chunks=(1, 7, 9),
+                               dtype="float64")
+    write_predictions(ds, [output], channels=2, blend="constant")
+    expected, = blended(ds, channels=2, blend="constant")
+    np.testing.assert_allclose(output[:], expected, rtol=0, atol=1e-12)
+    assert sorted(os.listdir(tmp_path)) == ["mine.zarr"]    # its working folder is gone
+
+
+def test_writer_spills_open_tiles_to_disk_beyond_its_budget_and_stays_exact(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(streamer, "_FRONT_BYTES", 3 * 8 * 2 * 16 * 16)   # three 16 x 16 tiles
+    data = volume((4, 48, 64), seed=3)
+    output = zarr.create_array(str(tmp_path / "out.zarr"), shape=(48, 64), chunks=(16, 16),
+                               dtype="float32")
+    spilled = []
+    original = streamer._Writer._spill
+
+    def spill(writer):
+        original(writer)
+        spilled.append(len(writer._spilled))
+    monkeypatch.setattr(streamer._Writer, "_spill", spill)
+    ds = VesuviusStream([data], 2, 8, 8, None, "grid", stride=(1, 4, 4), return_coords=True,
+                        region_mb=0.02)
+    write_predictions(ds, [output])
+    assert max(spilled) > 0
+    np.testing.assert_allclose(output[:], blended(ds)[0], rtol=0, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["out.zarr"]
+
+
+def test_a_writer_left_before_every_block_was_predicted_says_so_and_leaves_its_journal(
+        tmp_path):
+    ds = VesuviusStream([volume((4, 40, 40))], 4, 8, 8, None, "grid", return_coords=True)
+    output = str(tmp_path / "out.zarr")
+    with pytest.raises(ValueError, match=r"output tiles did not get all their blocks' "
+                                         r"predictions.*resume=True"):
+        with ds.writer([output]) as out:
+            for blocks, coords in itertools.islice(DataLoader(ds, batch_size=4), 2):
+                out.add(predict(blocks), coords)
+    assert os.path.isdir(output + ".writer")
+
+
+def test_writer_refuses_what_it_cannot_write_saying_why(tmp_path):
+    data = volume((4, 40, 40))
+    grid = VesuviusStream([data], 4, 8, 8, None, "grid", stride=(2, 4, 4), return_coords=True)
+    with pytest.raises(ValueError, match=r"scale=2 must divide the stride \(2, 3, 4\) along "
+                                         r"the yx axes"):
+        VesuviusStream([data], 4, 8, 8, None, "grid", stride=(2, 3, 4),
+                       return_coords=True).writer([str(tmp_path / "o.zarr")], scale=2)
+    with pytest.raises(ValueError, match=r"scale=3 must divide the block \(4, 8, 8\)"):
+        grid.writer([str(tmp_path / "o.zarr")], scale=3)
+    with pytest.raises(ValueError, match=r"scale=4 must divide the stride \(2, 4, 4\) along "
+                                         r"the zyx axes of a 3D output"):
+        with grid.writer([str(tmp_path / "o3.zarr")], scale=4) as out:
+            blocks, coords = next(iter(DataLoader(grid, batch_size=3)))
+            out.add(predict(blocks, 4, 3), coords)
+    for ds in (VesuviusStream([data], 4, 8, 8, 10, return_coords=True),
+               VesuviusStream([data], 4, 8, 8, None, "grid")):
+        with pytest.raises(ValueError, match="'grid' dataset with return_coords=True"):
+            ds.writer([str(tmp_path / "o.zarr")])
+    with pytest.raises(ValueError, match="one output per source: 1 sources, 2 outputs"):
+        grid.writer([str(tmp_path / "o.zarr"), str(tmp_path / "p.zarr")])
+    with pytest.raises(ValueError, match="blend must be"):
+        grid.writer([str(tmp_path / "o.zarr")], blend="mean")
+    (tmp_path / "there.zarr").mkdir()
+    with pytest.raises(FileExistsError, match="there.zarr exists.*resume=True"):
+        grid.writer([str(tmp_path / "there.zarr")])
+    zarr.create_array(str(tmp_path / "ro.zarr"), shape=(40, 40), chunks=(8, 8), dtype="f4")
+    with pytest.raises(ValueError, match="read-only.*mode='r\\+'"):
+        grid.writer([zarr.open_array(str(tmp_path / "ro.zarr"), mode="r")])
+    blocks, coords = next(iter(DataLoader(grid, batch_size=3)))
+    with pytest.raises(ValueError, match=r"output 0 has shape \(40, 40\); .* needs \(20, 20\)"):
+        with grid.writer([zarr.open_array(str(tmp_path / "ro.zarr"))], scale=2) as out:
+            out.add(predict(blocks, 2), coords)
+    with pytest.raises(ValueError, match="did not get all their blocks"), \
+            grid.writer([str(tmp_path / "o.zarr")], scale=2) as out:
+        with pytest.raises(ValueError, match=r"predictions of shape \(3, 8, 8\) do not fit "
+                                             r"blocks \(4, 8, 8\) at scale=2.*\(3, 4, 4\)"):
+            out.add(predict(blocks), coords)
+        with pytest.raises(ValueError, match=r"coords must be \(B, 4\)"):
+            out.add(predict(blocks, 2), coords[:2])
+        with pytest.raises(TypeError, match="floating point"):
+            out.add(predict(blocks, 2).to(torch.int32), coords)
+        out.add(predict(blocks, 2), coords)
+        with pytest.raises(ValueError, match=r"output 0 is 2D.*got 3D predictions"):
+            out.add(predict(blocks, 2, 3), coords)
+        with pytest.raises(ValueError, match="coords name file 5"):
+            out.add(predict(blocks, 2), coords + torch.tensor([5, 0, 0, 0]))
+
+
 # -- benchmark ----------------------------------------------------------------
 
 SMALL_RUN = ["--block", "4", "16", "16", "--batch-size", "4", "--batches", "5",
