@@ -2691,15 +2691,12 @@ def _writer_folder(output):
 
 
 class _Tile:
-    """The sums of one open tile: num (C, *tile) and den (*tile), float64, and the
-    contributions they hold."""
+    """The sums of one open tile, its output start ``low``, the contributions they
+    hold and those expected. ``sums`` (C + 1, *tile) float64: sum(w p) per channel,
+    then sum(w)."""
 
-    def __init__(self, num, den, count, expected):
-        self.num, self.den, self.count, self.expected = num, den, count, expected
-
-    @property
-    def nbytes(self):
-        return self.num.nbytes + self.den.nbytes
+    def __init__(self, sums, low, count, expected):
+        self.sums, self.low, self.count, self.expected = sums, low, count, expected
 
 
 class _Writer:
@@ -2872,8 +2869,11 @@ class _Writer:
             raise TypeError(f"predictions must be floating point, got {predictions.dtype}")
         if self._weights is None or self._weights.ndim != dims:
             self._weights = _blend_weights(expected[dims - 2][lead:], self.blend)
-        weighted = predictions.astype(np.float64).reshape(
-            len(coords), -1, *self._weights.shape) * self._weights       # (B, C, *size)
+        # (B, C + 1, *size): w p per channel, then w.
+        weighted = np.empty((len(coords), (self.channels or 1) + 1, *self._weights.shape))
+        np.multiply(predictions.reshape(weighted[:, :-1].shape), self._weights,
+                    out=weighted[:, :-1])
+        weighted[:, -1] = self._weights
         for index in np.unique(coords[:, 0]):
             if not 0 <= index < len(self.tilings):
                 raise ValueError(f"coords name file {index}; the dataset has "
@@ -2884,29 +2884,34 @@ class _Writer:
                                  f"{tuple(self.arrays[index].shape)}); got {dims}D predictions")
             mine = np.flatnonzero(coords[:, 0] == index)
             starts = tiling.starts(coords[mine, 1:])
-            for b, start, low, high in zip(mine, starts, *tiling.tile_ranges(starts)):
-                for tile in itertools.product(*map(range, low, high + 1)):
+            low, high = tiling.tile_ranges(starts)
+            for b, start, first, last in zip(mine.tolist(), starts.tolist(), low.tolist(),
+                                              high.tolist()):
+                tiles = ((tuple(first),) if first == last else
+                         itertools.product(*map(range, first, [h + 1 for h in last])))
+                for tile in tiles:
                     if not tiling.done[tile]:
                         self._add_to(index, tiling, tile, start, weighted[b])
 
     def _add_to(self, index, tiling, tile, start, weighted):
-        """Add one block's weighted prediction (C, *size) at output ``start`` to a tile."""
+        """Add one block's weighted prediction (C + 1, *size) at output ``start`` to a tile."""
         key = (index, tile)
-        sums = self._open.pop(key, None)
+        sums = self._open.get(key)
         if sums is None:
-            sums = self._load(key, tiling)
-        self._open[key] = sums                              # the newest
-        low, high = tiling.box(tile)
-        inside = tuple(slice(max(s, l) - l, min(s + n, h) - l)
-                       for s, n, l, h in zip(start, tiling.size, low, high))
-        part = tuple(slice(max(s, l) - s, min(s + n, h) - s)
-                     for s, n, l, h in zip(start, tiling.size, low, high))
-        sums.num[(slice(None), *inside)] += weighted[(slice(None), *part)]
-        sums.den[inside] += self._weights[part]
+            sums = self._open[key] = self._load(key, tiling)
+        else:
+            self._open.move_to_end(key)                     # the newest
+        # The block's part [a, b) in the tile, per axis: block [s, s + n), tile [l, l + t).
+        into, part = [slice(None)], [slice(None)]
+        for s, n, l, t in zip(start, tiling.size, sums.low, tiling.tile):
+            a, b = max(s, l), min(s + n, l + t)
+            into.append(slice(a - l, b - l))
+            part.append(slice(a - s, b - s))
+        sums.sums[tuple(into)] += weighted[tuple(part)]
         sums.count += 1
         if sums.count == sums.expected:
             del self._open[key]
-            self._held -= sums.nbytes
+            self._held -= sums.sums.nbytes
             self._write(index, tiling, tile, sums)
         elif self._held > _FRONT_BYTES and self.folders[index] is not None:
             self._spill()
@@ -2918,14 +2923,14 @@ class _Writer:
             del self._spilled[key]
             name = self._spill_name(key)
             with np.load(name) as saved:
-                sums = _Tile(saved['num'], saved['den'], int(saved['count']),
+                sums = _Tile(saved['sums'], tiling.box(tile)[0], int(saved['count']),
                              int(saved['expected']))
             os.remove(name)
         else:
-            shape = tuple(h - l for l, h in zip(*tiling.box(tile)))
-            sums = _Tile(np.zeros((self.channels or 1, *shape)), np.zeros(shape), 0,
-                         tiling.expected(tile))
-        self._held += sums.nbytes
+            low, high = tiling.box(tile)
+            sums = _Tile(np.zeros(((self.channels or 1) + 1, *(h - l for l, h in zip(low, high)))),
+                         low, 0, tiling.expected(tile))
+        self._held += sums.sums.nbytes
         return sums
 
     def _spill(self):
@@ -2935,11 +2940,10 @@ class _Writer:
             if self.folders[key[0]] is None:
                 break
             del self._open[key]
-            self._held -= sums.nbytes
+            self._held -= sums.sums.nbytes
             name = self._spill_name(key)
             os.makedirs(os.path.dirname(name), exist_ok=True)
-            np.savez(name, num=sums.num, den=sums.den, count=sums.count,
-                     expected=sums.expected)
+            np.savez(name, sums=sums.sums, count=sums.count, expected=sums.expected)
             self._spilled[key] = (sums.count, sums.expected)
 
     def _spill_name(self, key):
@@ -2951,8 +2955,8 @@ class _Writer:
         """Write a complete tile, sum(w p) / sum(w) (0 where no block reached), once;
         then journal it."""
         low, high = tiling.box(tile)
-        result = np.divide(sums.num, sums.den, out=np.zeros_like(sums.num),
-                           where=sums.den > 0)
+        num, den = sums.sums[:-1], sums.sums[-1]
+        result = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
         array = self.arrays[index]
         box = tuple(slice(l, h) for l, h in zip(low, high))
         array[box if self.channels is None else (slice(None), *box)] = \
@@ -2994,7 +2998,7 @@ class _Writer:
                 sums = self._open.pop(key, None) or self._load(key, self.tilings[key[0]])
                 name = self._partial_name(key, self.rank)
                 os.makedirs(os.path.dirname(name), exist_ok=True)
-                np.savez(name + '.tmp.npz', num=sums.num, den=sums.den, count=sums.count)
+                np.savez(name + '.tmp.npz', sums=sums.sums, count=sums.count)
                 os.replace(name + '.tmp.npz', name)
             self._held = 0
             self._barrier()
@@ -3039,13 +3043,12 @@ class _Writer:
                 tiling = self.tilings[index] or self._setup(index, len(tile))
                 if int(np.ravel_multi_index(tile, tiling.tiles)) % self.world_size != self.rank:
                     continue
-                sums = _Tile(0, 0, 0, tiling.expected(tile))
+                sums = _Tile(0, tiling.box(tile)[0], 0, tiling.expected(tile))
                 for rank in range(self.world_size):
                     part = self._partial_name((index, tile), rank)
                     if os.path.exists(part):
                         with np.load(part) as saved:
-                            sums.num = sums.num + saved['num']
-                            sums.den = sums.den + saved['den']
+                            sums.sums = sums.sums + saved['sums']
                             sums.count += int(saved['count'])
                 if sums.count == sums.expected:
                     self._write(index, tiling, tile, sums)
