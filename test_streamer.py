@@ -2745,6 +2745,129 @@ def test_writer_refuses_what_it_cannot_write_saying_why(tmp_path):
             out.add(predict(blocks, 2), coords + torch.tensor([5, 0, 0, 0]))
 
 
+def ddp_writer_rank(rank, world_size, init_file, sources, folder):
+    """One DDP process: its rank's share of the grid predicted into the shared outputs."""
+    import datetime
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=120))
+    try:
+        ds = VesuviusStream(sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+                            return_coords=True, region_mb=0.05)
+        outputs = [os.path.join(folder, "a_ink.zarr"), os.path.join(folder, "b_ink.zarr")]
+        with ds.writer(outputs, scale=2) as out:
+            for blocks, coords in DataLoader(ds, batch_size=16):
+                out.add(predict(blocks, 2), coords)
+            # Tiles this rank fed but could not finish alone: the other rank fed them too.
+            shared = len(out._open) + len(out._spilled)
+        np.save(os.path.join(folder, f"shared{rank}.npy"), shared)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_ranks_write_one_exact_output_merging_the_tiles_they_share(tmp_path,
+                                                                           two_sources):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    torch.multiprocessing.spawn(ddp_writer_rank, nprocs=2,
+                                args=(2, str(tmp_path / "init"), two_sources, str(folder)))
+    assert all(np.load(folder / f"shared{r}.npy") > 0 for r in range(2))
+    ds = VesuviusStream(two_sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+                        return_coords=True, region_mb=0.05)
+    for name, expected in zip(("a_ink.zarr", "b_ink.zarr"), blended(ds, 2)):
+        np.testing.assert_allclose(zarr.open_array(str(folder / name), mode="r")[:], expected,
+                                   rtol=0, atol=1e-5)
+    assert sorted(os.listdir(folder)) == ["a_ink.zarr", "b_ink.zarr", "shared0.npy",
+                                          "shared1.npy"]
+
+
+KILLED_RUN = """
+import sys
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from streamer import VesuviusStream
+{predict}
+grid = VesuviusStream([sys.argv[1]], 4, 16, 16, None, "grid", stride=(4, 8, 8),
+                      return_coords=True, region_mb=0.5)
+with grid.writer([sys.argv[2]]) as out:
+    for batch, (blocks, coords) in enumerate(DataLoader(grid, batch_size=32, num_workers=2)):
+        out.add(predict(blocks), coords)
+        if batch == int(sys.argv[3]):
+            print("predicted", batch + 1, "batches", flush=True)
+            sys.stdin.readline()              # killed here, or anywhere
+"""
+
+
+def test_a_killed_writer_resumed_predicts_fewer_blocks_and_writes_the_same_output(tmp_path):
+    source = zarr_v3(tmp_path / "wide.zarr", volume((4, 200, 1000), seed=9), chunks=(4, 64, 64))
+    output = str(tmp_path / "ink.zarr")
+    (tmp_path / "run.py").write_text(KILLED_RUN.format(predict=inspect.getsource(predict)))
+    run = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), source, output, "50"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": HERE})
+    try:
+        ready, _, _ = select.select([run.stdout], [], [], 300)   # a guard against hangs
+        assert ready and run.stdout.readline() == "predicted 51 batches\n"
+    finally:
+        run.kill()
+        run.wait(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    grid = VesuviusStream([source], 4, 16, 16, None, "grid", stride=(4, 8, 8),
+                          return_coords=True, region_mb=0.5)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        grid.writer([output])
+    # The tiles (256 x 256) the killed run journaled as written; the resumed run predicts
+    # exactly the blocks that feed another one.
+    journals = pathlib.Path(output + ".writer").glob("done-*")
+    done = {tuple(map(int, line.split())) for path in journals
+            for line in path.read_text().splitlines()}
+
+    def tiles(corner):          # the tiles the footprint of the block at corner overlaps
+        (_, _, y, x), last = corner, 16 - 1
+        return {(ty, tx) for ty in range(y // 256, (y + last) // 256 + 1)
+                for tx in range(x // 256, (x + last) // 256 + 1)}
+    needed = [c for c in epoch(grid) if not tiles(c) <= done]
+    resumed = write_predictions(grid, [output], num_workers=2, resume=True)
+    assert done and resumed == len(needed) < len(grid)
+    np.testing.assert_allclose(zarr.open_array(output, mode="r")[:], blended(grid)[0],
+                               rtol=0, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["ink.zarr", "run.py", "wide.zarr"]
+    assert write_predictions(grid, [output], resume=True) == 0      # complete: nothing left
+
+
+MEMORY_RUN = """
+import sys
+import tracemalloc
+import numpy as np
+from torch.utils.data import DataLoader
+from streamer import VesuviusStream
+
+volume = np.zeros((8, 4096, 16384), np.uint8)      # pages untouched: not resident
+grid = VesuviusStream([volume], 8, 128, 128, None, "grid", return_coords=True)
+tracemalloc.start()
+with grid.writer([sys.argv[1]]) as out:
+    for blocks, coords in DataLoader(grid, batch_size=32):
+        out.add(blocks.float().mean(1), coords)     # (32, 128, 128) float32
+print(tracemalloc.get_traced_memory()[1])
+"""
+
+
+def test_the_writers_memory_stays_far_below_its_output(tmp_path):
+    # A 4096 x 16384 float32 output (256 MiB; its float64 sums would take 512 MiB), written
+    # in a fresh process: Python's and numpy's allocations at their peak (torch's batches
+    # are not traced). The open tiles are a band of 256-pixel tiles along the volume's
+    # shorter side, 4096 x 256 x 16 bytes (float64 sum(w p) and sum(w)) = 16 MiB, plus a
+    # batch's weighted predictions (8 MiB): 19 MiB measured.
+    (tmp_path / "run.py").write_text(MEMORY_RUN)
+    run = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "o.zarr")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": HERE},
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert int(run.stdout) < 32 * 2**20
+    assert zarr.open_array(str(tmp_path / "o.zarr"), mode="r").nbytes == 256 * 2**20
+
+
 # -- benchmark ----------------------------------------------------------------
 
 SMALL_RUN = ["--block", "4", "16", "16", "--batch-size", "4", "--batches", "5",
