@@ -9,7 +9,9 @@ In one run, on the same store and DataLoader settings, it measures:
 
 then the time to the first item of the first and the last of 64 shards
 (samples_per_epoch 1e9, or the positions there are), that of the last of 3
-ranks resuming what 64 shards left (merge_state_dicts), and VesuviusStream
+ranks resuming what 64 shards left (merge_state_dicts), grid inference with a
+trivial model alone and with ``VesuviusStream.writer`` writing a 2D map
+(scale 4 and 1), and VesuviusStream
 with synthetic 2D ink labels (about 5 % of the pixels, a few areas) with and
 without ``positive_fraction=0.5``; over two copies of the volume, with
 ``positive_fraction=0.5``, today's rule next to ``min_positive_fraction``,
@@ -699,6 +701,15 @@ def benchmark_stream(path, args):
     print(f"first item of rank 2 of 3, fresh / resuming what 64 shards left "
           f"(merge_state_dicts): {fresh:.2f} s / {resumed:.2f} s ({resumed / fresh:.2f}x)")
 
+    print(f"\ngrid inference, stride (d, h/2, w/2), a trivial model (mean over z, pooled to "
+          f"the scale) in the main process:")
+    alone, rss = in_fresh_process(grid_row, path, args, None)
+    print(f"  grid stream alone       {alone:8.0f} blocks/s, peak RSS {rss}")
+    for scale in (4, 1):
+        rate, rss = in_fresh_process(grid_row, path, args, scale)
+        print(f"  + writer, 2D, scale={scale}   {rate:8.0f} blocks/s (the writer takes "
+              f"{1 - rate / alone:5.1%} of the rate), peak RSS {rss}")
+
     labels = synthetic_ink(array.shape[1:])
     print(f"\nwith 2D ink labels on {np.count_nonzero(labels) / labels.size:.1%} of the "
           f"pixels, in {INK_AREAS} areas:")
@@ -741,6 +752,31 @@ def benchmark_stream(path, args):
     print(f"\nmany small sources (numpy {MANY_SHAPE}, blocks {MANY_BLOCK}, {MANY_ITEMS} items, "
           f"no workers): 30 sources {rates[30]:.0f} items/s, 300 sources {rates[300]:.0f} "
           f"items/s ({rates[300] / rates[30]:.2f}x)")
+
+
+def grid_row(path, args, scale):
+    """One grid epoch with a trivial model (in a fresh process): blocks/s and peak RSS,
+    with ``VesuviusStream.writer`` writing a 2D map at ``scale`` (None: no writer)."""
+    depth, height, width = args.block
+    grid = VesuviusStream([path], *args.block, None, "grid", return_coords=True,
+                          stride=(depth, height // 2, width // 2), **stream_options(args))
+    loader = DataLoader(grid, batch_size=args.batch_size, num_workers=args.workers,
+                        multiprocessing_context=start_method() if args.workers else None)
+    folder = tempfile.mkdtemp(prefix="vesuvius_benchmark_map_")
+    try:
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            with (grid.writer([os.path.join(folder, "map.zarr")], scale=scale) if scale
+                  else contextlib.nullcontext()) as out:
+                for blocks, *_, coords in loader:
+                    mean = blocks.float().mean(1, keepdim=True)              # (B, 1, h, w)
+                    prediction = torch.nn.functional.avg_pool2d(mean, scale or 1)[:, 0]
+                    if out is not None:
+                        out.add(prediction, coords)
+            seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(folder)
+    return len(grid) / seconds, str(rss)
 
 
 MANY_SHAPE, MANY_BLOCK, MANY_ITEMS = (4, 32, 32), (2, 8, 8), 3000
