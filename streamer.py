@@ -234,8 +234,9 @@ class VesuviusStream(IterableDataset):
             sources. ``'grid'``: every block of a regular grid with steps
             ``stride``, the last block along each axis shifted back to end at
             the border, so that every voxel (within ``z_range``) is covered;
-            positions off the mask are skipped; region by region, for
-            inference and stitching. Or a
+            positions off the mask are skipped; region by region (z
+            innermost, then along the shorter of y and x), for inference:
+            see ``writer``. Or a
             sequence of weights, numbers >= 0, one per source: each source
             gives exactly its weight's share of ``samples_per_epoch`` in
             every epoch (``floor(n * w / sum(w))``, the samples left over one
@@ -334,9 +335,12 @@ class VesuviusStream(IterableDataset):
             for blocks, labels, coords in loader:   # coords: (32, 4) int64
                 ...                                 # blocks: float32 in [0, 1]
 
-        # Inference: every block of a grid, with coordinates for stitching.
+        # Inference: every block of a grid, predictions blended into a Zarr map.
         grid = VesuviusStream(["a.zarr"], 26, 64, 64, None, 'grid',
                               z_range=(17, 43), stride=(26, 32, 32), return_coords=True)
+        with grid.writer(["a_ink.zarr"], scale=4) as out:
+            for blocks, coords in DataLoader(grid, batch_size=64, num_workers=2):
+                out.add(model(blocks), coords)          # (64, 16, 16)
 
         # Resume an interrupted epoch (pip install torchdata).
         from torchdata.stateful_dataloader import StatefulDataLoader
