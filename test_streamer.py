@@ -3882,8 +3882,9 @@ HELD_OUT_IOU_FLOOR = 0.4
 
 
 def check_notebook_results(pictures, ious):
-    # the data and the split, sample blocks with labels, losses + predictions beside truth
-    assert pictures == 3
+    # the data and the split, sample blocks with labels, losses + predictions beside truth,
+    # the writer's map of the whole segment beside the labels
+    assert pictures == 4
     assert set(ious) == {"uniform", "positive_fraction=0.5"}, ious   # both runs reported
     assert min(ious.values()) >= HELD_OUT_IOU_FLOOR, ious
 
