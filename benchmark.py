@@ -11,13 +11,13 @@ then the time to the first item of the first and the last of 64 shards
 (samples_per_epoch 1e9, or the positions there are), that of the last of 3
 ranks resuming what 64 shards left (merge_state_dicts), grid inference with a
 trivial model alone and with ``VesuviusStream.writer`` writing a 2D map
-(scale 4 and 1), and VesuviusStream
-with synthetic 2D ink labels (about 5 % of the pixels, a few areas) with and
-without ``positive_fraction=0.5``; over two copies of the volume, with
-``positive_fraction=0.5``, today's rule next to ``min_positive_fraction``,
-``ignore_label`` and weights (the counting pass when the dataset is built,
-and the streaming rate); and the counting pass with a 2D and a 3D mask at
-1/8 of the volume's resolution next to one at full resolution.
+(scale 4 and 1), and VesuviusStream with synthetic 2D ink labels (about 5 %
+of the pixels, a few areas) with and without ``positive_fraction=0.5``; over
+two copies of the volume, with ``positive_fraction=0.5``, today's rule next
+to ``min_positive_fraction``, ``ignore_label`` and weights (the counting pass
+when the dataset is built, and the streaming rate); and the counting pass
+with a 2D and a 3D mask at 1/8 of the volume's resolution next to one at
+full resolution.
 
 For each it prints samples/s and MB/s delivered, the ratio to naive, the fraction
 of the limit, read amplification (bytes decoded / bytes delivered), distinct

@@ -748,7 +748,10 @@ class VesuviusStream(IterableDataset):
         the ``with`` block, the ranks put the sums of tiles they share in
         ``<output>.writer``, wait for each other (``torch.distributed``
         barrier), and one rank per tile writes it. If a tile lacks
-        predictions at the end, every rank raises ValueError.
+        predictions at the end, every rank raises ValueError (leaving the
+        journal, for ``resume=True``); a rank that leaves the block with an
+        error does not wait, and the others wait until torch.distributed's
+        timeout.
 
         Resume: the writer journals each tile written in ``<output>.writer``
         (removed once the output is complete). After a run was killed, the
@@ -2619,6 +2622,7 @@ class _Tiling:
         self.size = tuple(b // scale for b in lattice.block[3 - dims:])
         self.tiles = tuple(-(-s // t) for s, t in zip(shape, tile))
         self.done = np.zeros(self.tiles, dtype=bool)
+        self._todo = None                 # summed-area table of tiles not done (needed)
         # Output start of each lattice position, per spatial axis.
         self._starts = [-(-a // scale) for a in lattice.axis_corners(
             (0, 0, 0), lattice.extent)[3 - dims:]]
@@ -2648,13 +2652,15 @@ class _Tiling:
     def needed(self, corners):
         """Which blocks at ``corners`` (n, 3) feed a tile that is not done."""
         low, high = self.tile_ranges(self.starts(corners))
-        todo = np.pad(~self.done, [(1, 0)] * self.dims).astype(np.int64)
-        for axis in range(self.dims):
-            np.cumsum(todo, axis=axis, out=todo)
+        if self._todo is None:     # once: tiles done meanwhile only make blocks useless
+            self._todo = np.pad(~self.done, [(1, 0)] * self.dims).astype(np.int64)
+            for axis in range(self.dims):
+                np.cumsum(self._todo, axis=axis, out=self._todo)
+        todo = self._todo
         # Tiles not done in each block's range, by inclusion-exclusion on the table.
         count = 0
         for signs in itertools.product((0, 1), repeat=self.dims):
-            index = tuple(np.where(s, h + 1, l).T for s, l, h in zip(signs, low.T, high.T))
+            index = tuple(h + 1 if s else l for s, l, h in zip(signs, low.T, high.T))
             count = count + (-1) ** (self.dims - sum(signs)) * todo[index]
         return count > 0
 
@@ -2675,13 +2681,10 @@ def _needed_groups(groups, sources, tilings):
 def _blend_weights(size, blend):
     """Weights (*size) of a prediction: per axis exp(-(i - (n - 1)/2)**2 / (2 (n/8)**2)),
     multiplied ('gaussian'), or ones ('constant')."""
-    weights = np.ones(size)
-    if blend == 'gaussian':
-        for axis, n in enumerate(size):
-            i = np.arange(n)
-            shape = [1] * len(size)
-            shape[axis] = n
-            weights = weights * np.exp(-(i - (n - 1) / 2) ** 2 / (2 * (n / 8) ** 2)).reshape(shape)
+    weights = np.ones(())
+    for n in size:
+        along = np.exp(-(np.arange(n) - (n - 1) / 2) ** 2 / (2 * (n / 8) ** 2))
+        weights = np.multiply.outer(weights, along if blend == 'gaussian' else np.ones(n))
     return weights
 
 
@@ -2731,9 +2734,8 @@ class _Writer:
         self.channels = None if channels is None else _positive_int('channels', channels)
         self.blend = blend
         self.rank, self.world_size = dataset.rank, dataset.world_size
-        self._distributed = torch.distributed.is_available() and \
-            torch.distributed.is_initialized()
-        if self.world_size > 1 and not self._distributed:
+        if self.world_size > 1 and not (torch.distributed.is_available()
+                                        and torch.distributed.is_initialized()):
             raise ValueError(f"a writer over {self.world_size} ranks waits for the other "
                              f"ranks at its end: initialize torch.distributed first")
         self.paths = [None if isinstance(o, zarr.Array) else os.fspath(o) for o in outputs]
@@ -2805,19 +2807,22 @@ class _Writer:
     def _create(self, index, shape, dims):
         """A new float32 Zarr array at path ``index``, chunks ``_TILE_2D`` or ``_TILE_3D``.
 
-        Ranks make it at their first prediction, each with the same metadata
-        document, moved into place by a rename: no rank reads a half-written one.
+        Ranks make it at their first prediction, in the working folder, and move
+        it into place by a rename: the path never holds a half-made array.
         """
         path, folder = self.paths[index], self.folders[index]
         os.makedirs(folder, exist_ok=True)       # first: an output without it is complete
         spatial = _TILE_2D if dims == 2 else _TILE_3D
         chunks = tuple(min(c, n) for c, n in zip((*shape[:len(shape) - dims], *spatial),
                                                   shape))
-        staging = os.path.join(folder, f'metadata-{self.rank}-{os.getpid()}')
+        staging = os.path.join(folder, f'array-{self.rank}-{os.getpid()}')
         zarr.create_array(staging, shape=shape, chunks=chunks, dtype='float32', fill_value=0)
-        os.makedirs(path, exist_ok=True)
-        os.replace(os.path.join(staging, 'zarr.json'), os.path.join(path, 'zarr.json'))
-        os.rmdir(staging)
+        try:
+            os.rename(staging, path)            # the path appears with its metadata
+        except OSError:                         # another rank's came first
+            if not os.path.isfile(os.path.join(path, 'zarr.json')):
+                raise
+            shutil.rmtree(staging)
         return zarr.open_array(path, mode='r+')
 
     def _resume(self, index):
@@ -2829,6 +2834,9 @@ class _Writer:
                 dims = array.ndim - (self.channels is not None)
                 self._setup(index, dims).done[...] = True
             return
+        for name in os.listdir(folder):       # what a run that did not end left unfinished
+            if not name.startswith('done-'):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
         lines = []
         for name in sorted(os.listdir(folder)):
             if name.startswith('done-'):
@@ -2840,8 +2848,6 @@ class _Writer:
         tiling = self._setup(index, array.ndim - (self.channels is not None))
         for line in lines:                  # a line is complete: its tile was written
             tiling.done[tuple(map(int, line))] = True
-        for name in ('spill', 'partials'):            # sums of a run that did not end
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
     # -- adding predictions ---------------------------------------------------
 
@@ -2851,8 +2857,10 @@ class _Writer:
     def add(self, predictions, coords):
         """Add the predictions ``(B, [C,] [d',] h', w')`` of the blocks at ``coords``
         ``(B, 4)``, as a grid DataLoader yields them."""
-        if isinstance(predictions, torch.Tensor):
-            predictions = predictions.detach().cpu().numpy()
+        if isinstance(predictions, torch.Tensor):      # any float dtype, bfloat16 too
+            predictions = predictions.detach().cpu()
+            predictions = (predictions.double() if predictions.is_floating_point()
+                           else predictions).numpy()
         if isinstance(coords, torch.Tensor):
             coords = coords.cpu().numpy()
         predictions, coords = np.asarray(predictions), np.asarray(coords)

@@ -2664,6 +2664,22 @@ def test_writer_fills_opened_zarr_arrays_in_their_own_chunks_and_blends_flat(tmp
     assert sorted(os.listdir(tmp_path)) == ["mine.zarr"]    # its working folder is gone
 
 
+def test_writer_takes_predictions_of_any_float_dtype_from_torch_or_numpy(tmp_path):
+    data = volume((4, 24, 40), seed=5)
+    ds = VesuviusStream([data], 4, 8, 8, None, "grid", stride=(4, 4, 4), return_coords=True)
+    expected, = blended(ds)
+    # Predictions in [0, 1): rounding them moves a weighted mean by at most half an ulp.
+    kinds = {"float16": (lambda p: p.numpy().astype(np.float16), 2**-12),
+             "bfloat16": (lambda p: p.to(torch.bfloat16), 2**-9),
+             "float64": (lambda p: p.double().numpy(), 1e-7)}
+    for name, (convert, rounding) in kinds.items():
+        with ds.writer([str(tmp_path / f"{name}.zarr")]) as out:
+            for blocks, coords in DataLoader(ds, batch_size=8):
+                out.add(convert(predict(blocks)), coords.numpy())
+        np.testing.assert_allclose(zarr.open_array(str(tmp_path / f"{name}.zarr"))[:],
+                                   expected, rtol=0, atol=rounding + 1e-7)
+
+
 def test_writer_spills_open_tiles_to_disk_beyond_its_budget_and_stays_exact(tmp_path,
                                                                           monkeypatch):
     monkeypatch.setattr(streamer, "_FRONT_BYTES", 3 * 8 * 2 * 16 * 16)   # three 16 x 16 tiles
