@@ -2857,10 +2857,11 @@ class _Writer:
     def add(self, predictions, coords):
         """Add the predictions ``(B, [C,] [d',] h', w')`` of the blocks at ``coords``
         ``(B, 4)``, as a grid DataLoader yields them."""
-        if isinstance(predictions, torch.Tensor):      # any float dtype, bfloat16 too
+        if isinstance(predictions, torch.Tensor):
             predictions = predictions.detach().cpu()
-            predictions = (predictions.double() if predictions.is_floating_point()
-                           else predictions).numpy()
+            if predictions.dtype == torch.bfloat16:     # which numpy does not have
+                predictions = predictions.float()
+            predictions = predictions.numpy()
         if isinstance(coords, torch.Tensor):
             coords = coords.cpu().numpy()
         predictions, coords = np.asarray(predictions), np.asarray(coords)
