@@ -2641,13 +2641,22 @@ class _Tiling:
         return start, tuple(min(s + t, n) for s, t, n in zip(start, self.tile, self.shape))
 
     def expected(self, index):
-        """Grid positions on the mask whose footprint overlaps tile ``index``."""
+        """Grid positions on the mask whose footprint overlaps tile ``index``.
+
+        Counted over slabs of a region's depth: a 2D output's tile gathers
+        every layer, and a 3D mask is read a slab at a time.
+        """
         (start, end), origin, shape = self.box(index), [0, 0, 0], list(self.lattice.extent)
         for axis, s, e, n, starts in zip(range(3 - self.dims, 3), start, end, self.size,
                                          self._starts):
             first = int(np.searchsorted(starts, s - n + 1))     # start + n > s
             origin[axis], shape[axis] = first, int(np.searchsorted(starts, e)) - first
-        return self.selection.count_selected(tuple(origin), tuple(shape)) if all(shape) else 0
+        if not all(shape):
+            return 0
+        depth, stop = self.lattice.region[0], origin[0] + shape[0]
+        return sum(self.selection.count_selected((z, *origin[1:]),
+                                                 (min(depth, stop - z), *shape[1:]))
+                   for z in range(origin[0], stop, depth))
 
     def needed(self, corners):
         """Which blocks at ``corners`` (n, 3) feed a tile that is not done."""

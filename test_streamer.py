@@ -2612,43 +2612,54 @@ def write_predictions(ds, outputs, num_workers=0, batch_size=16, scale=1, dims=2
 
 
 @pytest.fixture
-def two_sources(tmp_path):
-    """A plain array and a converter group whose mask has a hole (blocks off it: none)."""
+def sources(tmp_path):
+    """A plain array; a converter group whose 2D mask has a hole (no block there); a dict
+    whose 3D mask is a ball (blocks off it: none)."""
     group = zarr.open_group(str(tmp_path / "segment.zarr"), mode="w")
     group.create_array("volume", data=volume((10, 60, 70), seed=4), chunks=(5, 16, 16))
     group.create_array("mask", data=disk_mask((60, 70), (30, 35), 27)
                        - disk_mask((60, 70), (30, 35), 14), chunks=(16, 16))
-    return [volume((10, 37, 45), seed=7), str(tmp_path / "segment.zarr")]
+    z, y, x = np.ogrid[:12, :36, :44]
+    ball = ((z - 6) ** 2 + (y - 18) ** 2 + (x - 22) ** 2 <= 10 ** 2).astype(np.uint8)
+    return [volume((10, 37, 45), seed=7), str(tmp_path / "segment.zarr"),
+            {"volume": volume((12, 36, 44), seed=8), "mask": ball}]
+
+
+def ink_paths(folder, count):
+    return [os.path.join(folder, f"{index}_ink.zarr") for index in range(count)]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("scale", [1, 4])
-def test_writer_2d_outputs_equal_the_blended_float64_reference(tmp_path, two_sources,
+def test_writer_2d_outputs_equal_the_blended_float64_reference(tmp_path, sources,
                                                                workers, scale):
-    ds = VesuviusStream(two_sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+    ds = VesuviusStream(sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
                         return_coords=True, region_mb=0.05)
-    outputs = [str(tmp_path / "a_ink.zarr"), str(tmp_path / "b_ink.zarr")]
+    outputs = ink_paths(tmp_path, 3)
     assert write_predictions(ds, outputs, workers, scale=scale) == len(ds)
-    for output, expected in zip(outputs, blended(ds, scale)):
+    references = blended(ds, scale)
+    for output, expected, source in zip(outputs, references, ds.shapes):
         got = zarr.open_array(output, mode="r")
-        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert got.dtype == np.float32
+        assert got.shape == expected.shape == tuple(-(-n // scale) for n in source[1:])
         np.testing.assert_allclose(got[:], expected, rtol=0, atol=1e-5)
-    off = expected == 0                               # the hole, off the mask
-    assert off[20 // scale:40 // scale, 25 // scale:45 // scale].any() and not off.all()
-    assert not zarr.open_array(outputs[1], mode="r")[:][off].any()
-    assert sorted(os.listdir(tmp_path)) == ["a_ink.zarr", "b_ink.zarr", "segment.zarr"]
+    for index, (y, x) in ((1, (30, 35)), (2, (0, 0))):   # the hole, a corner off the ball
+        got, off = zarr.open_array(outputs[index], mode="r")[:], references[index] == 0
+        assert off[y // scale, x // scale] and not off.all()
+        assert not got[off].any()                         # exactly 0 off the mask
+    assert sorted(os.listdir(tmp_path)) == ["0_ink.zarr", "1_ink.zarr", "2_ink.zarr",
+                                            "segment.zarr"]
 
 
 @pytest.mark.parametrize("channels", [None, 3])
-def test_writer_3d_and_channel_outputs_equal_the_reference(tmp_path, two_sources, channels):
-    ds = VesuviusStream(two_sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+def test_writer_3d_and_channel_outputs_equal_the_reference(tmp_path, sources, channels):
+    ds = VesuviusStream(sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
                         z_range=(1, 10), return_coords=True, region_mb=0.05)
-    outputs = [str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")]
+    outputs = ink_paths(tmp_path, 3)
     write_predictions(ds, outputs, 2, scale=2, dims=3, channels=channels)
     for output, expected in zip(outputs, blended(ds, 2, 3, channels)):
         got = zarr.open_array(output, mode="r")[:]
-        assert got.shape == expected.shape == (*([channels] if channels else []),
-                                               5, *got.shape[-2:])
+        assert got.shape == expected.shape and got.ndim == 3 + bool(channels)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
         assert not got[..., 0, :, :].any()            # layer 0 is outside z_range
 
@@ -2770,7 +2781,7 @@ def ddp_writer_rank(rank, world_size, init_file, sources, folder):
     try:
         ds = VesuviusStream(sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
                             return_coords=True, region_mb=0.05)
-        outputs = [os.path.join(folder, "a_ink.zarr"), os.path.join(folder, "b_ink.zarr")]
+        outputs = ink_paths(folder, 3)
         with ds.writer(outputs, scale=2) as out:
             for blocks, coords in DataLoader(ds, batch_size=16):
                 out.add(predict(blocks, 2), coords)
@@ -2782,19 +2793,19 @@ def ddp_writer_rank(rank, world_size, init_file, sources, folder):
 
 
 def test_two_ddp_ranks_write_one_exact_output_merging_the_tiles_they_share(tmp_path,
-                                                                           two_sources):
+                                                                           sources):
     folder = tmp_path / "out"
     folder.mkdir()
     torch.multiprocessing.spawn(ddp_writer_rank, nprocs=2,
-                                args=(2, str(tmp_path / "init"), two_sources, str(folder)))
+                                args=(2, str(tmp_path / "init"), sources, str(folder)))
     assert all(np.load(folder / f"shared{r}.npy") > 0 for r in range(2))
-    ds = VesuviusStream(two_sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+    ds = VesuviusStream(sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
                         return_coords=True, region_mb=0.05)
-    for name, expected in zip(("a_ink.zarr", "b_ink.zarr"), blended(ds, 2)):
-        np.testing.assert_allclose(zarr.open_array(str(folder / name), mode="r")[:], expected,
+    for output, expected in zip(ink_paths(folder, 3), blended(ds, 2)):
+        np.testing.assert_allclose(zarr.open_array(output, mode="r")[:], expected,
                                    rtol=0, atol=1e-5)
-    assert sorted(os.listdir(folder)) == ["a_ink.zarr", "b_ink.zarr", "shared0.npy",
-                                          "shared1.npy"]
+    assert sorted(os.listdir(folder)) == ["0_ink.zarr", "1_ink.zarr", "2_ink.zarr",
+                                          "shared0.npy", "shared1.npy"]
 
 
 KILLED_RUN = """
