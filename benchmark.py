@@ -702,11 +702,16 @@ def benchmark_stream(path, args):
           f"(merge_state_dicts): {fresh:.2f} s / {resumed:.2f} s ({resumed / fresh:.2f}x)")
 
     print(f"\ngrid inference, stride (d, h/2, w/2), a trivial model (mean over z, pooled to "
-          f"the scale) in the main process:")
-    alone, rss = in_fresh_process(grid_row, path, args, None)
-    print(f"  grid stream alone       {alone:8.0f} blocks/s, peak RSS {rss}")
+          f"the scale) in the main process, best of 2 runs each:")
+    best = {}               # of two rounds, taken in turn: a busy moment hits one run
+    for _ in range(2):
+        for scale in (None, 4, 1):
+            rate, rss = in_fresh_process(grid_row, path, args, scale)
+            best[scale] = max(best.get(scale, (0, "")), (rate, rss))
+    alone = best[None][0]
+    print(f"  grid stream alone       {alone:8.0f} blocks/s, peak RSS {best[None][1]}")
     for scale in (4, 1):
-        rate, rss = in_fresh_process(grid_row, path, args, scale)
+        rate, rss = best[scale]
         print(f"  + writer, 2D, scale={scale}   {rate:8.0f} blocks/s (the writer takes "
               f"{1 - rate / alone:5.1%} of the rate), peak RSS {rss}")
 
@@ -762,6 +767,7 @@ def grid_row(path, args, scale):
                           stride=(depth, height // 2, width // 2), **stream_options(args))
     loader = DataLoader(grid, batch_size=args.batch_size, num_workers=args.workers,
                         multiprocessing_context=start_method() if args.workers else None)
+    cell = scale or 1                   # the model averages cell x cell pixels
     folder = tempfile.mkdtemp(prefix="vesuvius_benchmark_map_")
     try:
         with PeakRSS() as rss:
@@ -769,8 +775,11 @@ def grid_row(path, args, scale):
             with (grid.writer([os.path.join(folder, "map.zarr")], scale=scale) if scale
                   else contextlib.nullcontext()) as out:
                 for blocks, *_, coords in loader:
-                    mean = blocks.float().mean(1, keepdim=True)              # (B, 1, h, w)
-                    prediction = torch.nn.functional.avg_pool2d(mean, scale or 1)[:, 0]
+                    # numpy, not torch: torch's OpenMP threads hang in a process forked
+                    # from one that used them (the test suite's).
+                    mean = blocks.numpy().mean(1, dtype=np.float32)          # (B, h, w)
+                    prediction = mean.reshape(len(mean), height // cell, cell, width // cell,
+                                              cell).mean((2, 4))        # (B, h/s, w/s)
                     if out is not None:
                         out.add(prediction, coords)
             seconds = time.perf_counter() - start

@@ -758,7 +758,14 @@ class VesuviusStream(IterableDataset):
         same call with ``resume=True`` keeps the tiles journaled and makes
         the dataset yield only the blocks that feed the others: create the
         DataLoader after the writer. The final output is the uninterrupted
-        one. The writer never deletes what it did not make.
+        one; a path output without its folder is complete (resuming it yields
+        nothing). The writer never deletes what it did not make.
+
+        Raises ValueError for a dataset that is not a grid with coordinates, a
+        scale that does not divide the block or stride, predictions or coords
+        of another shape, and a tile still lacking predictions at the end;
+        FileExistsError for an existing output (or ``<output>.writer``)
+        without ``resume=True``.
         """
         return _Writer(self, outputs, scale, blend, channels, resume)
 
