@@ -11,16 +11,17 @@ In one run, on the same store and DataLoader settings, it measures:
 
 then the time to the first item of the first and the last of 64 shards
 (samples_per_epoch 1e9, or the positions there are), that of the last of 3
-ranks resuming what 64 shards left (merge_state_dicts), and VesuviusStream
-with labels with and without ``positive_fraction=0.5``: the store's own
-labels (a converter group's), synthetic 2D ink labels (about 5 % of the
-pixels, a few areas) on the synthetic store or when ``--synthetic-labels``
-asks, else none (those rows are skipped); with the synthetic labels, over
-two copies of the volume, with ``positive_fraction=0.5``, today's rule next
-to ``min_positive_fraction``, ``ignore_label`` and weights (the counting
-pass when the dataset is built, and the streaming rate); and the counting
-pass with a 2D and a 3D mask at 1/8 of the volume's resolution next to one
-at full resolution.
+ranks resuming what 64 shards left (merge_state_dicts), grid inference with a
+trivial model alone and with ``VesuviusStream.writer`` writing a 2D map
+(scale 4 and 1), and VesuviusStream with labels with and without
+``positive_fraction=0.5``: the store's own labels (a converter group's),
+synthetic 2D ink labels (about 5 % of the pixels, a few areas) on the
+synthetic store or when ``--synthetic-labels`` asks, else none (those rows are
+skipped); with the synthetic labels, over two copies of the volume, with
+``positive_fraction=0.5``, today's rule next to ``min_positive_fraction``,
+``ignore_label`` and weights (the counting pass when the dataset is built, and
+the streaming rate); and the counting pass with a 2D and a 3D mask at 1/8 of
+the volume's resolution next to one at full resolution.
 
 For each it prints samples/s and MB/s delivered, the ratio to naive, the fraction
 of the limits, read amplification (bytes decoded / bytes delivered), distinct
@@ -730,6 +731,20 @@ def benchmark_stream(path, args):
     print(f"first item of rank 2 of 3, fresh / resuming what 64 shards left "
           f"(merge_state_dicts): {fresh:.2f} s / {resumed:.2f} s ({resumed / fresh:.2f}x)")
 
+    print(f"\ngrid inference, stride (d, h/2, w/2), a trivial model (mean over z, pooled to "
+          f"the scale) in the main process, best of 2 runs each:")
+    best = {}               # of two rounds, taken in turn: a busy moment hits one run
+    for _ in range(2):
+        for scale in (None, 4, 1):
+            rate, rss = in_fresh_process(grid_row, path, args, scale)
+            best[scale] = max(best.get(scale, (0, "")), (rate, rss))
+    alone = best[None][0]
+    print(f"  grid stream alone       {alone:8.0f} blocks/s, peak RSS {best[None][1]}")
+    for scale in (4, 1):
+        rate, rss = best[scale]
+        print(f"  + writer, 2D, scale={scale}   {rate:8.0f} blocks/s (the writer takes "
+              f"{1 - rate / alone:5.1%} of the rate), peak RSS {rss}")
+
     node = zarr.open(path, mode="r")
     if isinstance(node, zarr.Group) and "labels" in node:
         source, labels = path, node["labels"]
@@ -790,6 +805,35 @@ def benchmark_stream(path, args):
     print(f"\nmany small sources (numpy {MANY_SHAPE}, blocks {MANY_BLOCK}, {MANY_ITEMS} items, "
           f"no workers): 30 sources {rates[30]:.0f} items/s, 300 sources {rates[300]:.0f} "
           f"items/s ({rates[300] / rates[30]:.2f}x)")
+
+
+def grid_row(path, args, scale):
+    """One grid epoch with a trivial model (in a fresh process): blocks/s and peak RSS,
+    with ``VesuviusStream.writer`` writing a 2D map at ``scale`` (None: no writer)."""
+    depth, height, width = args.block
+    grid = VesuviusStream([path], *args.block, None, "grid", return_coords=True,
+                          stride=(depth, height // 2, width // 2), **stream_options(args))
+    loader = DataLoader(grid, batch_size=args.batch_size, num_workers=args.workers,
+                        multiprocessing_context=start_method() if args.workers else None)
+    cell = scale or 1                   # the model averages cell x cell pixels
+    folder = tempfile.mkdtemp(prefix="vesuvius_benchmark_map_")
+    try:
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            with (grid.writer([os.path.join(folder, "map.zarr")], scale=scale) if scale
+                  else contextlib.nullcontext()) as out:
+                for blocks, *_, coords in loader:
+                    # numpy, not torch: torch's OpenMP threads hang in a process forked
+                    # from one that used them (the test suite's).
+                    mean = blocks.numpy().mean(1, dtype=np.float32)          # (B, h, w)
+                    prediction = mean.reshape(len(mean), height // cell, cell, width // cell,
+                                              cell).mean((2, 4))        # (B, h/s, w/s)
+                    if out is not None:
+                        out.add(prediction, coords)
+            seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(folder)
+    return len(grid) / seconds, str(rss)
 
 
 MANY_SHAPE, MANY_BLOCK, MANY_ITEMS = (4, 32, 32), (2, 8, 8), 3000

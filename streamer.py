@@ -36,6 +36,7 @@ import os
 import pickle
 import platform
 import random
+import shutil
 import socket
 import sys
 import threading
@@ -87,6 +88,10 @@ _MALLOC_TUNED = set()                                  # pids where it was done
 # The plan keeps a few numbers per region (counts, rates, a round's order): a volume whose
 # regions would take more than _PLAN_BYTES is refused, asking for larger regions.
 _PLAN_BYTES_PER_REGION, _PLAN_BYTES = 160, 2**30
+# The prediction writer (see _Writer): chunks of the outputs it makes (float32; 256 KiB
+# or 1 MiB), and the bytes of open tiles' sums it holds in RAM before spilling to disk.
+_TILE_2D, _TILE_3D = (256, 256), (64, 64, 64)
+_FRONT_BYTES = 256 * 2**20
 
 
 class VesuviusStream(IterableDataset):
@@ -242,8 +247,9 @@ class VesuviusStream(IterableDataset):
             sources. ``'grid'``: every block of a regular grid with steps
             ``stride``, the last block along each axis shifted back to end at
             the border, so that every voxel (within ``z_range``) is covered;
-            positions off the mask are skipped; region by region, for
-            inference and stitching. Or a
+            positions off the mask are skipped; region by region (z
+            innermost, then along the shorter of y and x), for inference:
+            see ``writer``. Or a
             sequence of weights, numbers >= 0, one per source: each source
             gives exactly its weight's share of ``samples_per_epoch`` in
             every epoch (``floor(n * w / sum(w))``, the samples left over one
@@ -356,9 +362,12 @@ class VesuviusStream(IterableDataset):
             for blocks, labels, coords in loader:   # coords: (32, 4) int64
                 ...                                 # blocks: float32 in [0, 1]
 
-        # Inference: every block of a grid, with coordinates for stitching.
+        # Inference: every block of a grid, predictions blended into a Zarr map.
         grid = VesuviusStream(["a.zarr"], 26, 64, 64, None, 'grid',
                               z_range=(17, 43), stride=(26, 32, 32), return_coords=True)
+        with grid.writer(["a_ink.zarr"], scale=4) as out:
+            for blocks, coords in DataLoader(grid, batch_size=64, num_workers=2):
+                out.add(model(blocks), coords)          # (64, 16, 16)
 
         # Resume an interrupted epoch (pip install torchdata).
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -516,6 +525,7 @@ class VesuviusStream(IterableDataset):
         self._resume = None                   # a loaded shard state, for the next iteration
         self._left = None                     # (epoch, part) of a loaded merged state
         self._place = _Place()                # where the running iteration is
+        self._writing = None                  # a resuming writer's tilings (see writer)
 
     def _positive_split(self, fraction):
         """``(fraction, positive items per epoch)``, or (None, None): every source's
@@ -735,6 +745,68 @@ class VesuviusStream(IterableDataset):
             self.set_epoch(state['epoch'])
             self._left = int(state['epoch']), part
 
+    def writer(self, outputs, *, scale=1, blend='gaussian', channels=None, resume=False):
+        """A context manager that writes a grid's predictions, blended, into Zarr.
+
+        For a ``'grid'`` dataset built with ``return_coords=True``::
+
+            with grid.writer(["a_ink.zarr"], scale=4) as out:
+                for blocks, coords in DataLoader(grid, batch_size=64, num_workers=2):
+                    out.add(model(blocks), coords)      # (B, h/4, w/4) per batch
+
+        ``outputs``: one per source, a path (a new float32 Zarr array is made
+        there, chunks 256 x 256 in 2D or 64**3 in 3D; an existing path is
+        refused unless ``resume=True``) or an opened writable ``zarr.Array`` of
+        the right shape (its chunks are kept). ``add(predictions, coords)``
+        takes a batch's predictions (torch or numpy, any float dtype) of shape
+        ``(B, h', w')``, a 2D output over (y, x) that gathers every z position,
+        or ``(B, d', h', w')``, a 3D output over (z, y, x); with
+        ``channels=C`` a channel axis after B, and outputs ``(C, ...)``. A
+        prediction covers its block at 1/``scale`` (``h' = h / scale``; scale
+        divides the block and the stride): the output has ``ceil(size /
+        scale)`` voxels along each axis, and a block at corner c covers
+        ``[ceil(c / scale), ceil(c / scale) + h')``. Each output voxel is
+        sum(w p) / sum(w) over the blocks covering it, w the product over the
+        prediction's axes of ``exp(-(i - (n - 1)/2)**2 / (2 (n/8)**2))``, i =
+        0 ... n-1 (``blend='gaussian'``), or 1 (``'constant'``); voxels no
+        block covers (off the mask) are 0. Sums are float64: the result is
+        the in-memory float64 one, rounded to the output's dtype.
+
+        Memory: the writer cuts each output into tiles (its chunks along the
+        spatial axes), counts how many grid positions feed each (from the
+        geometry and the mask), sums a tile's contributions until all are in,
+        then writes it once (no read-modify-write) and forgets it. It holds
+        only the tiles of the blocks in flight: in grid order (see
+        ``sampling_method``) a band of tiles along the volume's shorter side
+        per worker, (channels + 1) x 8 bytes per voxel; beyond 256 MiB the
+        least recently fed tiles wait on disk in ``<output>.writer``.
+        Predictions may come from any number of workers, in any order.
+
+        Ranks (DDP): every rank runs the same loop over its share; leaving
+        the ``with`` block, the ranks put the sums of tiles they share in
+        ``<output>.writer``, wait for each other (``torch.distributed``
+        barrier), and one rank per tile writes it. If a tile lacks
+        predictions at the end, every rank raises ValueError (leaving the
+        journal, for ``resume=True``); a rank that leaves the block with an
+        error does not wait, and the others wait until torch.distributed's
+        timeout.
+
+        Resume: the writer journals each tile written in ``<output>.writer``
+        (removed once the output is complete). After a run was killed, the
+        same call with ``resume=True`` keeps the tiles journaled and makes
+        the dataset yield only the blocks that feed the others: create the
+        DataLoader after the writer. The final output is the uninterrupted
+        one; a path output without its folder is complete (resuming it yields
+        nothing). The writer never deletes what it did not make.
+
+        Raises ValueError for a dataset that is not a grid with coordinates, a
+        scale that does not divide the block or stride, predictions or coords
+        of another shape, and a tile still lacking predictions at the end;
+        FileExistsError for an existing output (or ``<output>.writer``)
+        without ``resume=True``.
+        """
+        return _Writer(self, outputs, scale, blend, channels, resume)
+
     def __iter__(self):
         epoch, skip_batches, batch_size = self._epoch.tolist()
         worker = get_worker_info()
@@ -765,6 +837,8 @@ class VesuviusStream(IterableDataset):
         # The spans' groups of visits, their boxes decoded in a background thread.
         plan = self._plan(epoch)
         groups = itertools.chain.from_iterable(plan.groups(*span) for span in spans)
+        if self._writing is not None:    # a writer resuming: blocks that feed unwritten tiles
+            groups = _needed_groups(groups, self._sources, self._writing)
         reader = _Reader(self._sources, groups, self._region_mb * 2**20)
         try:
             # Cut, transform and yield the blocks, in the plan's order: items or batches.
@@ -826,12 +900,19 @@ class VesuviusStream(IterableDataset):
                 batch += (_empty((size, *self.block[3 - labels.ndim:]), labels.dtype, shared),)
             rows = [array.numpy() for array in batch]          # views, to write into
             coords = np.empty((size, 4), dtype=np.int64)
+            filled = 0
             for row, (source, corner, box) in zip(range(size), cuts):
                 start = time.perf_counter()
                 self._sources[source].cut_into(box, corner, [array[row] for array in rows])
                 del box
                 _COUNTERS.cut_seconds += time.perf_counter() - start
                 coords[row] = (source, *corner)
+                filled += 1
+            if filled < size:       # a resuming writer's grid skips blocks: fewer items
+                if not filled:
+                    return
+                batch = tuple(array[:filled] for array in batch)
+                coords, size, left = coords[:filled], filled, filled
             if self.transform is not None:
                 batch = self._transformed(batch, f"the batch of {size} blocks from source "
                                                  f"{coords[0, 0]} at {tuple(coords[0, 1:])}")
@@ -2007,11 +2088,20 @@ class _ShuffledVisits:
 
 
 class _GridVisits:
-    """Every position on the mask, region by region, raster order within each."""
+    """Every position on the mask, region by region, raster order within each.
+
+    Regions go along z innermost, then along the shorter of y and x (in
+    regions), then the longer: a writer's 2D output is fed by every layer of
+    a (y, x) cell in turn, and its tiles waiting for the next row of cells
+    span the shorter side only.
+    """
 
     def __init__(self, source, lattice, region_counts, total):
         self.source, self.lattice, self.total = source, lattice, total
-        self.regions = np.flatnonzero(region_counts)
+        _, rows, columns = lattice.regions_per_axis
+        order = np.arange(lattice.regions).reshape(lattice.regions_per_axis).transpose(
+            (1, 2, 0) if rows >= columns else (2, 1, 0)).ravel()
+        self.regions = order[region_counts[order] > 0]
         self.ends = np.cumsum(region_counts[self.regions])
         self.count = len(self.regions)
 
@@ -2715,6 +2805,494 @@ def _empty(shape, dtype, shared):
         return torch.empty(shape, dtype=dtype)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+# -- writing predictions: blended output tiles, each written once ----------------
+#
+# A grid's predictions go back into one output per source: each block's
+# prediction covers its footprint at 1/scale (along each output axis, from
+# ceil(corner / scale), so that the blocks shifted back to the border end at the
+# output's border), weighted by a Gaussian (or 1), and the output is
+# sum(w * p) / sum(w). The output is cut into *tiles*, its chunks along the
+# spatial axes (all channels together). The number of grid positions feeding a
+# tile is known from geometry and the selection alone, so the writer sums a
+# tile's contributions (float64) until all are in, writes the tile once and
+# forgets it: only the tiles of the blocks in flight are held (the *front*).
+
+class _Tiling:
+    """Where the blocks of one source land in its output, and which tiles are done.
+
+    ``dims`` is 2 (an output over (y, x): every z position feeds it) or 3; a
+    block's prediction has ``size`` = block / scale along those axes. Pure
+    geometry and a bool per tile: it travels to DataLoader workers, which
+    skip the blocks that feed only done tiles (``needed``).
+    """
+
+    def __init__(self, lattice, selection, scale, dims, shape, tile):
+        self.lattice, self.selection, self.scale, self.dims = lattice, selection, scale, dims
+        self.shape, self.tile = shape, tile                     # spatial, output voxels
+        self.size = tuple(b // scale for b in lattice.block[3 - dims:])
+        self.tiles = tuple(-(-s // t) for s, t in zip(shape, tile))
+        self.done = np.zeros(self.tiles, dtype=bool)
+        self._todo = None                 # summed-area table of tiles not done (needed)
+        # Output start of each lattice position, per spatial axis.
+        self._starts = [-(-a // scale) for a in lattice.axis_corners(
+            (0, 0, 0), lattice.extent)[3 - dims:]]
+
+    def starts(self, corners):
+        """Output start (n, dims) of the blocks at voxel ``corners`` (n, 3)."""
+        return -(-np.asarray(corners)[:, 3 - self.dims:] // self.scale)
+
+    def tile_ranges(self, starts):
+        """First and last tile (n, dims) each of the blocks at output ``starts`` feeds."""
+        return starts // self.tile, (starts + self.size - 1) // self.tile
+
+    def box(self, index):
+        """Output voxels [start, end) per axis of tile ``index``."""
+        start = tuple(i * t for i, t in zip(index, self.tile))
+        return start, tuple(min(s + t, n) for s, t, n in zip(start, self.tile, self.shape))
+
+    def expected(self, index):
+        """Grid positions on the mask whose footprint overlaps tile ``index``.
+
+        Counted over slabs of a region's depth: a 2D output's tile gathers
+        every layer, and a 3D mask is read a slab at a time.
+        """
+        (start, end), origin, shape = self.box(index), [0, 0, 0], list(self.lattice.extent)
+        for axis, s, e, n, starts in zip(range(3 - self.dims, 3), start, end, self.size,
+                                         self._starts):
+            first = int(np.searchsorted(starts, s - n + 1))     # start + n > s
+            origin[axis], shape[axis] = first, int(np.searchsorted(starts, e)) - first
+        if not all(shape):
+            return 0
+        depth, stop = self.lattice.region[0], origin[0] + shape[0]
+        return sum(self.selection.count_selected((z, *origin[1:]),
+                                                 (min(depth, stop - z), *shape[1:]))
+                   for z in range(origin[0], stop, depth))
+
+    def needed(self, corners):
+        """Which blocks at ``corners`` (n, 3) feed a tile that is not done."""
+        low, high = self.tile_ranges(self.starts(corners))
+        if self._todo is None:     # once: tiles done meanwhile only make blocks useless
+            self._todo = np.pad(~self.done, [(1, 0)] * self.dims).astype(np.int64)
+            for axis in range(self.dims):
+                np.cumsum(self._todo, axis=axis, out=self._todo)
+        todo = self._todo
+        # Tiles not done in each block's range, by inclusion-exclusion on the table.
+        count = 0
+        for signs in itertools.product((0, 1), repeat=self.dims):
+            index = tuple(h + 1 if s else l for s, l, h in zip(signs, low.T, high.T))
+            count = count + (-1) ** (self.dims - sum(signs)) * todo[index]
+        return count > 0
+
+
+def _needed_groups(groups, sources, tilings):
+    """The grid's groups (one visit each) without the blocks that feed only done tiles
+    of a resuming writer's ``tilings`` (None: an output not begun)."""
+    for group in groups:
+        visit = group.visits[0]
+        tiling, source = tilings[visit.source], sources[visit.source]
+        if tiling is not None:
+            keep = tiling.needed(source.lattice.corners(source.selection.positions_of(visit)))
+            group = group._replace(order=group.order[keep[group.order[:, 1]]])
+        if len(group.order):
+            yield group
+
+
+def _blend_weights(size, blend):
+    """Weights (*size) of a prediction: per axis exp(-(i - (n - 1)/2)**2 / (2 (n/8)**2)),
+    multiplied ('gaussian'), or ones ('constant')."""
+    weights = np.ones(())
+    for n in size:
+        along = np.exp(-(np.arange(n) - (n - 1) / 2) ** 2 / (2 * (n / 8) ** 2))
+        weights = np.multiply.outer(weights, along if blend == 'gaussian' else np.ones(n))
+    return weights
+
+
+def _writer_folder(output):
+    """The writer's working folder beside ``output``: None for an array in no local folder."""
+    if not isinstance(output, zarr.Array):
+        return os.path.normpath(os.fspath(output)) + '.writer'
+    if isinstance(output.store, zarr.storage.LocalStore):
+        return os.path.normpath(os.path.join(str(output.store.root), output.path)) + '.writer'
+    return None
+
+
+class _Tile:
+    """The sums of one open tile, its output start ``low``, the contributions they
+    hold and those expected. ``sums`` (C + 1, *tile) float64: sum(w p) per channel,
+    then sum(w)."""
+
+    def __init__(self, sums, low, count, expected):
+        self.sums, self.low, self.count, self.expected = sums, low, count, expected
+
+
+class _Writer:
+    """``VesuviusStream.writer``'s context manager (see there).
+
+    Each output has a working folder beside it, ``<output>.writer`` (when the
+    output is a path, or an array in a local store): a journal of done tiles per
+    rank (one line per tile, appended after the tile is written), open tiles
+    spilled beyond ``_FRONT_BYTES``, and each rank's partial tiles at the end
+    of a multi-rank run. It is removed once the outputs are complete.
+    """
+
+    def __init__(self, dataset, outputs, scale, blend, channels, resume):
+        if dataset.sampling_method != 'grid' or not dataset.return_coords:
+            raise ValueError("writer needs a 'grid' dataset with return_coords=True (the "
+                             "coordinates place each prediction): build it with "
+                             "VesuviusStream(..., None, 'grid', return_coords=True)")
+        if isinstance(outputs, (str, os.PathLike, zarr.Array)):
+            outputs = [outputs]
+        outputs = list(outputs)
+        if len(outputs) != len(dataset._sources):
+            raise ValueError(f"writer needs one output per source: {len(dataset._sources)} "
+                             f"sources, {len(outputs)} outputs")
+        self.dataset, self.scale = dataset, _positive_int('scale', scale)
+        self._check_scale(2)
+        if blend not in ('gaussian', 'constant'):
+            raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+        self.channels = None if channels is None else _positive_int('channels', channels)
+        self.blend = blend
+        self.rank, self.world_size = dataset.rank, dataset.world_size
+        if self.world_size > 1 and not (torch.distributed.is_available()
+                                        and torch.distributed.is_initialized()):
+            raise ValueError(f"a writer over {self.world_size} ranks waits for the other "
+                             f"ranks at its end: initialize torch.distributed first")
+        self.paths = [None if isinstance(o, zarr.Array) else os.fspath(o) for o in outputs]
+        self.arrays = [o if isinstance(o, zarr.Array) else None for o in outputs]
+        self.folders = [_writer_folder(o) for o in outputs]
+        for index, (path, array, folder) in enumerate(zip(self.paths, self.arrays,
+                                                          self.folders)):
+            if folder is None and (resume or self.world_size > 1):
+                raise ValueError(f"output {index} is a zarr array outside a local folder: "
+                                 f"resume and several ranks need a folder beside it for "
+                                 f"the journal; give a path or an array in a LocalStore")
+            if not resume:
+                for there in ((path,) if path else ()) + ((folder,) if folder else ()):
+                    if os.path.lexists(there):
+                        raise FileExistsError(
+                            f"output {index}: {there} exists; the writer does not replace "
+                            f"what it did not make: pass resume=True to finish an "
+                            f"interrupted run, or remove it (or give another path)")
+            if array is not None and array.read_only:
+                raise ValueError(f"output {index} is opened read-only: open it with "
+                                 f"mode='r+' or 'a'")
+        self.tilings = [None] * len(outputs)
+        self._open = collections.OrderedDict()       # (source, tile) -> _Tile, oldest first
+        self._spilled = {}                           # key -> (count, expected), on disk
+        self._held = 0                               # bytes of the open tiles in RAM
+        self._journals = {}
+        self._weights = None
+        if resume:
+            for index in range(len(outputs)):
+                self._resume(index)
+            dataset._writing = self.tilings
+        self._barrier()            # every rank checked and read the journals before any writes
+
+    def _check_scale(self, dims):
+        """Refuse a scale that does not divide the block and stride along the output's axes."""
+        for name, sizes in (('block', self.dataset.block), ('stride', self.dataset._step)):
+            if any(s % self.scale for s in sizes[3 - dims:]):
+                raise ValueError(
+                    f"scale={self.scale} must divide the {name} {tuple(sizes)} along the "
+                    f"{'yx' if dims == 2 else 'zyx'} axes of a {dims}D output, so that each "
+                    f"prediction is the block at 1/{self.scale} and the grid's steps land "
+                    f"on output voxels; choose a scale that divides them")
+
+    # -- the outputs: opened or made at the first prediction ----------------------
+
+    def _setup(self, index, dims):
+        """Tiling of output ``index`` for ``dims`` spatial axes, its array opened or made."""
+        self._check_scale(dims)
+        source = self.dataset._sources[index]
+        spatial = tuple(-(-s // self.scale) for s in source.shape[3 - dims:])
+        shape = spatial if self.channels is None else (self.channels, *spatial)
+        array = self.arrays[index]
+        if array is None and self.paths[index] is not None and os.path.exists(self.paths[index]):
+            array = zarr.open_array(self.paths[index], mode='r+')
+        if array is None:
+            array = self._create(index, shape, dims)
+        if tuple(array.shape) != shape:
+            raise ValueError(f"output {index} has shape {tuple(array.shape)}; source {index} "
+                             f"of shape {source.shape} at scale={self.scale} with channels="
+                             f"{self.channels} and {dims}D predictions needs {shape}")
+        self.arrays[index] = array
+        tile = tuple(array.chunks[len(shape) - dims:])
+        tiling = _Tiling(source.lattice, source.selection, self.scale, dims, spatial, tile)
+        if self.tilings[index] is not None:
+            tiling.done = self.tilings[index].done
+        self.tilings[index] = tiling
+        return tiling
+
+    def _create(self, index, shape, dims):
+        """A new float32 Zarr array at path ``index``, chunks ``_TILE_2D`` or ``_TILE_3D``.
+
+        Ranks make it at their first prediction, in the working folder, and move
+        it into place by a rename: the path never holds a half-made array.
+        """
+        path, folder = self.paths[index], self.folders[index]
+        os.makedirs(folder, exist_ok=True)       # first: an output without it is complete
+        spatial = _TILE_2D if dims == 2 else _TILE_3D
+        chunks = tuple(min(c, n) for c, n in zip((*shape[:len(shape) - dims], *spatial),
+                                                  shape))
+        staging = os.path.join(folder, f'array-{self.rank}-{os.getpid()}')
+        zarr.create_array(staging, shape=shape, chunks=chunks, dtype='float32', fill_value=0)
+        try:
+            os.rename(staging, path)            # the path appears with its metadata
+        except OSError:                         # another rank's came first
+            if not os.path.isfile(os.path.join(path, 'zarr.json')):
+                raise
+            shutil.rmtree(staging)
+        return zarr.open_array(path, mode='r+')
+
+    def _resume(self, index):
+        """Read output ``index``'s journal; drop sums an interrupted run left."""
+        path, folder = self.paths[index], self.folders[index]
+        if not os.path.isdir(folder):
+            if path is not None and os.path.exists(path):   # made, then completed
+                array = zarr.open_array(path, mode='r')
+                dims = array.ndim - (self.channels is not None)
+                self._setup(index, dims).done[...] = True
+            return
+        for name in os.listdir(folder):       # what a run that did not end left unfinished
+            if not name.startswith('done-'):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        lines = []
+        for name in sorted(os.listdir(folder)):
+            if name.startswith('done-'):
+                with open(os.path.join(folder, name)) as file:
+                    lines += [line.split() for line in file.read().split('\n')[:-1]]
+        if path is not None and not os.path.exists(path):
+            return
+        array = self.arrays[index] or zarr.open_array(path, mode='r')
+        tiling = self._setup(index, array.ndim - (self.channels is not None))
+        for line in lines:                  # a line is complete: its tile was written
+            tiling.done[tuple(map(int, line))] = True
+
+    # -- adding predictions ---------------------------------------------------
+
+    def __enter__(self):
+        return self
+
+    def add(self, predictions, coords):
+        """Add the predictions ``(B, [C,] [d',] h', w')`` of the blocks at ``coords``
+        ``(B, 4)``, as a grid DataLoader yields them."""
+        if isinstance(predictions, torch.Tensor):
+            predictions = predictions.detach().cpu()
+            if predictions.dtype == torch.bfloat16:     # which numpy does not have
+                predictions = predictions.float()
+            predictions = predictions.numpy()
+        if isinstance(coords, torch.Tensor):
+            coords = coords.cpu().numpy()
+        predictions, coords = np.asarray(predictions), np.asarray(coords)
+        block = self.dataset.block
+        lead = 1 + (self.channels is not None)
+        dims = predictions.ndim - lead
+        if coords.ndim != 2 or coords.shape[1] != 4 or len(coords) != len(predictions):
+            raise ValueError(f"coords must be (B, 4) (file, z, y, x) for the B = "
+                             f"{len(predictions)} predictions, got shape {coords.shape}")
+        expected = [(len(coords), *(() if lead == 1 else (self.channels,)),
+                     *(b // self.scale for b in block[3 - d:])) for d in (2, 3)]
+        if tuple(predictions.shape) not in map(tuple, expected):
+            raise ValueError(
+                f"predictions of shape {tuple(predictions.shape)} do not fit blocks "
+                f"{block} at scale={self.scale} with channels={self.channels}: expected "
+                f"{expected[0]} (a 2D output over y, x) or {expected[1]} (3D)")
+        if not np.issubdtype(predictions.dtype, np.floating):
+            raise TypeError(f"predictions must be floating point, got {predictions.dtype}")
+        if self._weights is None or self._weights.ndim != dims:
+            self._weights = _blend_weights(expected[dims - 2][lead:], self.blend)
+        # (B, C + 1, *size): w p per channel, then w.
+        weighted = np.empty((len(coords), (self.channels or 1) + 1, *self._weights.shape))
+        np.multiply(predictions.reshape(weighted[:, :-1].shape), self._weights,
+                    out=weighted[:, :-1])
+        weighted[:, -1] = self._weights
+        for index in np.unique(coords[:, 0]):
+            if not 0 <= index < len(self.tilings):
+                raise ValueError(f"coords name file {index}; the dataset has "
+                                 f"{len(self.tilings)} sources")
+            tiling = self.tilings[index] or self._setup(index, dims)
+            if tiling.dims != dims:
+                raise ValueError(f"output {index} is {tiling.dims}D (its shape "
+                                 f"{tuple(self.arrays[index].shape)}); got {dims}D predictions")
+            mine = np.flatnonzero(coords[:, 0] == index)
+            starts = tiling.starts(coords[mine, 1:])
+            low, high = tiling.tile_ranges(starts)
+            for b, start, first, last in zip(mine.tolist(), starts.tolist(), low.tolist(),
+                                              high.tolist()):
+                tiles = ((tuple(first),) if first == last else
+                         itertools.product(*map(range, first, [h + 1 for h in last])))
+                for tile in tiles:
+                    if not tiling.done[tile]:
+                        self._add_to(index, tiling, tile, start, weighted[b])
+
+    def _add_to(self, index, tiling, tile, start, weighted):
+        """Add one block's weighted prediction (C + 1, *size) at output ``start`` to a tile."""
+        key = (index, tile)
+        sums = self._open.get(key)
+        if sums is None:
+            sums = self._open[key] = self._load(key, tiling)
+        else:
+            self._open.move_to_end(key)                     # the newest
+        # The block's part [a, b) in the tile, per axis: block [s, s + n), tile [l, l + t).
+        into, part = [slice(None)], [slice(None)]
+        for s, n, l, t in zip(start, tiling.size, sums.low, tiling.tile):
+            a, b = max(s, l), min(s + n, l + t)
+            into.append(slice(a - l, b - l))
+            part.append(slice(a - s, b - s))
+        sums.sums[tuple(into)] += weighted[tuple(part)]
+        sums.count += 1
+        if sums.count == sums.expected:
+            del self._open[key]
+            self._held -= sums.sums.nbytes
+            self._write(index, tiling, tile, sums)
+        elif self._held > _FRONT_BYTES and self.folders[index] is not None:
+            self._spill()
+
+    def _load(self, key, tiling):
+        """An open tile's sums: spilled ones read back, else new ones."""
+        index, tile = key
+        if key in self._spilled:
+            del self._spilled[key]
+            name = self._spill_name(key)
+            with np.load(name) as saved:
+                sums = _Tile(saved['sums'], tiling.box(tile)[0], int(saved['count']),
+                             int(saved['expected']))
+            os.remove(name)
+        else:
+            low, high = tiling.box(tile)
+            sums = _Tile(np.zeros(((self.channels or 1) + 1, *(h - l for l, h in zip(low, high)))),
+                         low, 0, tiling.expected(tile))
+        self._held += sums.sums.nbytes
+        return sums
+
+    def _spill(self):
+        """Move the least recently fed tiles to disk until the front fits again."""
+        while self._held > _FRONT_BYTES // 2 and len(self._open) > 1:
+            key, sums = next(iter(self._open.items()))
+            if self.folders[key[0]] is None:
+                break
+            del self._open[key]
+            self._held -= sums.sums.nbytes
+            name = self._spill_name(key)
+            os.makedirs(os.path.dirname(name), exist_ok=True)
+            np.savez(name, sums=sums.sums, count=sums.count, expected=sums.expected)
+            self._spilled[key] = (sums.count, sums.expected)
+
+    def _spill_name(self, key):
+        index, tile = key
+        return os.path.join(self.folders[index], 'spill', f'rank-{self.rank}',
+                            '.'.join(map(str, tile)) + '.npz')
+
+    def _write(self, index, tiling, tile, sums):
+        """Write a complete tile, sum(w p) / sum(w) (0 where no block reached), once;
+        then journal it."""
+        low, high = tiling.box(tile)
+        num, den = sums.sums[:-1], sums.sums[-1]
+        result = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        array = self.arrays[index]
+        box = tuple(slice(l, h) for l, h in zip(low, high))
+        array[box if self.channels is None else (slice(None), *box)] = \
+            result[0] if self.channels is None else result
+        tiling.done[tile] = True
+        if self.folders[index] is not None:
+            journal = self._journals.get(index)
+            if journal is None:
+                os.makedirs(self.folders[index], exist_ok=True)
+                journal = self._journals[index] = open(
+                    os.path.join(self.folders[index], f'done-{self.rank}'), 'a')
+            journal.write(' '.join(map(str, tile)) + '\n')
+            journal.flush()                  # a SIGKILL loses no line the kernel has
+
+    # -- the end: tiles several ranks fed, checks, clean-up -------------------------
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            if kind is None:
+                self._finish()
+        finally:
+            for journal in self._journals.values():
+                journal.close()
+            self._journals.clear()
+            for folder in self.folders:
+                if folder is not None:
+                    shutil.rmtree(os.path.join(folder, 'spill', f'rank-{self.rank}'),
+                                  ignore_errors=True)
+            self._open.clear()
+            self._spilled.clear()
+            self.dataset._writing = None
+        return False
+
+    def _finish(self):
+        """Merge the tiles left open on several ranks; fail, on every rank, if any tile
+        is still incomplete; else remove the working folders."""
+        if self.world_size > 1:
+            for key in list(self._open) + list(self._spilled):   # each rank's partial sums
+                sums = self._open.pop(key, None) or self._load(key, self.tilings[key[0]])
+                name = self._partial_name(key, self.rank)
+                os.makedirs(os.path.dirname(name), exist_ok=True)
+                np.savez(name + '.tmp.npz', sums=sums.sums, count=sums.count)
+                os.replace(name + '.tmp.npz', name)
+            self._held = 0
+            self._barrier()
+            incomplete = self._merge()
+            total = torch.tensor([len(incomplete)])
+            torch.distributed.all_reduce(total)      # also: every rank has merged its tiles
+            total = int(total)
+        else:
+            incomplete = [(index, tile, sums.count, sums.expected)
+                          for (index, tile), sums in self._open.items()]
+            incomplete += [(*key, *counts) for key, counts in self._spilled.items()]
+            total = len(incomplete)
+        if total:
+            example = (" e.g. output {} tile {}: {} of {} blocks".format(*incomplete[0])
+                       if incomplete else "")
+            raise ValueError(
+                f"{total} output tiles did not get all their blocks' predictions{example}; "
+                f"add the predictions of every block the grid yields (on every rank) before "
+                f"leaving the writer; resume=True finishes an interrupted run")
+        if self.rank == 0:
+            for folder, array in zip(self.folders, self.arrays):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+
+    def _partial_name(self, key, rank):
+        index, tile = key
+        return os.path.join(self.folders[index], 'partials', f'rank-{rank}',
+                            '.'.join(map(str, tile)) + '.npz')
+
+    def _merge(self):
+        """Write the tiles this rank owns (tile number mod ranks) from every rank's
+        partial sums; return those still incomplete."""
+        incomplete = []
+        for index, folder in enumerate(self.folders):
+            root = os.path.join(folder, 'partials')
+            if not os.path.isdir(root):
+                continue
+            names = sorted({name for rank in os.listdir(root)
+                            for name in os.listdir(os.path.join(root, rank))})
+            for name in names:
+                tile = tuple(map(int, name[:-len('.npz')].split('.')))
+                tiling = self.tilings[index] or self._setup(index, len(tile))
+                if int(np.ravel_multi_index(tile, tiling.tiles)) % self.world_size != self.rank:
+                    continue
+                sums = _Tile(0, tiling.box(tile)[0], 0, tiling.expected(tile))
+                for rank in range(self.world_size):
+                    part = self._partial_name((index, tile), rank)
+                    if os.path.exists(part):
+                        with np.load(part) as saved:
+                            sums.sums = sums.sums + saved['sums']
+                            sums.count += int(saved['count'])
+                if sums.count == sums.expected:
+                    self._write(index, tiling, tile, sums)
+                else:
+                    incomplete.append((index, tile, sums.count, sums.expected))
+        return incomplete
+
+    def _barrier(self):
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
 
 # -- process hygiene: forked workers and malloc -------------------------------

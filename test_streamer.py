@@ -2751,6 +2751,374 @@ def test_ddp_ranks_split_the_epoch_disjointly(multi_region, tmp_path):
     assert ranks[0] | ranks[1] == set(epoch(single))
 
 
+# -- writing predictions ---------------------------------------------------------
+
+def predict(blocks, scale=1, dims=2, channels=None):
+    """A stand-in model that depends on every voxel of the block: its mean over z (2D) or
+    the block itself (3D), averaged over scale x scale (x scale) cells; float32."""
+    x = blocks.double().unsqueeze(1) / 65535                     # (B, 1, d, h, w)
+    if dims == 2:
+        p = torch.nn.functional.avg_pool2d(x.mean(2), scale)[:, 0]
+    else:
+        p = torch.nn.functional.avg_pool3d(x, scale)[:, 0]
+    if channels:
+        p = torch.stack([p + c * p * p for c in range(channels)], 1)
+    return p.float()
+
+
+def gaussian(size):
+    """The blending weights of a prediction of ``size``: a product of 1D Gaussians."""
+    weights = np.ones(())
+    for n in size:
+        weights = np.multiply.outer(weights, np.exp(-(np.arange(n) - (n - 1) / 2) ** 2
+                                                    / (2 * (n / 8) ** 2)))
+    return weights
+
+
+def blended(ds, scale=1, dims=2, channels=None, blend="gaussian"):
+    """The in-memory float64 reference of each source's output: sum(w p) / sum(w), a block at
+    corner c covering [ceil(c / scale), + its prediction's size), 0 where no block is."""
+    lead = () if channels is None else (channels,)
+    shapes = [tuple(-(-n // scale) for n in s.shape[3 - dims:]) for s in ds._sources]
+    num = [np.zeros(lead + shape) for shape in shapes]
+    den = [np.zeros(shape) for shape in shapes]
+    size = tuple(b // scale for b in ds.block[3 - dims:])
+    weights = gaussian(size) if blend == "gaussian" else np.ones(size)
+    for blocks, *_, coords in DataLoader(ds, batch_size=16):
+        for p, (f, *corner) in zip(predict(blocks, scale, dims, channels).double().numpy(),
+                                   coords.tolist()):
+            box = tuple(slice(-(-c // scale), -(-c // scale) + n)
+                        for c, n in zip(corner[3 - dims:], size))
+            num[f][(..., *box)] += weights * p
+            den[f][box] += weights
+    return [np.divide(n, d, out=np.zeros_like(n), where=d > 0) for n, d in zip(num, den)]
+
+
+def write_predictions(ds, outputs, num_workers=0, batch_size=16, scale=1, dims=2,
+                      channels=None, **options):
+    """Predict every block the grid yields into ``outputs``; the number of blocks."""
+    predicted = 0
+    with ds.writer(outputs, scale=scale, channels=channels, **options) as out:
+        for blocks, *_, coords in DataLoader(ds, batch_size=batch_size,
+                                             num_workers=num_workers):
+            out.add(predict(blocks, scale, dims, channels), coords)
+            predicted += len(blocks)
+    return predicted
+
+
+@pytest.fixture
+def sources(tmp_path):
+    """A plain array; a converter group whose 2D mask has a hole (no block there); a dict
+    whose 3D mask is a ball (blocks off it: none)."""
+    group = zarr.open_group(str(tmp_path / "segment.zarr"), mode="w")
+    group.create_array("volume", data=volume((10, 60, 70), seed=4), chunks=(5, 16, 16))
+    group.create_array("mask", data=disk_mask((60, 70), (30, 35), 27)
+                       - disk_mask((60, 70), (30, 35), 14), chunks=(16, 16))
+    z, y, x = np.ogrid[:12, :36, :44]
+    ball = ((z - 6) ** 2 + (y - 18) ** 2 + (x - 22) ** 2 <= 10 ** 2).astype(np.uint8)
+    return [volume((10, 37, 45), seed=7), str(tmp_path / "segment.zarr"),
+            {"volume": volume((12, 36, 44), seed=8), "mask": ball}]
+
+
+def ink_paths(folder, count):
+    return [os.path.join(folder, f"{index}_ink.zarr") for index in range(count)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("scale", [1, 4])
+def test_writer_2d_outputs_equal_the_blended_float64_reference(tmp_path, sources,
+                                                               workers, scale):
+    ds = VesuviusStream(sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+                        return_coords=True, region_mb=0.05)
+    outputs = ink_paths(tmp_path, 3)
+    assert write_predictions(ds, outputs, workers, scale=scale) == len(ds)
+    references = blended(ds, scale)
+    for output, expected, source in zip(outputs, references, ds.shapes):
+        got = zarr.open_array(output, mode="r")
+        assert got.dtype == np.float32
+        assert got.shape == expected.shape == tuple(-(-n // scale) for n in source[1:])
+        np.testing.assert_allclose(got[:], expected, rtol=0, atol=1e-5)
+    for index, (y, x) in ((1, (30, 35)), (2, (0, 0))):   # the hole, a corner off the ball
+        got, off = zarr.open_array(outputs[index], mode="r")[:], references[index] == 0
+        assert off[y // scale, x // scale] and not off.all()
+        assert not got[off].any()                         # exactly 0 off the mask
+    assert sorted(os.listdir(tmp_path)) == ["0_ink.zarr", "1_ink.zarr", "2_ink.zarr",
+                                            "segment.zarr"]
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_writer_3d_and_channel_outputs_equal_the_reference(tmp_path, sources, channels):
+    ds = VesuviusStream(sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+                        z_range=(1, 10), return_coords=True, region_mb=0.05)
+    outputs = ink_paths(tmp_path, 3)
+    write_predictions(ds, outputs, 2, scale=2, dims=3, channels=channels)
+    for output, expected in zip(outputs, blended(ds, 2, 3, channels)):
+        got = zarr.open_array(output, mode="r")[:]
+        assert got.shape == expected.shape and got.ndim == 3 + bool(channels)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+        assert not got[..., 0, :, :].any()            # layer 0 is outside z_range
+
+
+def test_writer_fills_opened_zarr_arrays_in_their_own_chunks_and_blends_flat(tmp_path):
+    data = volume((6, 40, 52), seed=2)
+    ds = VesuviusStream([data], 6, 16, 16, None, "grid", stride=(6, 8, 8), return_coords=True)
+    output = zarr.create_array(str(tmp_path / "mine.zarr"), shape=(2, 40, 52), chunks=(1, 7, 9),
+                               dtype="float64")
+    write_predictions(ds, [output], channels=2, blend="constant")
+    expected, = blended(ds, channels=2, blend="constant")
+    np.testing.assert_allclose(output[:], expected, rtol=0, atol=1e-12)
+    assert sorted(os.listdir(tmp_path)) == ["mine.zarr"]    # its working folder is gone
+
+
+def test_writer_takes_predictions_of_any_float_dtype_from_torch_or_numpy(tmp_path):
+    data = volume((4, 24, 40), seed=5)
+    ds = VesuviusStream([data], 4, 8, 8, None, "grid", stride=(4, 4, 4), return_coords=True)
+    expected, = blended(ds)
+    # Predictions in [0, 1): rounding them moves a weighted mean by at most half an ulp.
+    kinds = {"float16": (lambda p: p.numpy().astype(np.float16), 2**-12),
+             "bfloat16": (lambda p: p.to(torch.bfloat16), 2**-9),
+             "float64": (lambda p: p.double().numpy(), 1e-7)}
+    for name, (convert, rounding) in kinds.items():
+        with ds.writer([str(tmp_path / f"{name}.zarr")]) as out:
+            for blocks, coords in DataLoader(ds, batch_size=8):
+                out.add(convert(predict(blocks)), coords.numpy())
+        np.testing.assert_allclose(zarr.open_array(str(tmp_path / f"{name}.zarr"))[:],
+                                   expected, rtol=0, atol=rounding + 1e-7)
+
+
+def test_writer_spills_open_tiles_to_disk_beyond_its_budget_and_stays_exact(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(streamer, "_FRONT_BYTES", 3 * 8 * 2 * 16 * 16)   # three 16 x 16 tiles
+    data = volume((4, 48, 64), seed=3)
+    output = zarr.create_array(str(tmp_path / "out.zarr"), shape=(48, 64), chunks=(16, 16),
+                               dtype="float32")
+    spilled = []
+    original = streamer._Writer._spill
+
+    def spill(writer):
+        original(writer)
+        spilled.append(len(writer._spilled))
+    monkeypatch.setattr(streamer._Writer, "_spill", spill)
+    ds = VesuviusStream([data], 2, 8, 8, None, "grid", stride=(1, 4, 4), return_coords=True,
+                        region_mb=0.02)
+    write_predictions(ds, [output])
+    assert max(spilled) > 0
+    np.testing.assert_allclose(output[:], blended(ds)[0], rtol=0, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["out.zarr"]
+
+
+def test_a_writer_left_before_every_block_was_predicted_says_so_and_leaves_its_journal(
+        tmp_path):
+    ds = VesuviusStream([volume((4, 40, 40))], 4, 8, 8, None, "grid", return_coords=True)
+    output = str(tmp_path / "out.zarr")
+    with pytest.raises(ValueError, match=r"output tiles did not get all their blocks' "
+                                         r"predictions.*resume=True"):
+        with ds.writer([output]) as out:
+            for blocks, coords in itertools.islice(DataLoader(ds, batch_size=4), 2):
+                out.add(predict(blocks), coords)
+    assert os.path.isdir(output + ".writer")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_writer_resumed_in_batch_form_yields_only_whole_items_and_the_same_output(
+        tmp_path, workers):
+    # The resumed grid skips blocks of written tiles: its batches hold only real items.
+    data = volume((4, 600, 40), seed=3)      # three 256-high output tiles
+    grid = dict(file_paths=[data], z_size=4, y_size=8, x_size=8, samples_per_epoch=None,
+                sampling_method="grid", stride=(4, 4, 4), return_coords=True)
+    whole, part = str(tmp_path / "whole.zarr"), str(tmp_path / "part.zarr")
+    ds = VesuviusStream(**grid)
+    with ds.writer([whole]) as out:
+        for blocks, coords in DataLoader(ds, batch_size=16):
+            out.add(predict(blocks), coords)
+    with pytest.raises(ValueError, match="resume=True"):
+        with ds.writer([part]) as out:
+            for blocks, coords in itertools.islice(DataLoader(ds, batch_size=16), 50):
+                out.add(predict(blocks), coords)
+    batched = VesuviusStream(**grid, batch_size=16)
+    seen = []
+    with batched.writer([part], resume=True) as out:
+        for blocks, coords in DataLoader(batched, batch_size=None, num_workers=workers):
+            seen += [tuple(c) for c in coords.tolist()]
+            assert all(torch.equal(b, expected_item(c[1:], (4, 8, 8), data)[0])
+                       for b, c in zip(blocks, coords.tolist()))
+            out.add(predict(blocks), coords)
+    assert 0 < len(seen) < ds.capacity and len(set(seen)) == len(seen)
+    assert np.array_equal(zarr.open_array(part, mode="r")[:],
+                          zarr.open_array(whole, mode="r")[:])
+
+
+def test_writer_refuses_what_it_cannot_write_saying_why(tmp_path):
+    data = volume((4, 40, 40))
+    grid = VesuviusStream([data], 4, 8, 8, None, "grid", stride=(2, 4, 4), return_coords=True)
+    with pytest.raises(ValueError, match=r"scale=2 must divide the stride \(2, 3, 4\) along "
+                                         r"the yx axes"):
+        VesuviusStream([data], 4, 8, 8, None, "grid", stride=(2, 3, 4),
+                       return_coords=True).writer([str(tmp_path / "o.zarr")], scale=2)
+    with pytest.raises(ValueError, match=r"scale=3 must divide the block \(4, 8, 8\)"):
+        grid.writer([str(tmp_path / "o.zarr")], scale=3)
+    with pytest.raises(ValueError, match=r"scale=4 must divide the stride \(2, 4, 4\) along "
+                                         r"the zyx axes of a 3D output"):
+        with grid.writer([str(tmp_path / "o3.zarr")], scale=4) as out:
+            blocks, coords = next(iter(DataLoader(grid, batch_size=3)))
+            out.add(predict(blocks, 4, 3), coords)
+    for ds in (VesuviusStream([data], 4, 8, 8, 10, return_coords=True),
+               VesuviusStream([data], 4, 8, 8, None, "grid")):
+        with pytest.raises(ValueError, match="'grid' dataset with return_coords=True"):
+            ds.writer([str(tmp_path / "o.zarr")])
+    with pytest.raises(ValueError, match="one output per source: 1 sources, 2 outputs"):
+        grid.writer([str(tmp_path / "o.zarr"), str(tmp_path / "p.zarr")])
+    with pytest.raises(ValueError, match="blend must be"):
+        grid.writer([str(tmp_path / "o.zarr")], blend="mean")
+    (tmp_path / "there.zarr").mkdir()
+    with pytest.raises(FileExistsError, match="there.zarr exists.*resume=True"):
+        grid.writer([str(tmp_path / "there.zarr")])
+    zarr.create_array(str(tmp_path / "ro.zarr"), shape=(40, 40), chunks=(8, 8), dtype="f4")
+    with pytest.raises(ValueError, match="read-only.*mode='r\\+'"):
+        grid.writer([zarr.open_array(str(tmp_path / "ro.zarr"), mode="r")])
+    blocks, coords = next(iter(DataLoader(grid, batch_size=3)))
+    with pytest.raises(ValueError, match=r"output 0 has shape \(40, 40\); .* needs \(20, 20\)"):
+        with grid.writer([zarr.open_array(str(tmp_path / "ro.zarr"))], scale=2) as out:
+            out.add(predict(blocks, 2), coords)
+    with pytest.raises(ValueError, match="did not get all their blocks"), \
+            grid.writer([str(tmp_path / "o.zarr")], scale=2) as out:
+        with pytest.raises(ValueError, match=r"predictions of shape \(3, 8, 8\) do not fit "
+                                             r"blocks \(4, 8, 8\) at scale=2.*\(3, 4, 4\)"):
+            out.add(predict(blocks), coords)
+        with pytest.raises(ValueError, match=r"coords must be \(B, 4\)"):
+            out.add(predict(blocks, 2), coords[:2])
+        with pytest.raises(TypeError, match="floating point"):
+            out.add(predict(blocks, 2).to(torch.int32), coords)
+        out.add(predict(blocks, 2), coords)
+        with pytest.raises(ValueError, match=r"output 0 is 2D.*got 3D predictions"):
+            out.add(predict(blocks, 2, 3), coords)
+        with pytest.raises(ValueError, match="coords name file 5"):
+            out.add(predict(blocks, 2), coords + torch.tensor([5, 0, 0, 0]))
+
+
+def ddp_writer_rank(rank, world_size, init_file, sources, folder):
+    """One DDP process: its rank's share of the grid predicted into the shared outputs."""
+    import datetime
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=120))
+    try:
+        ds = VesuviusStream(sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+                            return_coords=True, region_mb=0.05)
+        outputs = ink_paths(folder, 3)
+        with ds.writer(outputs, scale=2) as out:
+            for blocks, coords in DataLoader(ds, batch_size=16):
+                out.add(predict(blocks, 2), coords)
+            # Tiles this rank fed but could not finish alone: the other rank fed them too.
+            shared = len(out._open) + len(out._spilled)
+        np.save(os.path.join(folder, f"shared{rank}.npy"), shared)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_ranks_write_one_exact_output_merging_the_tiles_they_share(tmp_path,
+                                                                           sources):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    torch.multiprocessing.spawn(ddp_writer_rank, nprocs=2,
+                                args=(2, str(tmp_path / "init"), sources, str(folder)))
+    assert all(np.load(folder / f"shared{r}.npy") > 0 for r in range(2))
+    ds = VesuviusStream(sources, 4, 8, 8, None, "grid", stride=(2, 4, 4),
+                        return_coords=True, region_mb=0.05)
+    for output, expected in zip(ink_paths(folder, 3), blended(ds, 2)):
+        np.testing.assert_allclose(zarr.open_array(output, mode="r")[:], expected,
+                                   rtol=0, atol=1e-5)
+    assert sorted(os.listdir(folder)) == ["0_ink.zarr", "1_ink.zarr", "2_ink.zarr",
+                                          "shared0.npy", "shared1.npy"]
+
+
+KILLED_RUN = """
+import sys
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from streamer import VesuviusStream
+{predict}
+grid = VesuviusStream([sys.argv[1]], 4, 16, 16, None, "grid", stride=(4, 8, 8),
+                      return_coords=True, region_mb=0.5)
+with grid.writer([sys.argv[2]]) as out:
+    for batch, (blocks, coords) in enumerate(DataLoader(grid, batch_size=32, num_workers=2)):
+        out.add(predict(blocks), coords)
+        if batch == int(sys.argv[3]):
+            print("predicted", batch + 1, "batches", flush=True)
+            sys.stdin.readline()              # killed here, or anywhere
+"""
+
+
+def test_a_killed_writer_resumed_predicts_fewer_blocks_and_writes_the_same_output(tmp_path):
+    source = zarr_v3(tmp_path / "wide.zarr", volume((4, 200, 1000), seed=9), chunks=(4, 64, 64))
+    output = str(tmp_path / "ink.zarr")
+    (tmp_path / "run.py").write_text(KILLED_RUN.format(predict=inspect.getsource(predict)))
+    run = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), source, output, "50"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": HERE})
+    try:
+        ready, _, _ = select.select([run.stdout], [], [], 300)   # a guard against hangs
+        assert ready and run.stdout.readline() == "predicted 51 batches\n"
+    finally:
+        run.kill()
+        run.wait(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    grid = VesuviusStream([source], 4, 16, 16, None, "grid", stride=(4, 8, 8),
+                          return_coords=True, region_mb=0.5)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        grid.writer([output])
+    # The tiles (256 x 256) the killed run journaled as written; the resumed run predicts
+    # exactly the blocks that feed another one.
+    journals = pathlib.Path(output + ".writer").glob("done-*")
+    done = {tuple(map(int, line.split())) for path in journals
+            for line in path.read_text().splitlines()}
+
+    def tiles(corner):          # the tiles the footprint of the block at corner overlaps
+        (_, _, y, x), last = corner, 16 - 1
+        return {(ty, tx) for ty in range(y // 256, (y + last) // 256 + 1)
+                for tx in range(x // 256, (x + last) // 256 + 1)}
+    needed = [c for c in epoch(grid) if not tiles(c) <= done]
+    resumed = write_predictions(grid, [output], num_workers=2, resume=True)
+    assert done and resumed == len(needed) < len(grid)
+    np.testing.assert_allclose(zarr.open_array(output, mode="r")[:], blended(grid)[0],
+                               rtol=0, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["ink.zarr", "run.py", "wide.zarr"]
+    assert write_predictions(grid, [output], resume=True) == 0      # complete: nothing left
+
+
+MEMORY_RUN = """
+import sys
+import tracemalloc
+import numpy as np
+from torch.utils.data import DataLoader
+from streamer import VesuviusStream
+
+volume = np.zeros((8, 4096, 16384), np.uint8)      # pages untouched: not resident
+grid = VesuviusStream([volume], 8, 128, 128, None, "grid", return_coords=True)
+tracemalloc.start()
+with grid.writer([sys.argv[1]]) as out:
+    for blocks, coords in DataLoader(grid, batch_size=32):
+        out.add(blocks.float().mean(1), coords)     # (32, 128, 128) float32
+print(tracemalloc.get_traced_memory()[1])
+"""
+
+
+def test_the_writers_memory_stays_far_below_its_output(tmp_path):
+    # A 4096 x 16384 float32 output (256 MiB; its float64 sums would take 512 MiB), written
+    # in a fresh process: Python's and numpy's allocations at their peak (torch's batches
+    # are not traced). The open tiles are a band of 256-pixel tiles along the volume's
+    # shorter side, 4096 x 256 x 16 bytes (float64 sum(w p) and sum(w)) = 16 MiB, plus a
+    # batch's weighted predictions (8 MiB): 19 MiB measured.
+    (tmp_path / "run.py").write_text(MEMORY_RUN)
+    run = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "o.zarr")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": HERE},
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert int(run.stdout) < 32 * 2**20
+    assert zarr.open_array(str(tmp_path / "o.zarr"), mode="r").nbytes == 256 * 2**20
+
+
 # -- benchmark ----------------------------------------------------------------
 
 SMALL_RUN = ["--block", "4", "16", "16", "--batch-size", "4", "--batches", "5",
@@ -3778,8 +4146,9 @@ HELD_OUT_IOU_FLOOR = 0.4
 
 
 def check_notebook_results(pictures, ious):
-    # the data and the split, sample blocks with labels, losses + predictions beside truth
-    assert pictures == 3
+    # the data and the split, sample blocks with labels, losses + predictions beside truth,
+    # the writer's map of the whole segment beside the labels
+    assert pictures == 4
     assert set(ious) == {"uniform", "positive_fraction=0.5"}, ious   # both runs reported
     assert min(ious.values()) >= HELD_OUT_IOU_FLOOR, ious
 
