@@ -2,6 +2,7 @@
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import email.utils
@@ -47,6 +48,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 
 # -- helpers -----------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def prompt_worker_shutdown(monkeypatch):
+    """Torch's DataLoader, collecting an iterator whose worker raised, never tells the
+    other workers to stop and waits MP_STATUS_CHECK_INTERVAL (5 s) for each before it
+    terminates them: the tests that provoke errors would wait seconds for nothing."""
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
+
 
 def checkout_files():
     """{path: (size, mtime)} of the checkout's files, but Python's and pytest's caches."""
@@ -304,10 +313,14 @@ def test_len_of_a_loader_under_ddp_is_this_ranks_batches(multi_region):
     assert sum(1 for _ in loader) == 8
 
 
-def test_whole_volume_epoch_yields_every_position_once(multi_region):
-    path, data = multi_region
+def test_whole_volume_epoch_yields_every_position_once(tmp_path):
+    data = volume((13, 42, 53), np.uint16, seed=1)           # 9 x 34 x 43 positions
+    path = zarr_v3(tmp_path / "whole.zarr", data, chunks=(8, 16, 16))
     positions = math.prod(s - b + 1 for s, b in zip(data.shape, (5, 9, 11)))
-    coords = epoch(multi_region_stream(path, positions), num_workers=2, batch_size=64)
+    ds = multi_region_stream(path, positions)
+    # Regions of 9 x 8 x 16 positions, 1 x 5 x 3 of them: smaller ones at the y and x borders.
+    assert ds._sources[0].lattice.regions_per_axis == (1, 5, 3)
+    coords = epoch(ds, num_workers=2, batch_size=64)
     assert len(coords) == len(set(coords)) == positions
 
 
@@ -1766,7 +1779,7 @@ def test_a_coarse_mask_selects_exactly_the_positions_of_the_repeated_mask(tmp_pa
     def stream(mask, **kwargs):
         return VesuviusStream([{"volume": data, "mask": mask}], 3, 5, 6,
                               None if method == "grid" else 900, method, return_coords=True,
-                              min_mask_fraction=fraction, region_mb=0.002, **kwargs)
+                              min_mask_fraction=fraction, region_mb=0.01, **kwargs)
 
     coarse_ds, full_ds = stream(coarse_zarr), stream(full)
     assert coarse_ds._sources[0].selection.factor["mask"] == factor
@@ -1786,20 +1799,21 @@ def test_a_coarse_mask_selects_exactly_the_positions_of_the_repeated_mask(tmp_pa
         assert epoch(strided[0]) == epoch(strided[1])
 
 
-@pytest.mark.parametrize("shape, block, factor, z_range", [
-    ((5, 37, 41), (2, 5, 6), (3, 4), None),                   # f below the block
-    ((4, 38, 44), (2, 3, 2), (5, 7), None),                   # the block below f
-    ((13, 37, 41), (3, 5, 6), (2, 3, 5), None),
-    ((19, 45, 29), (2, 20, 7), (4, 8, 3), (2, 17)),           # b % f: 2, 4, 1; z cropped
-    ((13, 37, 41), (4, 8, 12), (1, 4, 4), None),              # (y, x) only; f divides b
+@pytest.mark.parametrize("shape, block, factor, z_range, region_mb", [
+    ((5, 37, 41), (2, 5, 6), (3, 4), None, 0.004),            # f below the block
+    ((4, 38, 44), (2, 3, 2), (5, 7), None, 0.002),            # the block below f
+    ((13, 37, 41), (3, 5, 6), (2, 3, 5), None, 0.008),
+    ((19, 45, 29), (2, 20, 7), (4, 8, 3), (2, 17), 0.016),    # b % f: 2, 4, 1; z cropped
+    ((13, 37, 41), (4, 8, 12), (1, 4, 4), None, 0.016),       # (y, x) only; f divides b
 ], ids=["2d-small-f", "2d-large-f", "3d", "3d-mixed-z-range", "3d-in-plane"])
 def test_a_coarse_mask_counts_its_regions_in_its_own_cells_exactly(monkeypatch, shape, block,
-                                                                   factor, z_range):
-    # Sizes not multiples of f, regions of a few positions that cut coarse cells: every
-    # region counts what the repeated mask at full resolution, position by position, does.
+                                                                   factor, z_range, region_mb):
+    # Sizes not multiples of f, regions of a few positions (over a hundred regions) that
+    # cut coarse cells: every region counts what the repeated mask at full resolution,
+    # position by position, does.
     data = np.zeros(shape, np.uint8)
     mask_shape = shape[3 - len(factor):]
-    options = dict(samples_per_epoch=1, region_mb=0.001, z_range=z_range)
+    options = dict(samples_per_epoch=1, region_mb=region_mb, z_range=z_range)
     for density in (0.03, 0.3, 0.9):
         coarse = (np.random.default_rng(5).random([-(-s // f) for s, f in
                                                     zip(mask_shape, factor)]) < density)
@@ -1820,12 +1834,13 @@ def test_a_coarse_mask_counts_its_regions_in_its_own_cells_exactly(monkeypatch, 
 
 
 def test_a_coarse_mask_is_counted_without_a_value_per_position():
-    # 9.9 million positions in one region; the 1/8 mask has 32 768 cells, one of them set.
+    # 9.9 million positions in one region (its 16 MiB box is region_mb / open_regions);
+    # the 1/8 mask has 32 768 cells, one of them set.
     array = zarr.create_array({}, shape=(64, 512, 512), chunks=(64, 512, 512), dtype="uint8")
     mask = np.zeros((8, 64, 64), np.uint8)
     mask[3, 20, 41] = 1
     tracemalloc.start()
-    ds = VesuviusStream([{"volume": array, "mask": mask}], 16, 64, 64, 1)
+    ds = VesuviusStream([{"volume": array, "mask": mask}], 16, 64, 64, 1, region_mb=256)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     lattice = ds._sources[0].lattice
@@ -1876,7 +1891,7 @@ def test_a_scroll_pyramid_given_by_paths_takes_its_mask_from_a_coarse_level(tmp_
     # ceil(33 / 8)); the scales say 8, and so does the selection.
     assert level3.shape[0] == 5 == -(-33 // 7)
     options = dict(positive_fraction=0.5, min_positive_fraction=0.01, ignore_label=2,
-                   return_coords=True, region_mb=0.05)
+                   return_coords=True, region_mb=0.2)
     paths = {"volume": str(tmp_path / "scroll.zarr/0"), "mask": str(tmp_path / "scroll.zarr/3"),
              "labels": str(tmp_path / "scroll.zarr/labels")}
     by_path = VesuviusStream([paths], 8, 12, 12, 300, **options)
@@ -1902,8 +1917,10 @@ def test_a_scroll_pyramid_given_by_paths_takes_its_mask_from_a_coarse_level(tmp_
 
 def test_urls_in_a_dict_source_are_opened_as_list_sources_are_with_retries(tmp_path):
     data, labels = scroll_pyramid(tmp_path / "scroll.zarr")
-    handler, log = answering(503)
-    options = dict(positive_fraction=0.5, ignore_label=2, return_coords=True, region_mb=0.05)
+    handler, log = answering(503, every=6)
+    # 16 regions: each reads its window of the labels and mask when the dataset is built
+    # (a request per chunk it overlaps; every 6th request fails, and is retried).
+    options = dict(positive_fraction=0.5, ignore_label=2, return_coords=True, region_mb=0.5)
     local = {"volume": str(tmp_path / "scroll.zarr/0"), "mask": str(tmp_path / "scroll.zarr/2"),
              "labels": str(tmp_path / "scroll.zarr/labels")}
     expected = epoch(VesuviusStream([local], 8, 12, 12, 200, **options), num_workers=2)
@@ -3127,11 +3144,10 @@ SMALL_RUN = ["--block", "4", "16", "16", "--batch-size", "4", "--batches", "5",
 
 def test_benchmark_runs_on_a_small_store(tmp_path):
     path = zarr_v3(tmp_path / "bench.zarr", volume((8, 64, 64)), chunks=(4, 32, 32))
-    with checkout_untouched():
-        result, labelled = (subprocess.run(
+    with checkout_untouched(), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        result, labelled = pool.map(lambda extra: subprocess.run(
             [sys.executable, os.path.join(HERE, "benchmark.py"), path, *SMALL_RUN, *extra],
-            capture_output=True, text=True, timeout=120) for extra in ([],
-                                                                      ["--synthetic-labels"]))
+            capture_output=True, text=True, timeout=120), ([], ["--synthetic-labels"]))
     assert result.returncode == 0, result.stderr
     assert "decode limit" in result.stdout
     rows = [line.split() for line in result.stdout.splitlines()
@@ -4251,6 +4267,7 @@ def test_readme_code_blocks_run_as_written(tmp_path):
     blocks = [(line, code) for line, code in readme_python_blocks()
               if not code.startswith("# fragment:")]
     assert len(blocks) >= 3                 # training, coordinates, grid
+    prepared = []                           # (what it is, its folder)
     for line, code in blocks:
         names = set(re.findall(r"[\"']([\w.-]+\.zarr)[\"']", code))
         labelled_only = code.startswith("# for sources with labels\n")
@@ -4277,8 +4294,11 @@ def test_readme_code_blocks_run_as_written(tmp_path):
                 else:
                     plain_zarr_array(folder / name)
             (folder / "block.py").write_text(text, encoding="utf-8")
-            with checkout_untouched():
-                run = subprocess.run([sys.executable, "block.py"], cwd=folder,
-                                     capture_output=True, text=True, timeout=300)
-            assert run.returncode == 0, (f"README.md line {line}, {run_name}:\n"
-                                         + run.stderr[-3000:])
+            prepared.append((f"README.md line {line}, {run_name}", folder))
+    # Two at a time (the machines have 2 cores; each run is mostly start-up).
+    with checkout_untouched(), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = pool.map(lambda folder: subprocess.run(
+            [sys.executable, "block.py"], cwd=folder, capture_output=True, text=True,
+            timeout=300), [folder for _, folder in prepared])
+        for (where, _), run in zip(prepared, results):
+            assert run.returncode == 0, f"{where}:\n" + run.stderr[-3000:]
