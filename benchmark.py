@@ -414,8 +414,9 @@ class Counted(IterableDataset):
 
 class ReadyBlocks(IterableDataset):
     """Blocks made once and yielded again: what collate + transfer alone cost. With
-    ``batch_size``, whole batches in shared memory, made empty (as the batch form makes
-    them before cutting into them), the cost of passing them."""
+    ``batch_size``, whole batches made as the batch form makes them before cutting into
+    them (``streamer._batch_memory``: reused shared-memory buffers, or fresh ones when
+    none is free), left empty: the cost of passing them."""
 
     def __init__(self, block, dtype, samples, batch_size=None):
         self.block, self.dtype, self.samples = block, dtype, samples
@@ -430,11 +431,13 @@ class ReadyBlocks(IterableDataset):
             for _ in range(worker, self.samples, workers):
                 yield block.clone(), coords
             return
-        shape = (self.batch_size, *self.block)
-        for _ in range(worker, self.samples // self.batch_size, workers):
-            storage = torch.UntypedStorage._new_shared(math.prod(shape) * self.dtype.itemsize)
-            yield (torch.empty(0, dtype=self.dtype).set_(storage).view(shape),
-                   torch.zeros(self.batch_size, 4, dtype=torch.int64))
+        parts = [(torch.empty(0, dtype=self.dtype).numpy().dtype, self.block)]
+        size = self.batch_size
+        for _ in range(worker, self.samples // size, workers):
+            batch, buffer = streamer._batch_memory(parts, size, size, info is not None, True)
+            coords = (torch.zeros(size, 4, dtype=torch.int64),)
+            yield ((*batch, *coords) if buffer is None else
+                   streamer._buffered(tuple(batch), coords, buffer, (parts, size, size)))
 
 
 def decode_slabs(path, slabs):

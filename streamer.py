@@ -32,6 +32,8 @@ import hashlib
 import itertools
 import json
 import math
+import mmap
+import multiprocessing.reduction
 import os
 import pickle
 import platform
@@ -43,6 +45,7 @@ import threading
 import time
 import typing
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -171,10 +174,11 @@ class VesuviusStream(IterableDataset):
     the order they are first needed, and the next group's boxes while this
     one's are cut, within ``region_mb``; a worker's first few blocks are read
     alone, straight from the store, so that the first batch does not wait for
-    the first group's boxes. A block is copied once from its decoded box: into
-    an item, or straight into its row of the batch. Positions of one epoch are
-    therefore clustered by region, which is what makes reading fast: lower
-    ``samples_per_region`` for more spread, at more decoding per sample.
+    the first group's boxes. Positions of one epoch are therefore clustered by
+    region, which is what makes reading fast: lower ``samples_per_region`` for
+    more spread, at more decoding per sample. A block is copied once from its
+    decoded box: into an item (which collate then copies into a batch), or,
+    with ``batch_size``, straight into its row of the batch.
 
     Sources and their layout: a source is a path or URL (str or
     ``os.PathLike``) to a Zarr array (format 2 or 3), or to a Zarr group with
@@ -344,7 +348,12 @@ class VesuviusStream(IterableDataset):
             with ``batch_size`` collates from the items, item for item. Each
             block is cut straight into its batch, in shared memory in a
             DataLoader worker, so that its bytes are copied once on their way
-            to the training loop. Default None: items.
+            to the training loop; without a ``transform``, a worker reuses
+            that memory (up to 6 batches' worth) once nothing refers to a
+            batch it held any more, in either process, which saves more than
+            the copy: keeping a batch's blocks or labels (not only its coords)
+            keeps its memory, and a loop that keeps many batches gets fresh
+            memory for the next ones. The fast form. Default None: items.
 
     Example::
 
@@ -469,8 +478,8 @@ class VesuviusStream(IterableDataset):
         step = (stride or block) if grid else (1, 1, 1)
         self._sources = [
             _Source(_open_source(source, index, **remote), index, _describe(source), block,
-                    z_range, step, region_bytes, samples_per_region, min_mask_fraction,
-                    min_positive_fraction, ignore_label)
+                    z_range, step, region_bytes, region_mb * 2**20, samples_per_region,
+                    min_mask_fraction, min_positive_fraction, ignore_label)
             for index, source in enumerate(file_paths)]
         if len({source.labels is None for source in self._sources}) > 1:
             raise ValueError("either all sources have labels or none: "
@@ -887,18 +896,23 @@ class VesuviusStream(IterableDataset):
         (the last may be smaller), each item counted in ``self._place``.
 
         Each block (and label) is copied once, from its decoded box into its row
-        of the batch; in a DataLoader worker (``shared``) the batch is made in
-        shared memory, as collate makes its batches, so that the queue to the
-        main process passes it without another copy.
+        of the batch. In a DataLoader worker (``shared``) a batch is made in
+        shared memory: a reused buffer when there is no transform (see
+        _BatchBuffer), else fresh, as collate makes its batches; either way the
+        queue to the main process passes it without another copy.
         """
         cuts = self._cuts(reader)
-        labels = self._sources[0].labels
+        volume, labels = self._sources[0].volume, self._sources[0].labels
+        # (dtype, row shape) of the blocks and labels. Coordinates go apart, so that a
+        # loop keeping them keeps no buffer.
+        parts = [(volume.dtype.newbyteorder('='), self.block)]
+        if labels is not None:
+            parts.append((labels.dtype.newbyteorder('='), self.block[3 - labels.ndim:]))
+        reuse = shared and self.transform is None
         while left:
             size = min(self.batch_size, left)
-            batch = (_empty((size, *self.block), self._sources[0].volume.dtype, shared),)
-            if labels is not None:
-                batch += (_empty((size, *self.block[3 - labels.ndim:]), labels.dtype, shared),)
-            rows = [array.numpy() for array in batch]          # views, to write into
+            batch, buffer = _batch_memory(parts, self.batch_size, size, shared, reuse)
+            rows = [tensor.numpy() for tensor in batch]        # views, to write into
             coords = np.empty((size, 4), dtype=np.int64)
             filled = 0
             for row, (source, corner, box) in zip(range(size), cuts):
@@ -911,16 +925,20 @@ class VesuviusStream(IterableDataset):
             if filled < size:       # a resuming writer's grid skips blocks: fewer items
                 if not filled:
                     return
-                batch = tuple(array[:filled] for array in batch)
+                batch = [tensor[:filled] for tensor in batch]
                 coords, size, left = coords[:filled], filled, filled
+            batch = tuple(batch)
             if self.transform is not None:
                 batch = self._transformed(batch, f"the batch of {size} blocks from source "
                                                  f"{coords[0, 0]} at {tuple(coords[0, 1:])}")
-            if self.return_coords:
-                batch += (torch.from_numpy(coords),)
             left -= size
             self._place.yielded += size
-            yield batch if len(batch) > 1 else batch[0]
+            extra = (torch.from_numpy(coords),) if self.return_coords else ()
+            if buffer is not None:
+                yield _buffered(batch, extra, buffer, (parts, self.batch_size, size))
+            else:
+                batch += extra
+                yield batch if len(batch) > 1 else batch[0]
 
     def _transformed(self, item, what):
         """``transform(*item)`` as a tuple; None is refused, naming ``what`` it was given."""
@@ -1425,14 +1443,15 @@ def _chunk_span(start, end, chunk):
 # -- selection and reading: one volume's arrays -------------------------------
 
 class _Band:
-    """The rows from ``start`` on of a 2D array, read once, sliced like the array."""
+    """A box of an array read once (``data``, from ``starts`` per axis), sliced as the
+    array is (slices within the box)."""
 
-    def __init__(self, data, start):
-        self.ndim, self.start, self.data = 2, start, data
+    def __init__(self, data, starts):
+        self.data, self.starts = data, starts
 
     def __getitem__(self, index):
-        rows, columns = index
-        return self.data[rows.start - self.start:rows.stop - self.start, columns]
+        return self.data[tuple(slice(s.start - a, s.stop - a)
+                               for s, a in zip(index, self.starts))]
 
 
 def _footprint_sums(window, offsets, block, factor):
@@ -1494,7 +1513,7 @@ class _Source:
     the store the dataset was built on; ``attach`` reopens them in a worker.
     """
 
-    def __init__(self, arrays, index, name, block, z_range, step, region_bytes,
+    def __init__(self, arrays, index, name, block, z_range, step, region_bytes, band_bytes,
                  samples_per_region, min_mask_fraction, min_positive_fraction=0.0,
                  ignore_label=None):
         self.index, self.name = index, name
@@ -1548,8 +1567,8 @@ class _Source:
         self.per_visit = samples_per_region or max(
             1, 4 * math.prod(lattice.box(lattice.region)) // math.prod(block))
         self.selection = _Selection(lattice, block, self.mask, self.labels, min_mask_fraction,
-                                    self.decode, mask_factor, min_positive_fraction,
-                                    ignore_label)
+                                    self.decode, band_bytes, mask_factor,
+                                    min_positive_fraction, ignore_label)
 
     def arrays(self):
         """``(name, array)`` of the volume, labels and mask this source has."""
@@ -1672,13 +1691,15 @@ class _Selection:
     cells of a coarse mask: see _tally), which the epoch's order depends on too.
     """
 
-    def __init__(self, lattice, block, mask, labels, min_mask_fraction, decode,
+    def __init__(self, lattice, block, mask, labels, min_mask_fraction, decode, budget,
                  mask_factor=None, min_positive_fraction=0.0, ignore_label=None):
-        self.lattice, self.block, self.decode = lattice, block, decode
-        # Only their ndim (and whether they exist): the arrays themselves are the
-        # source's, reopened in each worker.
-        self.ndim = {name: array.ndim for name, array in (('mask', mask), ('labels', labels))
-                     if array is not None}
+        self.lattice, self.block, self.decode, self.budget = lattice, block, decode, budget
+        # Only their ndim and itemsize (and whether they exist): the arrays themselves
+        # are the source's, reopened in each worker.
+        arrays = [(name, array) for name, array in (('mask', mask), ('labels', labels))
+                  if array is not None]
+        self.ndim = {name: array.ndim for name, array in arrays}
+        self.itemsize = {name: array.dtype.itemsize for name, array in arrays}
         self.factor = {name: (1,) * ndim for name, ndim in self.ndim.items()}
         self.threshold = self.positive_threshold = None
         if mask is not None:
@@ -1701,37 +1722,58 @@ class _Selection:
         return self.positive_counts
 
     def _count_regions(self, kind):
-        """Positions per region that ``selected`` keeps (one pass over mask and labels)."""
+        """Positions per region that ``selected`` keeps (one pass over mask and labels).
+
+        Arrays are read in bands, runs of regions along x within ``budget`` bytes
+        (at least one region): zarr calls cost more than the sums. 2D arrays alone
+        decide for all layers at once: one (y, x) cell of regions, every z.
+        """
         if 'mask' not in self.ndim and kind is None:
             return self.lattice.region_sizes()
         counts = np.zeros(self.lattice.regions, dtype=np.int64)
         digest = hashlib.sha256(self.digest)
         needed = [name for name in self.ndim if name == 'mask' or kind is not None]
-        if any(self.ndim[name] == 3 for name in needed):
-            for region in range(self.lattice.regions):
-                bits, counts[region] = self._tally(*self.lattice.region_bounds(region), kind)
-                digest.update(bits)
-            self.digest = digest.digest()
-            return counts
-        # 2D arrays decide for all layers at once: one (y, x) cell, every z; a
-        # row of cells reads its band of rows once (zarr calls cost more than sums).
+        flat = all(self.ndim[name] == 2 for name in needed)
         layers, rows, columns = self.lattice.regions_per_axis
         banded = copy.copy(self)
-        for row in range(rows):
-            start, end = self.lattice.voxel_box(*self.lattice.region_bounds(row * columns))
-            bands = {}
-            for name in needed:
-                band = self.window(name, (start[1], 0), (end[1], self.lattice.hi[2]))
-                bands[name] = _Band(self.decode(name, band), band[0].start)
-            banded.decode = lambda name, box: bands[name][box]
-            for cell in range(row * columns, (row + 1) * columns):
-                bits, in_cell = banded._tally(*self.lattice.region_bounds(cell), kind)
-                digest.update(bits)
-                for layer in range(layers):
-                    region = layer * rows * columns + cell
-                    counts[region] = in_cell * self.lattice.region_bounds(region)[1][0]
+        for first in range(0, (1 if flat else layers) * rows * columns, columns):
+            row = range(first, first + columns)               # a row of regions along x
+            while row:
+                bands, run = self._band(needed, row)
+                banded.decode = lambda name, box: bands[name][box]
+                for region in run:
+                    bits, count = banded._tally(*self.lattice.region_bounds(region), kind)
+                    digest.update(bits)
+                    if not flat:
+                        counts[region] = count
+                        continue
+                    for layer in range(layers):               # count is per layer
+                        above = layer * rows * columns + region
+                        counts[above] = count * self.lattice.region_bounds(above)[1][0]
+                row = row[len(run):]
         self.digest = digest.digest()
         return counts
+
+    def _band(self, names, regions):
+        """``({name: _Band}, run)``: the first regions of ``regions`` (a range along x)
+        whose box of the arrays ``names`` holds at most ``budget`` bytes (one at least),
+        and that box of each array, read."""
+        def box(run):
+            lo = self.lattice.voxel_box(*self.lattice.region_bounds(run[0]))[0]
+            hi = self.lattice.voxel_box(*self.lattice.region_bounds(run[-1]))[1]
+            return {name: self.window(name, lo[3 - self.ndim[name]:], hi[3 - self.ndim[name]:])
+                    for name in names}
+
+        def nbytes(windows):
+            return sum(math.prod(s.stop - s.start for s in window) * self.itemsize[name]
+                       for name, window in windows.items())
+        low, high = 1, len(regions)                 # the longest run within the budget
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if nbytes(box(regions[:mid])) <= self.budget else (low, mid - 1)
+        windows = box(regions[:low])
+        return ({name: _Band(self.decode(name, window), [s.start for s in window])
+                 for name, window in windows.items()}, regions[:low])
 
     def _tally(self, origin, shape, kind):
         """``(bits, n)``: what the digest takes, and the positions of the lattice box
@@ -2604,12 +2646,14 @@ class _Counters:
     The hook benchmark.py measures through (``streamer._COUNTERS``, one per
     process: a DataLoader worker has its own): seconds decoding boxes and the
     bytes of the chunks they overlap (whole chunks: what zarr decodes), timed
-    per box, and seconds cutting blocks into items or batch rows, timed per
-    block. ``snapshot()`` gives them as a dict.
+    per box, seconds cutting blocks into items or batch rows, timed per block,
+    and batches made in fresh shared memory and in reused buffers (see
+    _BatchBuffer). ``snapshot()`` gives them as a dict.
     """
 
     def __init__(self):
         self.decode_seconds = self.decoded_bytes = self.cut_seconds = 0
+        self.batches = [0, 0]              # made fresh, cut into a reused buffer
         self._lock = threading.Lock()      # the reader thread and the cutting one decode
 
     def decoded(self, seconds, nbytes):
@@ -2619,7 +2663,8 @@ class _Counters:
 
     def snapshot(self):
         return {'decode_seconds': self.decode_seconds, 'decoded_bytes': self.decoded_bytes,
-                'cut_seconds': self.cut_seconds}
+                'cut_seconds': self.cut_seconds, 'fresh_batches': self.batches[0],
+                'buffered_batches': self.batches[1]}
 
 
 _COUNTERS = _Counters()
@@ -2794,7 +2839,25 @@ def _native(array):
     return array.astype(array.dtype.newbyteorder('='), copy=False)
 
 
-# -- yielding batches ------------------------------------------------------------
+# -- yielding batches: each block copied once, into memory used before -------------
+#
+# A batch made in fresh shared memory costs more in page faults than in copying
+# (on the benchmark's machine 290 us a 26x64x64 uint16 sample into fresh pages, 6 us
+# into pages written before). So a DataLoader worker cuts its batches into
+# *buffers*, shared memory it keeps (a memfd each), and the DataLoader passes a batch
+# as a reference to its buffer (_BufferedBatch), which the receiving process maps
+# once (_received_batch). A buffer is cut into again only when nothing refers to its
+# last batch in either process: the worker's tensors are gone, and the receiver let
+# go of every batch it was sent (counted in the buffer's header). With no buffer
+# free (a loop that keeps its batches), a batch is made in fresh shared memory, as
+# collate makes its own.
+
+_BATCH_BUFFERS = 6          # per worker and batch size: 2 in flight, a few held downstream
+_HEADER = 4096              # a buffer's first page: batches sent, batches let go (int64)
+_BUFFERS = {}               # this process's buffers: (pid, bytes) -> [_BatchBuffer]
+_MAPPED = {}                # receiving process: (worker pid, inode) -> mmap of a buffer
+_MAPPED_LOCK = threading.RLock()    # finalizers may run while this thread holds it
+
 
 def _empty(shape, dtype, shared):
     """An uninitialised tensor of numpy ``dtype`` (in native byte order); in shared
@@ -2805,6 +2868,154 @@ def _empty(shape, dtype, shared):
         return torch.empty(shape, dtype=dtype)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def _batch_views(data, parts, capacity, rows):
+    """numpy views ``(rows, *shape)`` of each part ``(dtype, shape)`` of a batch laid
+    out in the bytes ``data``: parts one after the other, each sized for ``capacity``
+    rows and 64-byte aligned."""
+    views, offset = [], 0
+    for dtype, shape in parts:
+        row = math.prod(shape) * np.dtype(dtype).itemsize
+        views.append(data[offset:offset + rows * row].view(dtype).reshape((rows, *shape)))
+        offset += -(-capacity * row // 64) * 64
+    return views
+
+
+def _batch_memory(parts, capacity, rows, shared, reuse):
+    """``(tensors, buffer)``: a tensor ``(rows, *shape)`` of each part ``(dtype, shape)``
+    to write a batch into, in a free reused buffer if ``reuse`` (buffer), else fresh,
+    in shared memory if ``shared`` (buffer None). Counted in _COUNTERS. benchmark.py
+    passes such batches, empty, to time the DataLoader's part."""
+    nbytes = sum(-(-capacity * math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64
+                 for dtype, shape in parts)                  # as _batch_views lays them out
+    buffer = _BatchBuffer.free_one(nbytes) if reuse else None
+    _COUNTERS.batches[buffer is not None] += 1
+    if buffer is not None:
+        views = _batch_views(buffer.data(), parts, capacity, rows)
+        return [torch.from_numpy(view) for view in views], buffer
+    return [_empty((rows, *shape), dtype, shared) for dtype, shape in parts], None
+
+
+class _BatchBuffer:
+    """Shared memory a worker cuts its batches into (see above): a memfd of
+    ``_HEADER`` bytes, then ``nbytes`` of batch."""
+
+    def __init__(self, nbytes):
+        self.fd = os.memfd_create('VesuviusStream batch')
+        os.ftruncate(self.fd, _HEADER + nbytes)
+        self.map = mmap.mmap(self.fd, _HEADER + nbytes)
+        self.counts = np.frombuffer(self.map, np.int64, 2)    # sent, let go by the receiver
+        self.nbytes = nbytes
+        self.held = False           # tensors of this process refer to its batch
+
+    @classmethod
+    def free_one(cls, nbytes):
+        """A free buffer of ``nbytes`` of this process (a new one while there are fewer
+        than _BATCH_BUFFERS), else None."""
+        buffers = _BUFFERS.setdefault((os.getpid(), nbytes), [])
+        for buffer in buffers:
+            if not buffer.held and buffer.counts[0] == buffer.counts[1]:
+                return buffer
+        if len(buffers) < _BATCH_BUFFERS and hasattr(os, 'memfd_create'):
+            buffers.append(cls(nbytes))
+            return buffers[-1]
+        return None
+
+    def data(self):
+        """The batch's bytes (uint8), held until this array and every view of it are gone
+        (numpy views and tensors made from them keep it)."""
+        data = np.frombuffer(self.map, np.uint8, self.nbytes, _HEADER)
+        self.held = True
+        weakref.finalize(data, setattr, self, 'held', False)
+        return data
+
+
+def _buffered(tensors, extra, buffer, layout):
+    """The batch ``tensors`` (views of ``buffer``'s data laid out as ``layout``: parts,
+    capacity, rows), then the tensors ``extra`` (in no buffer), as the DataLoader
+    passes it: a reference to the buffer, with ``extra`` as they are."""
+    if extra or len(tensors) > 1:
+        batch = _BufferedBatch(tensors + extra)
+    else:
+        batch = tensors[0].as_subclass(_BufferedBlocks)
+    batch.made_in = tensors, buffer, layout      # (not names a tensor has)
+    return batch
+
+
+def _buffer_reference(batch, extra=()):
+    """``batch``'s pickle: a reference to its buffer (counted as sent once more), and
+    the tensors ``extra``."""
+    _, buffer, layout = batch.made_in
+    buffer.counts[0] += 1
+    return _received_batch, (multiprocessing.reduction.DupFd(buffer.fd), os.getpid(),
+                             buffer.nbytes, *layout, *extra)
+
+
+class _BufferedBatch(list):
+    """A batch's tensors (blocks, labels, coords: a list, as collate gives them) cut
+    into a worker's buffer but the coords (see _buffered)."""
+
+    def __copy__(self):         # collate's default_convert copies a list, then refills it
+        return self
+
+    def __reduce__(self):
+        tensors = self.made_in[0]
+        if len(self) < len(tensors) or any(a is not b for a, b in zip(self, tensors)):
+            return list, (list(self),)           # changed since it was made: its data
+        return _buffer_reference(self, self[len(tensors):])
+
+
+class _BufferedBlocks(torch.Tensor):
+    """A batch of blocks alone (no labels or coords) cut into a worker's buffer (see
+    _buffered); operations on it give plain tensors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __reduce_ex__(self, protocol):
+        return _buffer_reference(self)
+
+
+def _received_batch(fd, worker, nbytes, parts, capacity, rows, *extra):
+    """The batch a worker sent from its buffer (the DataLoader's unpickling calls
+    this): tensors over this process's mapping of the buffer (kept while the worker
+    lives), then ``extra``; it counts as let go once those tensors and their views
+    are gone."""
+    fd = fd.detach()
+    try:
+        key = (worker, os.fstat(fd).st_ino)
+        with _MAPPED_LOCK:
+            for gone in [key for key in _MAPPED if not _alive(key[0])]:
+                del _MAPPED[gone]       # a past DataLoader's workers' (tensors keep theirs)
+            mapped = _MAPPED.get(key)
+            if mapped is None:
+                mapped = _MAPPED[key] = mmap.mmap(fd, _HEADER + nbytes)
+    finally:
+        os.close(fd)
+    data = np.frombuffer(mapped, np.uint8, nbytes, _HEADER)
+    weakref.finalize(data, _let_go, mapped, os.getpid()).atexit = False
+    tensors = [torch.from_numpy(view) for view in _batch_views(data, parts, capacity, rows)]
+    tensors += extra
+    return tensors if len(tensors) > 1 else tensors[0]
+
+
+def _let_go(mapped, pid):
+    """Count a received batch as let go (not in a process forked since: its copies of
+    the tensors are not the receiver's)."""
+    if os.getpid() == pid:
+        with _MAPPED_LOCK:
+            np.frombuffer(mapped, np.int64, 2)[1] += 1
+
+
+def _alive(pid):
+    """Whether process ``pid`` runs (or is not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 # -- writing predictions: blended output tiles, each written once ----------------

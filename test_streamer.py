@@ -35,7 +35,7 @@ import pytest
 import tifffile
 import torch
 import zarr
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import benchmark
 import converter
@@ -2253,6 +2253,74 @@ def test_batch_form_transform_gets_whole_batches_in_shared_memory_in_workers(tmp
             assert torch.equal(block, expected_block)
             assert torch.equal(label[:-1], expected_label[:-1])
             assert int(label[-1, -1]) == workers          # shared memory in a worker only
+
+
+class WorkerCounters(IterableDataset):
+    """A stream whose DataLoader workers add their batch counts to ``counts`` (shared
+    memory, a row per worker): made fresh, cut into a reused buffer (streamer._COUNTERS)."""
+
+    def __init__(self, stream):
+        self.stream, self.counts = stream, torch.zeros(2, 2, dtype=torch.int64).share_memory_()
+
+    def __iter__(self):
+        before = streamer._COUNTERS.snapshot()
+        yield from self.stream
+        after = streamer._COUNTERS.snapshot()
+        self.counts[get_worker_info().id] += torch.tensor(
+            [after[name] - before[name] for name in ("fresh_batches", "buffered_batches")])
+
+
+@pytest.mark.parametrize("labelled, coords", [(True, True), (True, False), (False, True),
+                                              (False, False)])
+def test_batches_cut_into_reused_buffers_stay_exact_however_long_they_are_kept(
+        tmp_path, labelled, coords):
+    # Workers cut batches into shared memory they reuse once nothing refers to a batch.
+    # Epoch 0 keeps every batch: 6 buffers a worker, then fresh memory. The loop then
+    # keeps its first two batches only, and epoch 1 (the same, persistent workers) lets
+    # each batch go once checked: the other buffers are cut into again. Epoch 2 has new
+    # workers, forked while those two are kept. Every batch is what the items' collated
+    # batch is (layout and types too), the two kept ones to the end.
+    path, data, labels = segment_group(tmp_path / "s.zarr")
+    source = path if labelled else {"volume": zarr.open_group(path, mode="r")["volume"]}
+    items, batched = (VesuviusStream([source], 3, 8, 8, 640, return_coords=coords,
+                                     region_mb=0.05, batch_size=size) for size in (None, 16))
+    counted = WorkerCounters(batched)
+    persistent = DataLoader(counted, batch_size=None, num_workers=2, persistent_workers=True)
+
+    def check(got, want):
+        assert type(got) is type(want)                       # a list, or a lone tensor
+        assert_same_batches(*([[got], [want]] if torch.is_tensor(want) else
+                              [[tuple(got)], [tuple(want)]]))
+    kept, counts = [], []
+    for e, loader in enumerate((persistent, persistent,
+                                DataLoader(batched, batch_size=None, num_workers=2))):
+        for ds in (items, batched):
+            ds.set_epoch(e)
+        expected = list(DataLoader(items, batch_size=16, num_workers=2))
+        for i, batch in enumerate(loader):
+            check(batch, expected[i])
+            if e == 0 or (e, i) < (1, 0):
+                kept.append((batch, expected[i]))
+        kept = kept[:2]                                      # the others let go
+        counts.append(counted.counts.sum(0).tolist())
+    for batch, want in kept:
+        check(batch, want)
+    # 40 batches an epoch, 20 a worker: 6 buffers each, then fresh; then those reused.
+    assert counts[:2] == [[40 - 12, 12], [40 - 12, 12 + 40]]
+
+
+def block_sums(batch):
+    """A user's collate_fn for DataLoader(batch_size=None): the blocks summed, the rest kept."""
+    return [batch[0].sum(dim=(1, 2, 3)), *batch[1:]]
+
+
+def test_batches_from_reused_buffers_pass_a_users_collate_fn(tmp_path):
+    path, data, labels = segment_group(tmp_path / "s.zarr")
+    items, batched = labelled_streams(path, 16)
+    got = batches(DataLoader(batched, batch_size=None, num_workers=2, collate_fn=block_sums))
+    expected = [block_sums(batch) for batch in DataLoader(items, batch_size=16, num_workers=2)]
+    assert [batch[0].dtype for batch in got] == [torch.int64] * len(expected)
+    assert_same_batches(got, expected)
 
 
 def test_a_batch_of_32_holds_16_distinct_tiles_at_the_default_region_mb():
