@@ -1022,7 +1022,7 @@ class VesuviusStream(IterableDataset):
         return _EpochPlan(streams, self.open_regions, interleave=True)
 
 
-# -- sources: opening what the user gave, and checking it ---------------------
+# -- sources: opening what the user gave, checking it; a source's arrays read ----
 
 class _Opened(typing.NamedTuple):
     """The arrays of one source, as given or opened."""
@@ -1333,172 +1333,6 @@ def _resolve_ranks(rank, world_size):
     return int(rank), world_size
 
 
-# -- geometry: where the positions of a volume are ---------------------------
-
-class _Lattice:
-    """The positions of one volume, and their regions: pure geometry, no data.
-
-    Along each axis, position p has the start coordinate
-    ``min(lo + p * step, hi - size)``, where [lo, hi) is the usable range
-    (``z_range``) and step is 1, or the grid stride: ``extent`` positions in
-    all. The lattice is cut into regions of ``region`` positions per axis
-    (``regions_per_axis`` of them per axis, ``regions`` in all, numbered in
-    raster order), chosen so that a region's box of voxels is made of whole
-    chunks and fits ``region_bytes``.
-
-    Example: shape (65, 300, 300), block (26, 64, 64), step 1, chunks (16, 128,
-    128): extent (40, 237, 237); a region of (40, 128, 128) positions reads a
-    box of (65, 191, 191) voxels.
-    """
-
-    def __init__(self, shape, block, lo, hi, step, chunks, region_bytes, itemsize):
-        self.block, self.lo, self.hi, self.step = block, lo, hi, step
-        self.extent = tuple(-(-(h - l - b) // s) + 1 for l, h, b, s in zip(lo, hi, block, step))
-        self.region = self._choose_region(chunks, region_bytes, itemsize)
-        self.regions_per_axis = tuple(-(-e // r) for e, r in zip(self.extent, self.region))
-        self.regions = math.prod(self.regions_per_axis)
-        self.positions = math.prod(self.extent)
-
-    def box(self, region):
-        """Voxel span of the blocks of ``region`` positions per axis."""
-        return tuple(min((r - 1) * s + b, h - l)
-                     for r, s, b, l, h in zip(region, self.step, self.block, self.lo, self.hi))
-
-    def _choose_region(self, chunks, region_bytes, itemsize):
-        """Region shape (in positions) whose box is chunk multiples within the budget.
-
-        Starts from one chunk (halved while even that is over budget), then
-        grows by whole chunks while the box fits, each step on the axis that
-        leaves the least of the decoded chunks unused (what the box overlaps,
-        over the box: decoding per sample is proportional to it), the first
-        such axis on a tie. Thin boxes of whole chunks in z tend to waste
-        least, and spread a region over the plane, where 2D labels vary.
-        Example: 65 layers, chunks (16, 256, 256), block (26, 64, 64), 8 MiB:
-        the box of one chunk of positions, (41, 319, 319), overlaps (48, 512,
-        512) voxels, and any bigger box is over budget; with 16 MiB, growing y
-        (to (41, 575, 319) of (48, 768, 512): 2.5x) wastes less than growing z
-        (to (57, 319, 319) of (64, 512, 512): 2.9x).
-        """
-        def fits(region):
-            return math.prod(self.box(region)) * itemsize <= region_bytes
-
-        def overlap(region):         # chunks' voxels decoded per voxel of the box
-            box = self.box(region)
-            return math.prod(map(_chunk_span, self.lo, [l + b for l, b in zip(self.lo, box)],
-                                 chunks)) / math.prod(box)
-
-        per_chunk = [max(1, c // s) for c, s in zip(chunks, self.step)]
-        region = [min(c, e) for c, e in zip(per_chunk, self.extent)]
-        while not fits(region) and max(region) > 1:
-            axis = region.index(max(region))
-            region[axis] = -(-region[axis] // 2)
-        while True:
-            bigger = []
-            for axis in range(3):
-                grown = list(region)
-                grown[axis] = min(region[axis] + per_chunk[axis], self.extent[axis])
-                if grown != region and fits(grown):
-                    bigger.append((overlap(grown), axis, grown))
-            if not bigger:
-                return tuple(region)
-            region = min(bigger)[2]
-
-    def region_bounds(self, index):
-        """Origin and shape (in positions) of region ``index``."""
-        cell = np.unravel_index(index, self.regions_per_axis)
-        origin = tuple(int(c) * r for c, r in zip(cell, self.region))
-        shape = tuple(min(r, e - o) for r, e, o in zip(self.region, self.extent, origin))
-        return origin, shape
-
-    def region_sizes(self):
-        """Positions per region, in region order (border regions are smaller)."""
-        per_axis = [np.minimum(r, e - np.arange(0, e, r))
-                    for r, e in zip(self.region, self.extent)]
-        return np.einsum('i,j,k->ijk', *per_axis).ravel().astype(np.int64)
-
-    def corners(self, positions):
-        """Start coordinates (n, 3) of lattice positions (n, 3)."""
-        return np.minimum(np.asarray(self.lo) + positions * np.asarray(self.step),
-                          np.asarray(self.hi) - np.asarray(self.block))
-
-    def axis_corners(self, origin, shape):
-        """Start coordinates along each axis of the lattice box (origin, shape)."""
-        return [np.minimum(l + np.arange(o, o + n) * s, h - b)
-                for o, n, l, s, h, b in zip(origin, shape, self.lo, self.step, self.hi,
-                                            self.block)]
-
-    def voxel_box(self, origin, shape):
-        """Voxels ``(start, end)`` per axis that the blocks of the lattice box cover."""
-        axes = self.axis_corners(origin, shape)
-        return (tuple(int(a[0]) for a in axes),
-                tuple(int(a[-1]) + b for a, b in zip(axes, self.block)))
-
-
-def _chunk_span(start, end, chunk):
-    """Voxels along one axis of the chunks that ``[start, end)`` overlaps (zarr decodes
-    whole chunks, and stores edge chunks whole)."""
-    return (-(-end // chunk) - start // chunk) * chunk
-
-
-# -- selection and reading: one volume's arrays -------------------------------
-
-class _Band:
-    """A box of an array read once (``data``, from ``starts`` per axis), sliced as the
-    array is (slices within the box)."""
-
-    def __init__(self, data, starts):
-        self.data, self.starts = data, starts
-
-    def __getitem__(self, index):
-        return self.data[tuple(slice(s.start - a, s.stop - a)
-                               for s, a in zip(index, self.starts))]
-
-
-def _footprint_sums(window, offsets, block, factor):
-    """Sums of ``window`` over boxes of ``block`` voxels starting at ``offsets`` (an int
-    array per axis; every start along each axis with every other), as if each voxel
-    of ``window`` were repeated ``factor[i]`` times along axis i: axis by axis
-    (_axis_sums), so a coarse array is never repeated: the work is that of its own
-    voxels, then of the starts.
-    """
-    sums = window
-    for axis, (starts, b, f) in enumerate(zip(offsets, block, factor)):
-        sums = _axis_sums(sums, axis, starts, b, f)
-    return sums
-
-
-def _axis_sums(array, axis, starts, b, f=1):
-    """Sums of ``array`` along ``axis`` over the ``b`` voxels from each of ``starts``,
-    as if each voxel were repeated ``f`` times along it (int32).
-
-    From the prefix sums C along the axis (C[k] = sum of the first k, C[0] = 0):
-    each sum is P(t + b) - P(t), where P is the repeated array's prefix sum: at
-    t = q f + r, P(t) = f C[q] + r a[q] = (f - r) C[q] + r C[q + 1] (C[t] itself
-    when f = 1).
-    """
-    shape = list(array.shape)
-    shape[axis] += 1
-    prefix = np.zeros(shape, np.int32)                          # sizes < 2**31
-    np.cumsum(array, axis=axis, out=prefix[(slice(None),) * axis + (slice(1, None),)])
-    ends = []
-    for t in (starts + b, starts):
-        if f == 1:
-            ends.append(np.take(prefix, t, axis=axis))
-            continue
-        q, r = np.divmod(t, f)
-        r = r.astype(np.int32).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
-        ends.append((f - r) * np.take(prefix, q, axis=axis) + r * np.take(
-            prefix, np.minimum(q + 1, shape[axis] - 1), axis=axis))
-    return ends[0] - ends[1]
-
-
-def _count(valid, shape):
-    """Positions of a lattice box of ``shape`` given its ``selected`` (None: all)."""
-    if valid is None:
-        return math.prod(shape)
-    return int(valid.sum()) * (shape[0] if valid.ndim == 2 else 1)
-
-
 class _Box(typing.NamedTuple):
     """Decoded voxels of a visit's lattice box (its region, or a raster run)."""
     origin: np.ndarray    # (3,) voxel coordinates of volume[0, 0, 0]
@@ -1673,6 +1507,172 @@ class _Source:
         if box.labels is None:
             return (box.volume[window],)
         return box.volume[window], box.labels[window[3 - box.labels.ndim:]]
+
+
+# -- geometry: where the positions of a volume are ---------------------------
+
+class _Lattice:
+    """The positions of one volume, and their regions: pure geometry, no data.
+
+    Along each axis, position p has the start coordinate
+    ``min(lo + p * step, hi - size)``, where [lo, hi) is the usable range
+    (``z_range``) and step is 1, or the grid stride: ``extent`` positions in
+    all. The lattice is cut into regions of ``region`` positions per axis
+    (``regions_per_axis`` of them per axis, ``regions`` in all, numbered in
+    raster order), chosen so that a region's box of voxels is made of whole
+    chunks and fits ``region_bytes``.
+
+    Example: shape (65, 300, 300), block (26, 64, 64), step 1, chunks (16, 128,
+    128): extent (40, 237, 237); a region of (40, 128, 128) positions reads a
+    box of (65, 191, 191) voxels.
+    """
+
+    def __init__(self, shape, block, lo, hi, step, chunks, region_bytes, itemsize):
+        self.block, self.lo, self.hi, self.step = block, lo, hi, step
+        self.extent = tuple(-(-(h - l - b) // s) + 1 for l, h, b, s in zip(lo, hi, block, step))
+        self.region = self._choose_region(chunks, region_bytes, itemsize)
+        self.regions_per_axis = tuple(-(-e // r) for e, r in zip(self.extent, self.region))
+        self.regions = math.prod(self.regions_per_axis)
+        self.positions = math.prod(self.extent)
+
+    def box(self, region):
+        """Voxel span of the blocks of ``region`` positions per axis."""
+        return tuple(min((r - 1) * s + b, h - l)
+                     for r, s, b, l, h in zip(region, self.step, self.block, self.lo, self.hi))
+
+    def _choose_region(self, chunks, region_bytes, itemsize):
+        """Region shape (in positions) whose box is chunk multiples within the budget.
+
+        Starts from one chunk (halved while even that is over budget), then
+        grows by whole chunks while the box fits, each step on the axis that
+        leaves the least of the decoded chunks unused (what the box overlaps,
+        over the box: decoding per sample is proportional to it), the first
+        such axis on a tie. Thin boxes of whole chunks in z tend to waste
+        least, and spread a region over the plane, where 2D labels vary.
+        Example: 65 layers, chunks (16, 256, 256), block (26, 64, 64), 8 MiB:
+        the box of one chunk of positions, (41, 319, 319), overlaps (48, 512,
+        512) voxels, and any bigger box is over budget; with 16 MiB, growing y
+        (to (41, 575, 319) of (48, 768, 512): 2.5x) wastes less than growing z
+        (to (57, 319, 319) of (64, 512, 512): 2.9x).
+        """
+        def fits(region):
+            return math.prod(self.box(region)) * itemsize <= region_bytes
+
+        def overlap(region):         # chunks' voxels decoded per voxel of the box
+            box = self.box(region)
+            return math.prod(map(_chunk_span, self.lo, [l + b for l, b in zip(self.lo, box)],
+                                 chunks)) / math.prod(box)
+
+        per_chunk = [max(1, c // s) for c, s in zip(chunks, self.step)]
+        region = [min(c, e) for c, e in zip(per_chunk, self.extent)]
+        while not fits(region) and max(region) > 1:
+            axis = region.index(max(region))
+            region[axis] = -(-region[axis] // 2)
+        while True:
+            bigger = []
+            for axis in range(3):
+                grown = list(region)
+                grown[axis] = min(region[axis] + per_chunk[axis], self.extent[axis])
+                if grown != region and fits(grown):
+                    bigger.append((overlap(grown), axis, grown))
+            if not bigger:
+                return tuple(region)
+            region = min(bigger)[2]
+
+    def region_bounds(self, index):
+        """Origin and shape (in positions) of region ``index``."""
+        cell = np.unravel_index(index, self.regions_per_axis)
+        origin = tuple(int(c) * r for c, r in zip(cell, self.region))
+        shape = tuple(min(r, e - o) for r, e, o in zip(self.region, self.extent, origin))
+        return origin, shape
+
+    def region_sizes(self):
+        """Positions per region, in region order (border regions are smaller)."""
+        per_axis = [np.minimum(r, e - np.arange(0, e, r))
+                    for r, e in zip(self.region, self.extent)]
+        return np.einsum('i,j,k->ijk', *per_axis).ravel().astype(np.int64)
+
+    def corners(self, positions):
+        """Start coordinates (n, 3) of lattice positions (n, 3)."""
+        return np.minimum(np.asarray(self.lo) + positions * np.asarray(self.step),
+                          np.asarray(self.hi) - np.asarray(self.block))
+
+    def axis_corners(self, origin, shape):
+        """Start coordinates along each axis of the lattice box (origin, shape)."""
+        return [np.minimum(l + np.arange(o, o + n) * s, h - b)
+                for o, n, l, s, h, b in zip(origin, shape, self.lo, self.step, self.hi,
+                                            self.block)]
+
+    def voxel_box(self, origin, shape):
+        """Voxels ``(start, end)`` per axis that the blocks of the lattice box cover."""
+        axes = self.axis_corners(origin, shape)
+        return (tuple(int(a[0]) for a in axes),
+                tuple(int(a[-1]) + b for a, b in zip(axes, self.block)))
+
+
+def _chunk_span(start, end, chunk):
+    """Voxels along one axis of the chunks that ``[start, end)`` overlaps (zarr decodes
+    whole chunks, and stores edge chunks whole)."""
+    return (-(-end // chunk) - start // chunk) * chunk
+
+
+# -- selection: which positions of a volume an epoch may draw -----------------
+
+class _Band:
+    """A box of an array read once (``data``, from ``starts`` per axis), sliced as the
+    array is (slices within the box)."""
+
+    def __init__(self, data, starts):
+        self.data, self.starts = data, starts
+
+    def __getitem__(self, index):
+        return self.data[tuple(slice(s.start - a, s.stop - a)
+                               for s, a in zip(index, self.starts))]
+
+
+def _footprint_sums(window, offsets, block, factor):
+    """Sums of ``window`` over boxes of ``block`` voxels starting at ``offsets`` (an int
+    array per axis; every start along each axis with every other), as if each voxel
+    of ``window`` were repeated ``factor[i]`` times along axis i: axis by axis
+    (_axis_sums), so a coarse array is never repeated: the work is that of its own
+    voxels, then of the starts.
+    """
+    sums = window
+    for axis, (starts, b, f) in enumerate(zip(offsets, block, factor)):
+        sums = _axis_sums(sums, axis, starts, b, f)
+    return sums
+
+
+def _axis_sums(array, axis, starts, b, f=1):
+    """Sums of ``array`` along ``axis`` over the ``b`` voxels from each of ``starts``,
+    as if each voxel were repeated ``f`` times along it (int32).
+
+    From the prefix sums C along the axis (C[k] = sum of the first k, C[0] = 0):
+    each sum is P(t + b) - P(t), where P is the repeated array's prefix sum: at
+    t = q f + r, P(t) = f C[q] + r a[q] = (f - r) C[q] + r C[q + 1] (C[t] itself
+    when f = 1).
+    """
+    shape = list(array.shape)
+    shape[axis] += 1
+    prefix = np.zeros(shape, np.int32)                          # sizes < 2**31
+    np.cumsum(array, axis=axis, out=prefix[(slice(None),) * axis + (slice(1, None),)])
+    ends = []
+    for t in (starts + b, starts):
+        if f == 1:
+            ends.append(np.take(prefix, t, axis=axis))
+            continue
+        q, r = np.divmod(t, f)
+        r = r.astype(np.int32).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+        ends.append((f - r) * np.take(prefix, q, axis=axis) + r * np.take(
+            prefix, np.minimum(q + 1, shape[axis] - 1), axis=axis))
+    return ends[0] - ends[1]
+
+
+def _count(valid, shape):
+    """Positions of a lattice box of ``shape`` given its ``selected`` (None: all)."""
+    if valid is None:
+        return math.prod(shape)
+    return int(valid.sum()) * (shape[0] if valid.ndim == 2 else 1)
 
 
 class _Selection:
