@@ -395,8 +395,9 @@ def loader_row(path, dataset, args):
 
 class Counted(IterableDataset):
     """A VesuviusStream whose iterations add what they spent to ``spent``: a row per
-    DataLoader worker (shared memory) of seconds decoding, seconds cutting and bytes
-    decoded, read from the stream's own counters (``streamer._COUNTERS``, one per
+    DataLoader worker (shared memory) of its counts (``COUNTED``): seconds decoding,
+    seconds cutting, bytes decoded, batches made fresh and in reused buffers, read
+    from the stream's own counters (``streamer._COUNTERS``, one per
     process) before and after the worker's epoch."""
 
     def __init__(self, stream, spent):
@@ -408,8 +409,11 @@ class Counted(IterableDataset):
         yield from self.stream
         after = streamer._COUNTERS.snapshot()
         self.spent[0 if info is None else info.id] += torch.tensor(
-            [after[name] - before[name] for name in ("decode_seconds", "cut_seconds",
-                                                      "decoded_bytes")], dtype=torch.float64)
+            [after[name] - before[name] for name in COUNTED], dtype=torch.float64)
+
+
+COUNTED = ("decode_seconds", "cut_seconds", "decoded_bytes", "fresh_batches",
+           "buffered_batches")
 
 
 class ReadyBlocks(IterableDataset):
@@ -724,7 +728,9 @@ def benchmark_stream(path, args):
               f"{breakdown['transfer'] * 1e6:.0f} us; cut + collate + transfer "
               f"{(breakdown['cut'] + breakdown['transfer']) * 1e6:.0f} us; wall "
               f"{breakdown['wall'] * 1e6:.0f} us; {breakdown['tiles']:.1f} distinct "
-              f"{TILE}x{TILE} tiles per batch")
+              f"{TILE}x{TILE} tiles per batch"
+              + ("" if breakdown["reused"] is None else
+                 f"; {breakdown['reused']:.0%} of the batches cut into reused buffers"))
 
     samples = min(int(args.shard_samples), stream.capacity)
     first, last = in_fresh_process(shard_starts, path, block, samples)
@@ -905,15 +911,17 @@ def stream_breakdown(stream, dtype, args):
     """Per sample (in a fresh process): the workers' seconds decoding and cutting and
     bytes decoded in an epoch (the stream's counters), and the DataLoader's own cost of
     collating and passing as many ready blocks (or batches, for the batch form) (a dict)."""
-    spent = torch.zeros(max(args.workers, 1), 3, dtype=torch.float64).share_memory_()
+    spent = torch.zeros(max(args.workers, 1), len(COUNTED), dtype=torch.float64).share_memory_()
     seconds, _, samples, coords, _ = run_loader(Counted(stream, spent), args.batch_size,
                                                 args.workers)
-    decode, cut, decoded = (spent.sum(0) / samples).tolist()
+    decode, cut, decoded, fresh, reused = spent.sum(0).tolist()
     torch_dtype = torch.from_numpy(np.zeros(0, dtype.newbyteorder("="))).dtype
     ready = ReadyBlocks(stream.block, torch_dtype, samples, stream.batch_size)
     transfer = run_loader(ready, args.batch_size, args.workers)[0] / samples
-    return {"wall": seconds / samples, "decode": decode, "cut": cut, "decoded": decoded,
-            "transfer": transfer, "tiles": tiles_per_batch(coords, stream.block)}
+    return {"wall": seconds / samples, "decode": decode / samples, "cut": cut / samples,
+            "decoded": decoded / samples, "transfer": transfer,
+            "tiles": tiles_per_batch(coords, stream.block),
+            "reused": reused / (fresh + reused) if fresh + reused else None}
 
 
 INK_AREAS = 6
