@@ -738,13 +738,20 @@ def test_raster_order_with_a_mask_counts_each_run_once_per_shard(monkeypatch):
     assert coords == [(0, 0, y, x) for y in range(20) for x in range(100)]
 
 
-def test_planning_work_per_item_does_not_grow_with_the_number_of_sources(monkeypatch):
+def counted_plan_calls(monkeypatch):
+    """A Counter of the calls to the visit streams' start, visit and locate (the planning
+    work), counted from now on."""
     calls = collections.Counter()
     for name in ("start", "visit", "locate"):
         method = getattr(streamer._ShuffledVisits, name)
         monkeypatch.setattr(streamer._ShuffledVisits, name,
                             lambda self, *args, method=method, name=name:
                             calls.update([name]) or method(self, *args))
+    return calls
+
+
+def test_planning_work_per_item_does_not_grow_with_the_number_of_sources(monkeypatch):
+    calls = counted_plan_calls(monkeypatch)
     per_item = {}
     for sources in (30, 300):
         ds = VesuviusStream([np.zeros((4, 32, 32), np.uint8)] * sources, 2, 8, 8,
@@ -1142,12 +1149,7 @@ def test_a_resumed_shard_starts_with_two_seeks_where_a_fresh_one_makes_one(
     # the item the span starts at) where a fresh shard makes one, then a step back to the
     # start of that item's group (a call per source), wherever the span lies and however
     # many shards had split the epoch.
-    calls = collections.Counter()
-    for name in ("start", "visit", "locate"):
-        method = getattr(streamer._ShuffledVisits, name)
-        monkeypatch.setattr(streamer._ShuffledVisits, name,
-                            lambda self, *args, method=method, name=name:
-                            calls.update([name]) or method(self, *args))
+    calls = counted_plan_calls(monkeypatch)
     ds = VesuviusStream([np.zeros((4, 32, 32), np.uint8)] * 300, 2, 8, 8, 30000,
                         "proportional")
     plan, total = ds._plan(0), ds.samples_per_epoch
@@ -1165,7 +1167,7 @@ def test_a_resumed_shard_starts_with_two_seeks_where_a_fresh_one_makes_one(
             spans = streamer._spans(total, part, 3, shard)
             assert spans[0][2] > 0                       # it starts inside an old share
             fresh = first_group_work(streamer._spans(total, None, 3, shard))
-            assert 0 < first_group_work(spans) <= 2 * fresh + len(ds._sources)
+            assert 0 < first_group_work(spans) <= 2 * fresh + len(ds.shapes)
 
 
 def test_torchdatas_own_resume_on_another_shape_fails_and_the_dataset_says_to_merge(
@@ -2805,7 +2807,7 @@ def test_ome_zarr_group_reads_level_0_and_a_level_path_reads_that_level(scroll):
     root, data = scroll
     path = str(root / "scroll.zarr")
     full = VesuviusStream([path], 4, 8, 8, 30, return_coords=True)
-    assert full._sources[0].shape == data.shape
+    assert full.shapes[0] == data.shape
     assert check_blocks(full, [data]) == 30
     half = VesuviusStream([path + "/1"], 4, 8, 8, 30, return_coords=True)
     assert check_blocks(half, [data[::2, ::2, ::2]]) == 30
