@@ -325,7 +325,8 @@ class VesuviusStream(IterableDataset):
             bands of at most this much too (a row of regions, or part of one).
             With 128**3 blocks on a whole scroll give 512 or more: the halo
             of such a block leaves room for regions of 64**3 positions only,
-            millions of them, and counting a mask costs about 0.3 ms each.
+            millions of them, and counting a coarse mask costs up to 0.2 ms
+            each.
         open_regions (int): regions a worker interleaves: a batch of B
             consecutive items of a worker holds about B / open_regions blocks
             of each. Default 16 (a batch of 32 from 16 places).
@@ -1738,6 +1739,10 @@ class _Selection:
         digest = hashlib.sha256(self.digest)
         needed = [name for name in self.ndim if name == 'mask' or kind is not None]
         flat = all(self.ndim[name] == 2 for name in needed)
+        # A coarse mask alone at threshold 1 in random epochs (lattice step 1) counts in
+        # its own cells (_count_touching); else position by position (selected).
+        coarse = (kind is None and self.threshold == 1 and set(self.lattice.step) == {1}
+                  and set(self.factor['mask']) != {1})
         layers, rows, columns = self.lattice.regions_per_axis
         banded = copy.copy(self)
         for first in range(0, (1 if flat else layers) * rows * columns, columns):
@@ -1745,9 +1750,17 @@ class _Selection:
             while row:
                 bands, run = self._band(needed, row)
                 banded.decode = lambda name, box: bands[name][box]
-                for region in run:
-                    bits, count = banded._tally(*self.lattice.region_bounds(region), kind)
+                if coarse:
+                    # The digest takes the band's cells: they decide its selection.
+                    bits, run_counts = banded._count_touching(run)
                     digest.update(bits)
+                else:
+                    run_counts = []
+                    for region in run:                        # a bit per position
+                        valid = banded.selected(*self.lattice.region_bounds(region), kind)
+                        digest.update(np.packbits(valid))
+                        run_counts.append(int(valid.sum()))
+                for region, count in zip(run, run_counts):
                     if not flat:
                         counts[region] = count
                         continue
@@ -1779,71 +1792,62 @@ class _Selection:
         return ({name: _Band(self.decode(name, window), [s.start for s in window])
                  for name, window in windows.items()}, regions[:low])
 
-    def _tally(self, origin, shape, kind):
-        """``(bits, n)``: what the digest takes, and the positions of the lattice box
-        (origin, shape) that ``selected`` keeps (per layer, when made of 2D arrays only).
-
-        The bits are those of ``selected``, one per position; for a coarse mask alone
-        at threshold 1 in random epochs (lattice step 1), those of its window, whose
-        cells decide the selection given the block and the factor (_count_touching).
-        """
-        if (kind is None and self.threshold == 1 and set(self.lattice.step) == {1}
-                and set(self.factor['mask']) != {1}):
-            return self._count_touching(origin, shape)
-        valid = self.selected(origin, shape, kind)
-        return np.packbits(valid), int(valid.sum())
-
-    def _count_touching(self, origin, shape):
-        """``(bits, n)`` for a coarse mask: its window's nonzero bits, and the positions
-        of the lattice box (origin, shape) whose block's footprint touches a nonzero
-        cell (per layer, for a 2D mask), in work of the window's cells, not positions.
+    def _count_touching(self, run):
+        """``(bits, counts)`` for a coarse mask: its nonzero cells under the regions of
+        ``run`` (a run of regions along x of one row), and the positions of each region
+        whose block's footprint touches a nonzero cell (per layer, for a 2D mask), in
+        work of the cells, not of the positions.
 
         Along an axis of factor f, the block of b voxels at p = q f + r (0 <= r < f)
         overlaps the cells q .. q + (r + b - 1) // f: L = (b - 1) // f + 1 of them
         while r < f L - b + 1, L + 1 from there on. So the positions fall into two
         classes per axis, each with its number of positions per first cell q. For
-        each combination of classes (2**ndim), whether the box of cells of those
-        lengths at q holds a nonzero one, times the product of those numbers at q,
-        summed over q.
+        each combination of classes along the other axes (the same for the whole
+        run), whether the box of cells at q holds a nonzero one, summed over q with
+        those numbers as weights: a number per cell along x, which each position
+        along x takes by its first cell and class; then summed per region.
         """
         ndim, factor = self.ndim['mask'], self.factor['mask']
+        (origin, shape), (last, last_shape) = (self.lattice.region_bounds(r)
+                                               for r in (run[0], run[-1]))
+        shape = (*shape[:2], last[2] + last_shape[2] - origin[2])        # the run's box
+        starts = [self.lattice.region_bounds(r)[0][2] - origin[2] for r in run]
         axes = self.lattice.axis_corners(origin, shape)[3 - ndim:]
         lo, hi = (bounds[3 - ndim:] for bounds in self.lattice.voxel_box(origin, shape))
         box = self.window('mask', lo, hi)
         window = self.decode('mask', box) != 0
         bits = np.packbits(window)
-        if not window.any():
-            return bits, 0
-        if window.all():
-            return bits, math.prod(len(a) for a in axes)
-        classes = []                 # per axis: (L, positions per q early, late)
+        per_row = math.prod(len(a) for a in axes[:-1])    # positions along the other axes
+        if not window.any() or window.all():
+            return bits, np.diff([*starts, shape[2]]) * per_row * bool(window.any())
+        firsts = []                  # per axis: (L, first cell q and late class per position)
         for corners, b, f, cells in zip(axes, self.block[3 - ndim:], factor, box):
             q, r = np.divmod(corners, f)
-            q -= cells.start
             length = (b - 1) // f + 1
-            late = r >= f * length - b + 1
-            classes.append((length, *(np.bincount(q[late == k], minlength=q[-1] + 1)
-                                      for k in (False, True))))
+            firsts.append((length, q - cells.start, r >= f * length - b + 1))
         # Whether the box of cells at q holds a nonzero one, per combination of classes
         # so far: axis by axis (any is separable), L cells from prefix sums, L + 1 as L
         # at q or at q + 1. The last q's L cells may end one past the window: padded.
-        touched = [((), np.pad(window, [(0, 1)] * ndim))]   # (positions per q, hit)
-        for axis, (length, *weights) in enumerate(classes):
-            n = len(weights[0])
+        touched = [((), np.pad(window, [(0, 1)] * ndim))]   # (classes, hit)
+        for axis, (length, q, _) in enumerate(firsts):
+            n = q[-1] + 1
             head, tail = ((slice(None),) * axis + (slice(i, i + n),) for i in (0, 1))
             grown = []
-            for combination, hit in touched:
+            for classes, hit in touched:
                 hit = _axis_sums(hit, axis, np.arange(n + 1), length) > 0    # L cells at q
-                for weight, held in zip(weights, (hit[head], hit[head] | hit[tail])):
-                    if weight.any():
-                        grown.append((combination + (weight,), held))
+                grown += [(classes + (k,), held)
+                          for k, held in enumerate((hit[head], hit[head] | hit[tail]))]
             touched = grown
-        count = 0
-        for weights, hit in touched:                     # hit: (nq,) per axis
-            for weight in reversed(weights):             # contract the last axis
-                hit = hit @ weight
-            count += int(hit)
-        return bits, count
+        # The other axes contracted with their class's positions per q; along x each
+        # position takes the number of its first cell, in its class.
+        _, q_x, late_x = firsts[-1]
+        along = np.zeros(len(q_x), dtype=np.int64)
+        for classes, hit in touched:
+            for k, (_, q, late) in zip(classes, firsts[:-1]):
+                hit = np.tensordot(np.bincount(q[late == k], minlength=hit.shape[0]), hit,
+                                   axes=(0, 0))
+            along += np.where(late_x == classes[-1], hit[q_x], 0)
+        return bits, np.add.reduceat(along, starts)
 
     def selected(self, origin, shape, kind=None):
         """Which positions of the lattice box (origin, shape) an epoch may draw.
