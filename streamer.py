@@ -347,8 +347,8 @@ class VesuviusStream(IterableDataset):
             warns once and ends caching in that process; the read goes on.
         batch_size (int, optional): yield whole batches of this many items
             (each worker's last one may be smaller), for ``DataLoader(ds,
-            batch_size=None, num_workers=...)``: a tuple in the DataLoader's
-            batch layout (``(blocks, labels, coords)`` with what the items
+            batch_size=None, num_workers=...)``: a list in the DataLoader's
+            batch layout (``[blocks, labels, coords]`` with what the items
             hold; the blocks alone as a tensor), the same batches a DataLoader
             with ``batch_size`` collates from the items, item for item. Each
             block is cut straight into its batch, in shared memory in a
@@ -358,7 +358,9 @@ class VesuviusStream(IterableDataset):
             batch it held any more, in either process, which saves more than
             the copy: keeping a batch's blocks or labels (not only its coords)
             keeps its memory, and a loop that keeps many batches gets fresh
-            memory for the next ones. The fast form. Default None: items.
+            memory for the next ones. A batch stays as it was however long it
+            is kept (a process forked meanwhile gets its own copy). The fast
+            form. Default None: items.
 
     Example::
 
@@ -943,7 +945,7 @@ class VesuviusStream(IterableDataset):
                 yield _buffered(batch, extra, buffer, (parts, self.batch_size, size))
             else:
                 batch += extra
-                yield batch if len(batch) > 1 else batch[0]
+                yield list(batch) if len(batch) > 1 else batch[0]   # as collate gives it
 
     def _transformed(self, item, what):
         """``transform(*item)`` as a tuple; None is refused, naming ``what`` it was given."""
@@ -2861,10 +2863,13 @@ def _native(array):
 # collate makes its own.
 
 _BATCH_BUFFERS = 6          # per worker and batch size: 2 in flight, a few held downstream
-_HEADER = 4096              # a buffer's first page: batches sent, batches let go (int64)
+_HEADER = mmap.PAGESIZE     # a buffer's first page: batches sent, batches let go (int64)
 _BUFFERS = {}               # this process's buffers: (pid, bytes) -> [_BatchBuffer]
 _MAPPED = {}                # receiving process: (worker pid, inode) -> mmap of a buffer
+_RECEIVED = weakref.WeakValueDictionary()   # (id, worker pid) -> a received batch's bytes
 _MAPPED_LOCK = threading.RLock()    # finalizers may run while this thread holds it
+_FORKED = []                        # while forking: (bytes, a copy of them) of each batch
+_MAP_FIXED = 0x10                   # Linux's mmap flag (Python's mmap module lacks it)
 
 
 def _empty(shape, dtype, shared):
@@ -2947,8 +2952,22 @@ def _buffered(tensors, extra, buffer, layout):
         batch = _BufferedBatch(tensors + extra)
     else:
         batch = tensors[0].as_subclass(_BufferedBlocks)
-    batch.made_in = tensors, buffer, layout      # (not names a tensor has)
+    # What the buffer holds: each tensor as it was made (not names a tensor has).
+    batch.made_in = [(t, _layout_of(t)) for t in tensors], buffer, layout
     return batch
+
+
+def _layout_of(tensor):
+    return tensor.shape, tensor.stride(), tensor.dtype, tensor.data_ptr()
+
+
+def _as_made(batch, tensors):
+    """Whether ``tensors`` are still the batch's tensors as they were made: the same
+    objects, shapes, strides, dtypes and memory (a collate_fn may change them in
+    place), so that the buffer's reference stands for them."""
+    made = batch.made_in[0]
+    return len(tensors) >= len(made) and all(
+        t is m and _layout_of(t) == layout for t, (m, layout) in zip(tensors, made))
 
 
 def _buffer_reference(batch, extra=()):
@@ -2960,18 +2979,27 @@ def _buffer_reference(batch, extra=()):
                              buffer.nbytes, *layout, *extra)
 
 
+def _as_is(value):
+    """Unpickle ``value`` itself (a batch changed since it was made goes as its data)."""
+    return value
+
+
 class _BufferedBatch(list):
     """A batch's tensors (blocks, labels, coords: a list, as collate gives them) cut
     into a worker's buffer but the coords (see _buffered)."""
 
     def __copy__(self):         # collate's default_convert copies a list, then refills it
-        return self
+        batch = _BufferedBatch(self)
+        batch.made_in = self.made_in
+        return batch
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(list(self), memo)
 
     def __reduce__(self):
-        tensors = self.made_in[0]
-        if len(self) < len(tensors) or any(a is not b for a, b in zip(self, tensors)):
+        if not _as_made(self, self):
             return list, (list(self),)           # changed since it was made: its data
-        return _buffer_reference(self, self[len(tensors):])
+        return _buffer_reference(self, self[len(self.made_in[0]):])
 
 
 class _BufferedBlocks(torch.Tensor):
@@ -2980,7 +3008,13 @@ class _BufferedBlocks(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self.as_subclass(torch.Tensor), memo)
+
     def __reduce_ex__(self, protocol):
+        if not _as_made(self, [self.made_in[0][0][0]]) or _layout_of(self) != \
+                self.made_in[0][0][1]:
+            return _as_is, (self.as_subclass(torch.Tensor),)
         return _buffer_reference(self)
 
 
@@ -2993,14 +3027,14 @@ def _received_batch(fd, worker, nbytes, parts, capacity, rows, *extra):
     try:
         key = (worker, os.fstat(fd).st_ino)
         with _MAPPED_LOCK:
-            for gone in [key for key in _MAPPED if not _alive(key[0])]:
-                del _MAPPED[gone]       # a past DataLoader's workers' (tensors keep theirs)
+            _drop_gone_workers()
             mapped = _MAPPED.get(key)
             if mapped is None:
                 mapped = _MAPPED[key] = mmap.mmap(fd, _HEADER + nbytes)
     finally:
         os.close(fd)
     data = np.frombuffer(mapped, np.uint8, nbytes, _HEADER)
+    _RECEIVED[id(data), worker] = data
     weakref.finalize(data, _let_go, mapped, os.getpid()).atexit = False
     tensors = [torch.from_numpy(view) for view in _batch_views(data, parts, capacity, rows)]
     tensors += extra
@@ -3009,10 +3043,62 @@ def _received_batch(fd, worker, nbytes, parts, capacity, rows, *extra):
 
 def _let_go(mapped, pid):
     """Count a received batch as let go (not in a process forked since: its copies of
-    the tensors are not the receiver's)."""
+    the tensors are its own, see _after_fork_in_child)."""
     if os.getpid() == pid:
         with _MAPPED_LOCK:
             np.frombuffer(mapped, np.int64, 2)[1] += 1
+
+
+def _drop_gone_workers():
+    """Forget the mappings of workers that ended (batches still alive keep theirs)."""
+    for gone in [key for key in _MAPPED if not _alive(key[0])]:
+        del _MAPPED[gone]
+
+
+def _before_fork():
+    """About to fork: hold the lock of the mappings (so that no child inherits it held
+    by another thread), forget gone workers' mappings (no child inherits them), and
+    copy the received batches alive, which this process still holds, for the child
+    (those of running workers: the buffers of ended ones are never cut into again)."""
+    _MAPPED_LOCK.acquire()
+    _drop_gone_workers()
+    workers = {worker for worker, _ in _MAPPED}
+    _FORKED[:] = [(data, data.tobytes()) for (_, worker), data in list(_RECEIVED.items())
+                  if worker in workers]
+
+
+def _after_fork_in_parent():
+    _FORKED.clear()
+    _MAPPED_LOCK.release()
+
+
+def _after_fork_in_child():
+    """In a forked child: the received batches it inherited become private memory at
+    the same addresses, holding what they held at the fork (the parent may let them
+    go, and their worker cut others into the buffers), as fork copies private memory;
+    the mappings are dropped."""
+    if _FORKED:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+    for data, saved in _FORKED:
+        address = data.ctypes.data                       # page-aligned: see _HEADER
+        length = -(-data.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        if libc.mmap(address, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0) != address:
+            raise OSError(ctypes.get_errno(), "VesuviusStream: cannot copy a received "
+                          "batch into a forked process's own memory")
+        ctypes.memmove(address, saved, data.nbytes)
+    _FORKED.clear()
+    _RECEIVED.clear()
+    _MAPPED.clear()
+    _MAPPED_LOCK.release()
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 def _alive(pid):

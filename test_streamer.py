@@ -4,6 +4,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import email.utils
 import errno
@@ -2316,13 +2317,65 @@ def block_sums(batch):
     return [batch[0].sum(dim=(1, 2, 3)), *batch[1:]]
 
 
-def test_batches_from_reused_buffers_pass_a_users_collate_fn(tmp_path):
+def channel_axis(batch):
+    """A user's collate_fn that changes the batch in place: a channel axis on the blocks,
+    the labels transposed, and a copy of the list (which it returns) made on the way."""
+    batch[0].unsqueeze_(1)
+    batch[1].transpose_(1, 2)
+    return copy.copy(batch)
+
+
+@pytest.mark.parametrize("collate_fn", [block_sums, channel_axis])
+def test_batches_from_reused_buffers_pass_a_users_collate_fn(tmp_path, collate_fn):
     path, data, labels = segment_group(tmp_path / "s.zarr")
     items, batched = labelled_streams(path, 16)
-    got = batches(DataLoader(batched, batch_size=None, num_workers=2, collate_fn=block_sums))
-    expected = [block_sums(batch) for batch in DataLoader(items, batch_size=16, num_workers=2)]
-    assert [batch[0].dtype for batch in got] == [torch.int64] * len(expected)
+    got = batches(DataLoader(batched, batch_size=None, num_workers=2, collate_fn=collate_fn))
+    expected = [collate_fn(batch) for batch in DataLoader(items, batch_size=16, num_workers=2)]
+    assert [batch[0].shape[1:] for batch in got] == [batch[0].shape[1:] for batch in expected]
     assert_same_batches(got, expected)
+
+
+def check_inherited_batch(batch, expected, go):
+    """In a forked child: once told to go, whether ``batch`` is still ``expected``."""
+    go.wait(60)
+    sys.exit(0 if all(torch.equal(a, b) for a, b in zip(batch, expected)) else 1)
+
+
+def test_a_batch_a_forked_child_inherits_stays_as_it_was_after_its_buffer_is_reused(tmp_path):
+    # A child forked while the loop holds a batch reads it after the loop let it go and
+    # its worker cut more batches than it has buffers: as fork promises, the child has
+    # the batch as it was.
+    path, data, labels = segment_group(tmp_path / "s.zarr")
+    items, batched = labelled_streams(path, 8)
+    expected = batches(DataLoader(items, batch_size=8, num_workers=1))
+    batch_iter = iter(DataLoader(batched, batch_size=None, num_workers=1))
+    batch = next(batch_iter)
+    context = torch.multiprocessing.get_context("fork")
+    go = context.Event()
+    child = context.Process(target=check_inherited_batch, args=(batch, expected[0], go))
+    child.start()
+    del batch
+    rest = [tuple(b) for b in itertools.islice(batch_iter, 12)]     # 6 buffers, reused
+    go.set()
+    child.join(60)
+    assert child.exitcode == 0
+    assert_same_batches(rest, expected[1:13])
+
+
+def test_a_batch_copied_in_a_worker_is_a_copy():
+    # copy.copy and copy.deepcopy of a batch in a worker (e.g. in a collate_fn) copy it,
+    # as they copy a list of tensors: the original stays as cut.
+    data = volume((6, 20, 20))
+    ds = VesuviusStream([data], 2, 5, 5, 24, return_coords=True, batch_size=8)
+    items = VesuviusStream([data], 2, 5, 5, 24, return_coords=True)
+
+    def copies(batch):
+        shallow, deep = copy.copy(batch), copy.deepcopy(batch)
+        shallow[0] = shallow[0].float()
+        deep[0].zero_()
+        return batch
+    got = batches(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=copies))
+    assert_same_batches(got, batches(DataLoader(items, batch_size=8, num_workers=1)))
 
 
 def test_a_batch_of_32_holds_16_distinct_tiles_at_the_default_region_mb():
