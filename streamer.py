@@ -3012,8 +3012,7 @@ class _BufferedBlocks(torch.Tensor):
         return copy.deepcopy(self.as_subclass(torch.Tensor), memo)
 
     def __reduce_ex__(self, protocol):
-        if not _as_made(self, [self.made_in[0][0][0]]) or _layout_of(self) != \
-                self.made_in[0][0][1]:
+        if _layout_of(self) != self.made_in[0][0][1]:    # changed in place: its data
             return _as_is, (self.as_subclass(torch.Tensor),)
         return _buffer_reference(self)
 
@@ -3047,6 +3046,17 @@ def _let_go(mapped, pid):
     if os.getpid() == pid:
         with _MAPPED_LOCK:
             np.frombuffer(mapped, np.int64, 2)[1] += 1
+
+
+def _alive(pid):
+    """Whether process ``pid`` runs (or is not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _drop_gone_workers():
@@ -3099,17 +3109,6 @@ def _after_fork_in_child():
 if hasattr(os, 'register_at_fork'):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                         after_in_child=_after_fork_in_child)
-
-
-def _alive(pid):
-    """Whether process ``pid`` runs (or is not yet reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 # -- writing predictions: blended output tiles, each written once ----------------
