@@ -21,7 +21,9 @@ skipped); with the synthetic labels, over two copies of the volume, with
 ``positive_fraction=0.5``, today's rule next to ``min_positive_fraction``,
 ``ignore_label`` and weights (the counting pass when the dataset is built, and
 the streaming rate); and the counting pass with a 2D and a 3D mask at 1/8 of
-the volume's resolution next to one at full resolution.
+the volume's resolution next to one at full resolution, the 2D one also over a
+volume 8 times taller and wider (16384x16384 for the synthetic store: a large
+segment).
 
 For each it prints samples/s and MB/s delivered, the ratio to naive, the fraction
 of the limits, read amplification (bytes decoded / bytes delivered), distinct
@@ -802,13 +804,16 @@ def benchmark_stream(path, args):
         print(f"  ({', '.join(f'{k}={v}' for k, v in FIELD_OPTIONS.items())}) / today's: "
               f"counting pass {options_built / today_built:.2f}x, streaming "
               f"{options / today:.2f}x")
-    print(f"\nmask at 1/{MASK_FACTOR} resolution vs full, counting pass (built in, no labels):")
-    for ndim in (2, 3):
-        built = {factor: in_fresh_process(mask_build_seconds, array, ndim, factor, args)
-                 for factor in (1, MASK_FACTOR)}
+    print(f"\nmask at 1/{MASK_FACTOR} resolution vs full, counting pass (built in, no labels; "
+          f"the pass reads the mask only):")
+    wide = (array.shape[0], *(WIDER * size for size in array.shape[1:]))
+    for ndim, shape in ((2, array.shape), (3, array.shape), (2, wide)):
+        built = {factor: in_fresh_process(mask_build_seconds, shape, array.chunks, ndim,
+                                          factor, args) for factor in (1, MASK_FACTOR)}
         print(f"  {ndim}D mask: full {built[1]:.3f} s, 1/{MASK_FACTOR} "
               f"{built[MASK_FACTOR]:.4f} s ({built[MASK_FACTOR] / built[1]:.4f}x; the coarse "
-              f"mask has 1/{MASK_FACTOR**ndim} of the voxels)")
+              f"mask has 1/{MASK_FACTOR**ndim} of the voxels)"
+              + ("" if shape == array.shape else f", over a volume of {shape}"))
 
     rates = {sources: in_fresh_process(many_sources_rate, sources) for sources in (30, 300)}
     print(f"\nmany small sources (numpy {MANY_SHAPE}, blocks {MANY_BLOCK}, {MANY_ITEMS} items, "
@@ -864,6 +869,7 @@ def stream_options(args):
     return {name: value for name, value in options.items() if value is not None}
 
 
+WIDER = 8           # the 2D mask also over a volume this much taller and wider (y, x)
 FIELD_OPTIONS = {"min_positive_fraction": 0.1, "ignore_label": 2, "sampling_method": (3, 1)}
 MASK_FACTOR = 8
 
@@ -886,11 +892,14 @@ def ink_row(source, labels, options, args, copies=1):
     return samples / seconds, inked / samples, built, str(rss)
 
 
-def mask_build_seconds(array, ndim, factor, args):
-    """Seconds to build VesuviusStream over ``array`` with a mask (in a fresh process):
-    a (y, x) or (z, y, x) papyrus disc (zero in the first layers), at 1/``factor`` of
+def mask_build_seconds(volume_shape, chunks, ndim, factor, args):
+    """Seconds to build VesuviusStream with a mask (in a fresh process) over a volume of
+    ``volume_shape`` (uint16, ``chunks``; unwritten: building reads the mask only): a
+    (y, x) or (z, y, x) papyrus disc (zero in the first layers), at 1/``factor`` of
     the volume's resolution, or at full resolution as that one repeated."""
-    shape = array.shape[3 - ndim:]
+    array = zarr.create_array(zarr.storage.MemoryStore(), shape=volume_shape, chunks=chunks,
+                              dtype="uint16")
+    shape = volume_shape[3 - ndim:]
     coarse = [-(-size // MASK_FACTOR) for size in shape]
     mask = synthetic_ink(coarse[-2:], areas=1, fraction=0.6) > 0
     if ndim == 3:

@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import email.utils
 import fractions
+import functools
 import heapq
 import hashlib
 import itertools
@@ -91,6 +92,10 @@ _MALLOC_TUNED = set()                                  # pids where it was done
 # The plan keeps a few numbers per region (counts, rates, a round's order): a volume whose
 # regions would take more than _PLAN_BYTES is refused, asking for larger regions.
 _PLAN_BYTES_PER_REGION, _PLAN_BYTES = 160, 2**30
+# Counting a coarse mask holds about this many bytes per cell of its band (the bool hit
+# arrays of every class combination, prefix sums, a float64 copy to contract): its bands
+# are region_mb / _COARSE_COPIES cells, so that the pass stays within region_mb.
+_COARSE_COPIES = 32
 # The prediction writer (see _Writer): chunks of the outputs it makes (float32; 256 KiB
 # or 1 MiB), and the bytes of open tiles' sums it holds in RAM before spilling to disk.
 _TILE_2D, _TILE_3D = (256, 256), (64, 64, 64)
@@ -322,11 +327,11 @@ class VesuviusStream(IterableDataset):
             ``open_regions=16``); more gives larger regions, so less decoding
             per sample, for more memory. Numpy sources are sliced as views and
             take none of it. Building the dataset reads the mask and labels in
-            bands of at most this much too (a row of regions, or part of one).
-            With 128**3 blocks on a whole scroll give 512 or more: the halo
-            of such a block leaves room for regions of 64**3 positions only,
-            millions of them, and counting a coarse mask costs up to 0.2 ms
-            each.
+            bands of at most this much too (whole layers, rows or runs of
+            regions; a coarse mask's of 1/32 of it, see _COARSE_COPIES). With
+            128**3 blocks on a whole scroll give 512 or more: the halo of such
+            a block leaves room for regions of 64**3 positions only, millions
+            of them, and the plan keeps about 160 bytes per region.
         open_regions (int): regions a worker interleaves: a batch of B
             consecutive items of a worker holds about B / open_regions blocks
             of each. Default 16 (a batch of 32 from 16 places).
@@ -1589,15 +1594,22 @@ class _Lattice:
     def region_bounds(self, index):
         """Origin and shape (in positions) of region ``index``."""
         cell = np.unravel_index(index, self.regions_per_axis)
-        origin = tuple(int(c) * r for c, r in zip(cell, self.region))
-        shape = tuple(min(r, e - o) for r, e, o in zip(self.region, self.extent, origin))
-        return origin, shape
+        return self.span([range(int(c), int(c) + 1) for c in cell])
+
+    def span(self, box):
+        """Origin and shape (in positions) of a box of regions (a range of region
+        indices per axis)."""
+        origin = tuple(r.start * size for r, size in zip(box, self.region))
+        return origin, tuple(min(r.stop * size, e) - o
+                             for r, size, e, o in zip(box, self.region, self.extent, origin))
+
+    def axis_sizes(self):
+        """Positions per region along each axis (border regions are smaller)."""
+        return [np.minimum(r, e - np.arange(0, e, r)) for r, e in zip(self.region, self.extent)]
 
     def region_sizes(self):
-        """Positions per region, in region order (border regions are smaller)."""
-        per_axis = [np.minimum(r, e - np.arange(0, e, r))
-                    for r, e in zip(self.region, self.extent)]
-        return np.einsum('i,j,k->ijk', *per_axis).ravel().astype(np.int64)
+        """Positions per region, in region order."""
+        return np.einsum('i,j,k->ijk', *self.axis_sizes()).ravel().astype(np.int64)
 
     def corners(self, positions):
         """Start coordinates (n, 3) of lattice positions (n, 3)."""
@@ -1675,6 +1687,22 @@ def _axis_sums(array, axis, starts, b, f=1):
     return ends[0] - ends[1]
 
 
+def _sliding_any(array, axis, length, count):
+    """Whether any of the ``length`` cells from each of the first ``count`` along
+    ``axis`` of the bool ``array`` is set (it holds count + length - 1 cells at least):
+    by doubling, about log2(length) ors of the array with itself shifted."""
+    def shifted(a, start, size):
+        return a[(slice(None),) * axis + (slice(start, start + size),)]
+    width, hit = 1, array
+    while 2 * width <= length:           # hit[i]: any of the ``width`` cells from i
+        size = hit.shape[axis] - width
+        hit, width = shifted(hit, 0, size) | shifted(hit, width, size), 2 * width
+    if width < length:                   # the last overlapping two windows of width
+        size = hit.shape[axis] - (length - width)
+        hit = shifted(hit, 0, size) | shifted(hit, length - width, size)
+    return shifted(hit, 0, count)
+
+
 def _count(valid, shape):
     """Positions of a lattice box of ``shape`` given its ``selected`` (None: all)."""
     if valid is None:
@@ -1695,7 +1723,7 @@ class _Selection:
     holds the positions of each region on the mask (all of them without a
     mask), one integer per region, counted once; ``digest`` is a digest of
     what decided the counting passes' selection (a bit per position, or the
-    cells of a coarse mask: see _tally), which the epoch's order depends on too.
+    cells of a coarse mask: see _count_regions), which the epoch's order depends on too.
     """
 
     def __init__(self, lattice, block, mask, labels, min_mask_fraction, decode, budget,
@@ -1731,125 +1759,134 @@ class _Selection:
     def _count_regions(self, kind):
         """Positions per region that ``selected`` keeps (one pass over mask and labels).
 
-        Arrays are read in bands, runs of regions along x within ``budget`` bytes
-        (at least one region): zarr calls cost more than the sums. 2D arrays alone
-        decide for all layers at once: one (y, x) cell of regions, every z.
+        Arrays are read in bands, boxes of regions within ``budget`` bytes (see
+        _bands): zarr calls cost more than the sums. 2D arrays alone decide for all
+        layers at once: regions (y, x), every z.
         """
         if 'mask' not in self.ndim and kind is None:
             return self.lattice.region_sizes()
-        counts = np.zeros(self.lattice.regions, dtype=np.int64)
         digest = hashlib.sha256(self.digest)
         needed = [name for name in self.ndim if name == 'mask' or kind is not None]
         flat = all(self.ndim[name] == 2 for name in needed)
         # A coarse mask alone at threshold 1 in random epochs (lattice step 1) counts in
-        # its own cells (_count_touching); else position by position (selected).
+        # its own cells (_count_touching), a band at a time, holding a few arrays of its
+        # cells; else position by position (selected), a region at a time.
         coarse = (kind is None and self.threshold == 1 and set(self.lattice.step) == {1}
                   and set(self.factor['mask']) != {1})
-        layers, rows, columns = self.lattice.regions_per_axis
+        grid = self.lattice.regions_per_axis
+        counts = np.zeros((1 if flat else grid[0], *grid[1:]), dtype=np.int64)
         banded = copy.copy(self)
-        for first in range(0, (1 if flat else layers) * rows * columns, columns):
-            row = range(first, first + columns)               # a row of regions along x
-            while row:
-                bands, run = self._band(needed, row)
-                banded.decode = lambda name, box: bands[name][box]
-                if coarse:
-                    # The digest takes the band's cells: they decide its selection.
-                    bits, run_counts = banded._count_touching(run)
-                    digest.update(bits)
-                else:
-                    run_counts = []
-                    for region in run:                        # a bit per position
-                        valid = banded.selected(*self.lattice.region_bounds(region), kind)
-                        digest.update(np.packbits(valid))
-                        run_counts.append(int(valid.sum()))
-                for region, count in zip(run, run_counts):
-                    if not flat:
-                        counts[region] = count
-                        continue
-                    for layer in range(layers):               # count is per layer
-                        above = layer * rows * columns + region
-                        counts[above] = count * self.lattice.region_bounds(above)[1][0]
-                row = row[len(run):]
+        for box, bands in self._bands(needed, counts.shape,
+                                      self.budget // _COARSE_COPIES if coarse else self.budget):
+            banded.decode = lambda name, window: bands[name][window]
+            if coarse:
+                # The digest takes the band's cells: they decide its selection.
+                bits, box_counts = banded._count_touching(box)
+                digest.update(bits)
+            else:
+                box_counts = np.zeros([len(r) for r in box], dtype=np.int64)
+                for cell in np.ndindex(box_counts.shape):      # a bit per position
+                    region = [range(r[c], r[c] + 1) for r, c in zip(box, cell)]
+                    valid = banded.selected(*self.lattice.span(region), kind)
+                    digest.update(np.packbits(valid))
+                    box_counts[cell] = valid.sum()
+            counts[tuple(slice(r.start, r.stop) for r in box)] = box_counts
         self.digest = digest.digest()
-        return counts
+        if flat:                 # positions (y, x) of a region, on each of its layers
+            counts = counts * self.lattice.axis_sizes()[0][:, None, None]
+        return counts.ravel()
 
-    def _band(self, names, regions):
-        """``({name: _Band}, run)``: the first regions of ``regions`` (a range along x)
-        whose box of the arrays ``names`` holds at most ``budget`` bytes (one at least),
-        and that box of each array, read."""
-        def box(run):
-            lo = self.lattice.voxel_box(*self.lattice.region_bounds(run[0]))[0]
-            hi = self.lattice.voxel_box(*self.lattice.region_bounds(run[-1]))[1]
+    def _bands(self, names, grid, budget):
+        """``(box, {name: _Band})`` covering ``grid`` (regions per axis) in raster order:
+        boxes of regions (a range per axis) as large as fit ``budget`` bytes of the
+        arrays ``names``: whole layers of regions, else rows of one layer, else a run
+        along x of one row (a region at least); each array's window of the box, read."""
+        def windows(box):
+            lo, hi = self.lattice.voxel_box(*self.lattice.span(box))
             return {name: self.window(name, lo[3 - self.ndim[name]:], hi[3 - self.ndim[name]:])
                     for name in names}
 
-        def nbytes(windows):
+        def nbytes(box):
             return sum(math.prod(s.stop - s.start for s in window) * self.itemsize[name]
-                       for name, window in windows.items())
-        low, high = 1, len(regions)                 # the longest run within the budget
-        while low < high:
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if nbytes(box(regions[:mid])) <= self.budget else (low, mid - 1)
-        windows = box(regions[:low])
-        return ({name: _Band(self.decode(name, window), [s.start for s in window])
-                 for name, window in windows.items()}, regions[:low])
+                       for name, window in windows(box).items())
 
-    def _count_touching(self, run):
-        """``(bits, counts)`` for a coarse mask: its nonzero cells under the regions of
-        ``run`` (a run of regions along x of one row), and the positions of each region
-        whose block's footprint touches a nonzero cell (per layer, for a 2D mask), in
-        work of the cells, not of the positions.
+        def split(fixed, axis):     # boxes along ``axis``, within the ranges ``fixed`` before it
+            start = 0
+            while start < grid[axis]:
+                def box(k, start=start):
+                    return (*fixed, range(start, start + k), *map(range, grid[axis + 1:]))
+                low, high = 0, grid[axis] - start             # the most that fit
+                while low < high:
+                    mid = (low + high + 1) // 2
+                    low, high = (mid, high) if nbytes(box(mid)) <= budget else (low, mid - 1)
+                if low or axis == 2:
+                    yield box(max(low, 1))
+                else:                        # not one fits: split it along the next axis
+                    yield from split((*fixed, range(start, start + 1)), axis + 1)
+                start += max(low, 1)
+
+        for box in split((), 0):
+            yield box, {name: _Band(self.decode(name, window), [s.start for s in window])
+                        for name, window in windows(box).items()}
+
+    def _count_touching(self, box):
+        """``(bits, counts)`` for a coarse mask: its nonzero cells under ``box`` (a range
+        of regions per axis), and per region of it the positions whose block's
+        footprint touches a nonzero cell (per layer, for a 2D mask), in work of the
+        cells, not of the positions.
 
         Along an axis of factor f, the block of b voxels at p = q f + r (0 <= r < f)
         overlaps the cells q .. q + (r + b - 1) // f: L = (b - 1) // f + 1 of them
         while r < f L - b + 1, L + 1 from there on. So the positions fall into two
-        classes per axis, each with its number of positions per first cell q. For
-        each combination of classes along the other axes (the same for the whole
-        run), whether the box of cells at q holds a nonzero one, summed over q with
-        those numbers as weights: a number per cell along x, which each position
-        along x takes by its first cell and class; then summed per region.
+        classes per axis. For each combination of classes, whether the box of cells
+        at q holds a nonzero one (an array over q), summed along each axis over the
+        positions of each region in that class: a matrix product per axis.
         """
         ndim, factor = self.ndim['mask'], self.factor['mask']
-        (origin, shape), (last, last_shape) = (self.lattice.region_bounds(r)
-                                               for r in (run[0], run[-1]))
-        shape = (*shape[:2], last[2] + last_shape[2] - origin[2])        # the run's box
-        starts = [self.lattice.region_bounds(r)[0][2] - origin[2] for r in run]
+        origin, shape = self.lattice.span(box)
         axes = self.lattice.axis_corners(origin, shape)[3 - ndim:]
         lo, hi = (bounds[3 - ndim:] for bounds in self.lattice.voxel_box(origin, shape))
-        box = self.window('mask', lo, hi)
-        window = self.decode('mask', box) != 0
+        cells = self.window('mask', lo, hi)
+        window = self.decode('mask', cells) != 0
         bits = np.packbits(window)
-        per_row = math.prod(len(a) for a in axes[:-1])    # positions along the other axes
-        if not window.any() or window.all():
-            return bits, np.diff([*starts, shape[2]]) * per_row * bool(window.any())
-        firsts = []                  # per axis: (L, first cell q and late class per position)
-        for corners, b, f, cells in zip(axes, self.block[3 - ndim:], factor, box):
-            q, r = np.divmod(corners, f)
+        firsts = []             # per axis: (L, per class: positions per (region, first cell))
+        for corners, b, f, span, size in zip(axes, self.block[3 - ndim:], factor, cells,
+                                             self.lattice.region[3 - ndim:]):
             length = (b - 1) // f + 1
-            firsts.append((length, q - cells.start, r >= f * length - b + 1))
+            q, r = np.divmod(corners, f)
+            q, late = q - span.start, r >= f * length - b + 1     # first cell, class
+            owner, n = np.arange(len(q)) // size, int(q[-1]) + 1   # the box's region
+            firsts.append((length, [np.bincount(owner[late == k] * n + q[late == k],
+                                                minlength=(owner[-1] + 1) * n).reshape(-1, n)
+                                    for k in (0, 1)]))
+        if not window.any() or window.all():
+            sizes = [early.sum(1) + late.sum(1) for _, (early, late) in firsts]
+            return bits, functools.reduce(np.multiply.outer, sizes) * bool(window.any())
         # Whether the box of cells at q holds a nonzero one, per combination of classes
-        # so far: axis by axis (any is separable), L cells from prefix sums, L + 1 as L
-        # at q or at q + 1. The last q's L cells may end one past the window: padded.
+        # so far: axis by axis (any is separable), L cells at q, L + 1 as L at q or at
+        # q + 1. The last q's L cells may end one past the window: padded.
         touched = [((), np.pad(window, [(0, 1)] * ndim))]   # (classes, hit)
-        for axis, (length, q, _) in enumerate(firsts):
-            n = q[-1] + 1
+        for axis, (length, (per_q, _)) in enumerate(firsts):
+            n = per_q.shape[1]
             head, tail = ((slice(None),) * axis + (slice(i, i + n),) for i in (0, 1))
             grown = []
             for classes, hit in touched:
-                hit = _axis_sums(hit, axis, np.arange(n + 1), length) > 0    # L cells at q
+                hit = _sliding_any(hit, axis, length, n + 1)                   # L cells at q
                 grown += [(classes + (k,), held)
                           for k, held in enumerate((hit[head], hit[head] | hit[tail]))]
             touched = grown
-        # The other axes contracted with their class's positions per q; along x each
-        # position takes the number of its first cell, in its class.
-        _, q_x, late_x = firsts[-1]
-        along = np.zeros(len(q_x), dtype=np.int64)
+        # Each contracted along every axis with its class's positions per region and q,
+        # x first (most cells per region), as matrix products: float32 while the sums
+        # (at most the positions of a region along the axes so far) stay below 2**24,
+        # then float64 (below 2**53): exact.
+        region_shape, counts = self.lattice.region[3 - ndim:], 0
         for classes, hit in touched:
-            for k, (_, q, late) in zip(classes, firsts[:-1]):
-                hit = np.tensordot(np.bincount(q[late == k], minlength=hit.shape[0]), hit,
-                                   axes=(0, 0))
-            along += np.where(late_x == classes[-1], hit[q_x], 0)
-        return bits, np.add.reduceat(along, starts)
+            for axis, k, (_, per_q) in reversed(list(zip(range(ndim), classes, firsts))):
+                exact = np.float32 if math.prod(region_shape[axis:]) < 2**24 else np.float64
+                hit = np.moveaxis(np.tensordot(hit, per_q[k].astype(exact), axes=(axis, 1)),
+                                  -1, axis)
+            counts = counts + hit
+        return bits, np.rint(counts).astype(np.int64)
 
     def selected(self, origin, shape, kind=None):
         """Which positions of the lattice box (origin, shape) an epoch may draw.

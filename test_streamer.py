@@ -1814,23 +1814,36 @@ def test_a_coarse_mask_counts_its_regions_in_its_own_cells_exactly(monkeypatch, 
                                                                    factor, z_range, region_mb):
     # Sizes not multiples of f, regions of a few positions (over a hundred regions) that
     # cut coarse cells: every region counts what the repeated mask at full resolution,
-    # position by position, does.
+    # position by position, does. The same regions read in bands of a region or less,
+    # of rows or layers of regions, and of all of them at once.
     data = np.zeros(shape, np.uint8)
     mask_shape = shape[3 - len(factor):]
-    options = dict(samples_per_epoch=1, region_mb=region_mb, z_range=z_range)
+    bands = []
+    spied = streamer._Selection._bands
+    monkeypatch.setattr(streamer._Selection, "_bands",
+                        lambda *args: (bands.append(box) or (box, read)
+                                       for box, read in spied(*args)))
     for density in (0.03, 0.3, 0.9):
         coarse = (np.random.default_rng(5).random([-(-s // f) for s, f in
                                                     zip(mask_shape, factor)]) < density)
-        full = VesuviusStream([{"volume": data, "mask": repeated(coarse, factor, mask_shape)}],
-                              *block, **options)
-        with monkeypatch.context() as patch:      # no position by position on this path
-            patch.setattr(streamer._Selection, "selected", None)
-            fast = VesuviusStream([{"volume": data, "mask": coarse}], *block, **options)
-        selection = fast._sources[0].selection
-        assert selection.factor["mask"] == factor
-        assert full._sources[0].lattice.regions == fast._sources[0].lattice.regions > 20
-        assert np.array_equal(selection.region_counts,
-                              full._sources[0].selection.region_counts)
+        counts, per_band = [], []
+        for scale in (1 / 16, 1 / 4, 1, 4096):     # the budget of bands, the same regions
+            options = dict(samples_per_epoch=1, region_mb=region_mb * scale,
+                           open_regions=int(16 * scale), z_range=z_range)
+            full = VesuviusStream([{"volume": data,
+                                    "mask": repeated(coarse, factor, mask_shape)}],
+                                  *block, **options)
+            bands.clear()
+            with monkeypatch.context() as patch:      # no position by position on this path
+                patch.setattr(streamer._Selection, "selected", None)
+                fast = VesuviusStream([{"volume": data, "mask": coarse}], *block, **options)
+            per_band.append(len(bands))
+            selection = fast._sources[0].selection
+            assert selection.factor["mask"] == factor
+            assert full._sources[0].lattice.regions == fast._sources[0].lattice.regions > 20
+            counts += [full._sources[0].selection.region_counts, selection.region_counts]
+        assert all(np.array_equal(c, counts[0]) for c in counts)
+        assert per_band[0] > per_band[1] > per_band[2] >= per_band[3] == 1
         # A resumed run refuses a state saved over a moved mask: one cell changes the digest.
         coarse.flat[coarse.size // 2] ^= True
         moved = VesuviusStream([{"volume": data, "mask": coarse}], *block, **options)
@@ -3300,7 +3313,9 @@ def test_benchmark_runs_on_a_small_store(tmp_path):
     assert [(f, float(share)) for f, share in ink][1] == ("0.5", 50.0)
     assert "threshold, ignore, weights rows skipped" in result.stdout
     assert re.search(r"\) / today's: counting pass [\d.]+x, streaming [\d.]+x", labelled.stdout)
-    assert len(re.findall(r"\dD mask: full [\d.]+ s, 1/8 [\d.]+ s \([\d.]+x", result.stdout)) == 2
+    masks = re.findall(r"(\d)D mask: full [\d.]+ s, 1/8 [\d.]+ s \([\d.]+x.*", result.stdout)
+    assert masks == ["2", "3", "2"]
+    assert "over a volume of (8, 512, 512)" in result.stdout
     assert re.search(r"many small sources .*: 30 sources \d+ items/s, 300 sources \d+ "
                      r"items/s \([\d.]+x\)", result.stdout)
 
