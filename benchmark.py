@@ -808,8 +808,8 @@ def benchmark_stream(path, args):
           f"the pass reads the mask only):")
     wide = (array.shape[0], *(WIDER * size for size in array.shape[1:]))
     for ndim, shape in ((2, array.shape), (3, array.shape), (2, wide)):
-        built = {factor: in_fresh_process(mask_build_seconds, shape, array.chunks, ndim,
-                                          factor, args) for factor in (1, MASK_FACTOR)}
+        built = {factor: in_fresh_process(mask_build_seconds, shape, array.chunks, array.dtype,
+                                          ndim, factor, args) for factor in (1, MASK_FACTOR)}
         print(f"  {ndim}D mask: full {built[1]:.3f} s, 1/{MASK_FACTOR} "
               f"{built[MASK_FACTOR]:.4f} s ({built[MASK_FACTOR] / built[1]:.4f}x; the coarse "
               f"mask has 1/{MASK_FACTOR**ndim} of the voxels)"
@@ -892,13 +892,13 @@ def ink_row(source, labels, options, args, copies=1):
     return samples / seconds, inked / samples, built, str(rss)
 
 
-def mask_build_seconds(volume_shape, chunks, ndim, factor, args):
+def mask_build_seconds(volume_shape, chunks, dtype, ndim, factor, args):
     """Seconds to build VesuviusStream with a mask (in a fresh process) over a volume of
-    ``volume_shape`` (uint16, ``chunks``; unwritten: building reads the mask only): a
+    ``volume_shape`` (``chunks``, ``dtype``; unwritten: building reads the mask only): a
     (y, x) or (z, y, x) papyrus disc (zero in the first layers), at 1/``factor`` of
     the volume's resolution, or at full resolution as that one repeated."""
     array = zarr.create_array(zarr.storage.MemoryStore(), shape=volume_shape, chunks=chunks,
-                              dtype="uint16")
+                              dtype=dtype)
     shape = volume_shape[3 - ndim:]
     coarse = [-(-size // MASK_FACTOR) for size in shape]
     mask = synthetic_ink(coarse[-2:], areas=1, fraction=0.6) > 0

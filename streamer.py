@@ -92,9 +92,9 @@ _MALLOC_TUNED = set()                                  # pids where it was done
 # The plan keeps a few numbers per region (counts, rates, a round's order): a volume whose
 # regions would take more than _PLAN_BYTES is refused, asking for larger regions.
 _PLAN_BYTES_PER_REGION, _PLAN_BYTES = 160, 2**30
-# Counting a coarse mask holds about this many bytes per cell of its band (the bool hit
-# arrays of every class combination, prefix sums, a float64 copy to contract): its bands
-# are region_mb / _COARSE_COPIES cells, so that the pass stays within region_mb.
+# Counting a coarse mask holds 10-15 bytes per cell of its band at its peak (measured:
+# the band, the bool hit arrays of every class combination, a float32 copy to contract):
+# its bands are region_mb / _COARSE_COPIES cells, so that the pass stays within region_mb.
 _COARSE_COPIES = 32
 # The prediction writer (see _Writer): chunks of the outputs it makes (float32; 256 KiB
 # or 1 MiB), and the bytes of open tiles' sums it holds in RAM before spilling to disk.
@@ -1775,14 +1775,14 @@ class _Selection:
                   and set(self.factor['mask']) != {1})
         grid = self.lattice.regions_per_axis
         counts = np.zeros((1 if flat else grid[0], *grid[1:]), dtype=np.int64)
-        banded = copy.copy(self)
+        banded, cells = copy.copy(self), 0
         for box, bands in self._bands(needed, counts.shape,
                                       self.budget // _COARSE_COPIES if coarse else self.budget):
             banded.decode = lambda name, window: bands[name][window]
             if coarse:
-                # The digest takes the band's cells: they decide its selection.
-                bits, box_counts = banded._count_touching(box)
-                digest.update(bits)
+                # The digest takes the mask's cells: they decide the selection.
+                owned, box_counts = banded._count_touching(box)
+                cells = (cells + owned) & _MASK64
             else:
                 box_counts = np.zeros([len(r) for r in box], dtype=np.int64)
                 for cell in np.ndindex(box_counts.shape):      # a bit per position
@@ -1791,6 +1791,8 @@ class _Selection:
                     digest.update(np.packbits(valid))
                     box_counts[cell] = valid.sum()
             counts[tuple(slice(r.start, r.stop) for r in box)] = box_counts
+        if coarse:
+            digest.update(cells.to_bytes(8, 'little'))
         self.digest = digest.digest()
         if flat:                 # positions (y, x) of a region, on each of its layers
             counts = counts * self.lattice.axis_sizes()[0][:, None, None]
@@ -1813,7 +1815,7 @@ class _Selection:
         def split(fixed, axis):     # boxes along ``axis``, within the ranges ``fixed`` before it
             start = 0
             while start < grid[axis]:
-                def box(k, start=start):
+                def box(k):
                     return (*fixed, range(start, start + k), *map(range, grid[axis + 1:]))
                 low, high = 0, grid[axis] - start             # the most that fit
                 while low < high:
@@ -1830,10 +1832,10 @@ class _Selection:
                         for name, window in windows(box).items()}
 
     def _count_touching(self, box):
-        """``(bits, counts)`` for a coarse mask: its nonzero cells under ``box`` (a range
-        of regions per axis), and per region of it the positions whose block's
-        footprint touches a nonzero cell (per layer, for a 2D mask), in work of the
-        cells, not of the positions.
+        """``(owned, counts)`` for a coarse mask under ``box`` (a range of regions per
+        axis): a hash of the nonzero cells the box owns (see below), and per region of
+        it the positions whose block's footprint touches a nonzero cell (per layer, for
+        a 2D mask), in work of the cells, not of the positions.
 
         Along an axis of factor f, the block of b voxels at p = q f + r (0 <= r < f)
         overlaps the cells q .. q + (r + b - 1) // f: L = (b - 1) // f + 1 of them
@@ -1848,7 +1850,7 @@ class _Selection:
         lo, hi = (bounds[3 - ndim:] for bounds in self.lattice.voxel_box(origin, shape))
         cells = self.window('mask', lo, hi)
         window = self.decode('mask', cells) != 0
-        bits = np.packbits(window)
+        owned = self._owned_cells(box, cells, window)
         firsts = []             # per axis: (L, per class: positions per (region, first cell))
         for corners, b, f, span, size in zip(axes, self.block[3 - ndim:], factor, cells,
                                              self.lattice.region[3 - ndim:]):
@@ -1861,7 +1863,7 @@ class _Selection:
                                     for k in (0, 1)]))
         if not window.any() or window.all():
             sizes = [early.sum(1) + late.sum(1) for _, (early, late) in firsts]
-            return bits, functools.reduce(np.multiply.outer, sizes) * bool(window.any())
+            return owned, functools.reduce(np.multiply.outer, sizes) * bool(window.any())
         # Whether the box of cells at q holds a nonzero one, per combination of classes
         # so far: axis by axis (any is separable), L cells at q, L + 1 as L at q or at
         # q + 1. The last q's L cells may end one past the window: padded.
@@ -1886,7 +1888,29 @@ class _Selection:
                 hit = np.moveaxis(np.tensordot(hit, per_q[k].astype(exact), axes=(axis, 1)),
                                   -1, axis)
             counts = counts + hit
-        return bits, np.rint(counts).astype(np.int64)
+        return owned, np.rint(counts).astype(np.int64)
+
+    def _owned_cells(self, box, cells, window):
+        """A hash of the nonzero cells of the coarse mask's ``window`` (at ``cells``) that
+        ``box`` owns: along each axis, from its first position's first cell to the next
+        box's (to the window's end for the last box), so that the boxes of any budget
+        own every cell once. The sum, mod 2**64, of a product of odd keys per cell
+        coordinate over those cells: summed over boxes, a hash of the set, whatever the
+        bands; contracted axis by axis, in work of the cells."""
+        ndim, owned = self.ndim['mask'], window
+        for axis, (regions, size, f, span, total) in enumerate(zip(
+                box[3 - ndim:], self.lattice.region[3 - ndim:], self.factor['mask'], cells,
+                self.lattice.regions_per_axis[3 - ndim:])):
+            end = span.stop - span.start
+            if regions.stop < total:
+                corner = self.lattice.axis_corners((regions.stop * size,) * 3, (1,) * 3)
+                end = int(corner[3 - ndim + axis][0]) // f - span.start
+            owned = owned[(slice(None),) * axis + (slice(0, end),)]
+        for axis, span in reversed(list(enumerate(cells))):
+            index = np.arange(span.start, span.start + owned.shape[axis], dtype=np.uint64)
+            keys = _mix64(index * np.uint64(4) + np.uint64(axis)) | np.uint64(1)
+            owned = np.tensordot(owned, keys, axes=(axis, 0))   # uint64: wraps mod 2**64
+        return int(owned)
 
     def selected(self, origin, shape, kind=None):
         """Which positions of the lattice box (origin, shape) an epoch may draw.

@@ -1826,7 +1826,7 @@ def test_a_coarse_mask_counts_its_regions_in_its_own_cells_exactly(monkeypatch, 
     for density in (0.03, 0.3, 0.9):
         coarse = (np.random.default_rng(5).random([-(-s // f) for s, f in
                                                     zip(mask_shape, factor)]) < density)
-        counts, per_band = [], []
+        counts, per_band, digests = [], [], []
         for scale in (1 / 16, 1 / 4, 1, 4096):     # the budget of bands, the same regions
             options = dict(samples_per_epoch=1, region_mb=region_mb * scale,
                            open_regions=int(16 * scale), z_range=z_range)
@@ -1842,7 +1842,9 @@ def test_a_coarse_mask_counts_its_regions_in_its_own_cells_exactly(monkeypatch, 
             assert selection.factor["mask"] == factor
             assert full._sources[0].lattice.regions == fast._sources[0].lattice.regions > 20
             counts += [full._sources[0].selection.region_counts, selection.region_counts]
+            digests.append(selection.digest)
         assert all(np.array_equal(c, counts[0]) for c in counts)
+        assert len(set(digests)) == 1       # a state resumes whatever bands were read
         assert per_band[0] > per_band[1] > per_band[2] >= per_band[3] == 1
         # A resumed run refuses a state saved over a moved mask: one cell changes the digest.
         coarse.flat[coarse.size // 2] ^= True
