@@ -1722,8 +1722,9 @@ class _Selection:
     mask and labels are read through ``decode(name, box)``. ``region_counts``
     holds the positions of each region on the mask (all of them without a
     mask), one integer per region, counted once; ``digest`` is a digest of
-    what decided the counting passes' selection (a bit per position, or the
-    cells of a coarse mask: see _count_regions), which the epoch's order depends on too.
+    what decided the counting passes' selection (a bit per position, or a hash
+    of a coarse mask's nonzero cells: see _owned_cells), which the epoch's order
+    depends on too.
     """
 
     def __init__(self, lattice, block, mask, labels, min_mask_fraction, decode, budget,
