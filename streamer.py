@@ -1776,14 +1776,14 @@ class _Selection:
                   and set(self.factor['mask']) != {1})
         grid = self.lattice.regions_per_axis
         counts = np.zeros((1 if flat else grid[0], *grid[1:]), dtype=np.int64)
-        banded, cells = copy.copy(self), 0
+        banded, cell_hash = copy.copy(self), 0
         for box, bands in self._bands(needed, counts.shape,
                                       self.budget // _COARSE_COPIES if coarse else self.budget):
             banded.decode = lambda name, window: bands[name][window]
             if coarse:
                 # The digest takes the mask's cells: they decide the selection.
                 owned, box_counts = banded._count_touching(box)
-                cells = (cells + owned) & _MASK64
+                cell_hash = (cell_hash + owned) & _MASK64
             else:
                 box_counts = np.zeros([len(r) for r in box], dtype=np.int64)
                 for cell in np.ndindex(box_counts.shape):      # a bit per position
@@ -1793,7 +1793,7 @@ class _Selection:
                     box_counts[cell] = valid.sum()
             counts[tuple(slice(r.start, r.stop) for r in box)] = box_counts
         if coarse:
-            digest.update(cells.to_bytes(8, 'little'))
+            digest.update(cell_hash.to_bytes(8, 'little'))
         self.digest = digest.digest()
         if flat:                 # positions (y, x) of a region, on each of its layers
             counts = counts * self.lattice.axis_sizes()[0][:, None, None]
@@ -1851,7 +1851,8 @@ class _Selection:
         lo, hi = (bounds[3 - ndim:] for bounds in self.lattice.voxel_box(origin, shape))
         cells = self.window('mask', lo, hi)
         window = self.decode('mask', cells) != 0
-        owned = self._owned_cells(box, cells, window)
+        nonzero = bool(window.any())       # outside the papyrus, none: nothing to hash
+        owned = self._owned_cells(box, cells, window) if nonzero else 0
         firsts = []             # per axis: (L, per class: positions per (region, first cell))
         for corners, b, f, span, size in zip(axes, self.block[3 - ndim:], factor, cells,
                                              self.lattice.region[3 - ndim:]):
@@ -1862,9 +1863,9 @@ class _Selection:
             firsts.append((length, [np.bincount(owner[late == k] * n + q[late == k],
                                                 minlength=(owner[-1] + 1) * n).reshape(-1, n)
                                     for k in (0, 1)]))
-        if not window.any() or window.all():
+        if not nonzero or window.all():
             sizes = [early.sum(1) + late.sum(1) for _, (early, late) in firsts]
-            return owned, functools.reduce(np.multiply.outer, sizes) * bool(window.any())
+            return owned, functools.reduce(np.multiply.outer, sizes) * nonzero
         # Whether the box of cells at q holds a nonzero one, per combination of classes
         # so far: axis by axis (any is separable), L cells at q, L + 1 as L at q or at
         # q + 1. The last q's L cells may end one past the window: padded.
