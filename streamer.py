@@ -1896,9 +1896,11 @@ class _Selection:
         """A hash of the nonzero cells of the coarse mask's ``window`` (at ``cells``) that
         ``box`` owns: along each axis, from its first position's first cell to the next
         box's (to the window's end for the last box), so that the boxes of any budget
-        own every cell once. The sum, mod 2**64, of a product of odd keys per cell
-        coordinate over those cells: summed over boxes, a hash of the set, whatever the
-        bands; contracted axis by axis, in work of the cells."""
+        own every cell once. Each row's cells are packed into words of 64 bits aligned
+        to the mask's own x (a word split between two boxes holds disjoint bits in
+        each); the hash is the sum, mod 2**64, of each word times a product of odd keys
+        per coordinate (the word's along x): summed over boxes, a hash of the set,
+        whatever the bands, in work of the cells / 64 once packed."""
         ndim, owned = self.ndim['mask'], window
         for axis, (regions, size, f, span, total) in enumerate(zip(
                 box[3 - ndim:], self.lattice.region[3 - ndim:], self.factor['mask'], cells,
@@ -1908,11 +1910,16 @@ class _Selection:
                 corner = self.lattice.axis_corners((regions.stop * size,) * 3, (1,) * 3)
                 end = int(corner[3 - ndim + axis][0]) // f - span.start
             owned = owned[(slice(None),) * axis + (slice(0, end),)]
-        for axis, span in reversed(list(enumerate(cells))):
-            index = np.arange(span.start, span.start + owned.shape[axis], dtype=np.uint64)
+        shift, width = cells[-1].start % 64, owned.shape[-1]
+        bits = np.zeros((*owned.shape[:-1], -(-(shift + width) // 64) * 64), dtype=bool)
+        bits[..., shift:shift + width] = owned
+        hashed = np.packbits(bits, axis=-1, bitorder='little').view('<u8')   # (..., words)
+        firsts = [span.start for span in cells[:-1]] + [cells[-1].start // 64]
+        for axis, first in enumerate(firsts):
+            index = np.arange(first, first + hashed.shape[axis], dtype=np.uint64)
             keys = _mix64(index * np.uint64(4) + np.uint64(axis)) | np.uint64(1)
-            owned = np.tensordot(owned, keys, axes=(axis, 0))   # uint64: wraps mod 2**64
-        return int(owned)
+            hashed = hashed * keys.reshape([-1 if a == axis else 1 for a in range(ndim)])
+        return int(hashed.sum(dtype=np.uint64))     # uint64: wraps mod 2**64
 
     def selected(self, origin, shape, kind=None):
         """Which positions of the lattice box (origin, shape) an epoch may draw.
