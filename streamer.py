@@ -891,10 +891,10 @@ class VesuviusStream(IterableDataset):
     def _items(self, reader):
         """The items of the groups ``reader`` gives, counted in ``self._place``."""
         for source, corner, box in self._cuts(reader):
-            start = time.perf_counter()
+            start = time.thread_time()
             item = self._sources[source].cut(box, corner)
             del box
-            _COUNTERS.cut_seconds += time.perf_counter() - start
+            _COUNTERS.cut_seconds += time.thread_time() - start
             if self.transform is not None:
                 item = self._transformed(item, f"the block of source {source} at "
                                                f"{tuple(map(int, corner))}")
@@ -926,14 +926,13 @@ class VesuviusStream(IterableDataset):
             batch, buffer = _batch_memory(parts, self.batch_size, size, shared, reuse)
             rows = [tensor.numpy() for tensor in batch]        # views, to write into
             coords = np.empty((size, 4), dtype=np.int64)
-            filled = 0
+            filled, start = 0, time.thread_time()     # waits for boxes take no CPU time
             for row, (source, corner, box) in zip(range(size), cuts):
-                start = time.perf_counter()
                 self._sources[source].cut_into(box, corner, [array[row] for array in rows])
                 del box
-                _COUNTERS.cut_seconds += time.perf_counter() - start
-                coords[row] = (source, *corner)
+                coords[row, 0], coords[row, 1:] = source, corner
                 filled += 1
+            _COUNTERS.cut_seconds += time.thread_time() - start
             if filled < size:       # a resuming writer's grid skips blocks: fewer items
                 if not filled:
                     return
@@ -1514,8 +1513,8 @@ class _Source:
 
     def _windows(self, box, corner):
         """Views of the block (and label) at ``corner`` in a read box."""
-        local = corner - box.origin
-        window = tuple(slice(int(l), int(l) + b) for l, b in zip(local, self.block))
+        (z, y, x), (d, h, w) = (corner - box.origin).tolist(), self.block     # Python ints
+        window = slice(z, z + d), slice(y, y + h), slice(x, x + w)
         if box.labels is None:
             return (box.volume[window],)
         return box.volume[window], box.labels[window[3 - box.labels.ndim:]]
@@ -2726,8 +2725,10 @@ class _Counters:
     The hook benchmark.py measures through (``streamer._COUNTERS``, one per
     process: a DataLoader worker has its own): seconds decoding boxes and the
     bytes of the chunks they overlap (whole chunks: what zarr decodes), timed
-    per box, seconds cutting blocks into items or batch rows, timed per block,
-    and batches made in fresh shared memory and in reused buffers (see
+    per box on the clock (zarr decodes in threads of its own), the cutting
+    thread's CPU seconds cutting blocks into items (timed per block) or into
+    batches (per batch: the plan's steps between blocks too, not its waits for
+    boxes), and batches made in fresh shared memory and in reused buffers (see
     _BatchBuffer). ``snapshot()`` gives them as a dict.
     """
 
@@ -2926,14 +2927,19 @@ def _native(array):
 # into pages written before). So a DataLoader worker cuts its batches into
 # *buffers*, shared memory it keeps (a memfd each), and the DataLoader passes a batch
 # as a reference to its buffer (_BufferedBatch), which the receiving process maps
-# once (_received_batch). A buffer is cut into again only when nothing refers to its
+# once (_received_batch): the buffer's file descriptor goes with its batches only
+# until the receiver has mapped it (passing one costs a connection to the worker's
+# resource sharer, about 0.8 ms here), and coordinates go by value, in the pickle,
+# not as tensors in shared memory of their own (another descriptor each). A buffer
+# is cut into again only when nothing refers to its
 # last batch in either process: the worker's tensors are gone, and the receiver let
 # go of every batch it was sent (counted in the buffer's header). With no buffer
 # free (a loop that keeps its batches), a batch is made in fresh shared memory, as
 # collate makes its own.
 
 _BATCH_BUFFERS = 6          # per worker and batch size: 2 in flight, a few held downstream
-_HEADER = mmap.PAGESIZE     # a buffer's first page: batches sent, batches let go (int64)
+_HEADER = mmap.PAGESIZE     # a buffer's first page: batches sent, batches let go, and the
+                            # pid of the process that mapped it (int64)
 _BUFFERS = {}               # this process's buffers: (pid, bytes) -> [_BatchBuffer]
 _MAPPED = {}                # receiving process: (worker pid, inode) -> mmap of a buffer
 _RECEIVED = weakref.WeakValueDictionary()   # (id, worker pid) -> a received batch's bytes
@@ -2988,7 +2994,9 @@ class _BatchBuffer:
         self.fd = os.memfd_create('VesuviusStream batch')
         os.ftruncate(self.fd, _HEADER + nbytes)
         self.map = mmap.mmap(self.fd, _HEADER + nbytes)
-        self.counts = np.frombuffer(self.map, np.int64, 2)    # sent, let go by the receiver
+        self.inode = os.fstat(self.fd).st_ino
+        # Sent, let go by the receiver, the receiver's pid once it mapped the buffer.
+        self.counts = np.frombuffer(self.map, np.int64, 3)
         self.nbytes = nbytes
         self.held = False           # tensors of this process refer to its batch
 
@@ -3041,12 +3049,13 @@ def _as_made(batch, tensors):
 
 
 def _buffer_reference(batch, extra=()):
-    """``batch``'s pickle: a reference to its buffer (counted as sent once more), and
-    the tensors ``extra``."""
+    """``batch``'s pickle: a reference to its buffer (counted as sent once more; its
+    file descriptor until a receiver mapped it), and the tensors ``extra`` by value."""
     _, buffer, layout = batch.made_in
     buffer.counts[0] += 1
-    return _received_batch, (multiprocessing.reduction.DupFd(buffer.fd), os.getpid(),
-                             buffer.nbytes, *layout, *extra)
+    fd = multiprocessing.reduction.DupFd(buffer.fd) if not buffer.counts[2] else None
+    return _received_batch, ((fd, os.getpid(), buffer.inode, buffer.nbytes), *layout,
+                             *(t.numpy() for t in extra))
 
 
 def _as_is(value):
@@ -3087,26 +3096,34 @@ class _BufferedBlocks(torch.Tensor):
         return _buffer_reference(self)
 
 
-def _received_batch(fd, worker, nbytes, parts, capacity, rows, *extra):
-    """The batch a worker sent from its buffer (the DataLoader's unpickling calls
-    this): tensors over this process's mapping of the buffer (kept while the worker
-    lives), then ``extra``; it counts as let go once those tensors and their views
-    are gone."""
-    fd = fd.detach()
+def _received_batch(buffer, parts, capacity, rows, *extra):
+    """The batch a worker sent from its ``buffer`` (file descriptor or None, worker
+    pid, inode, bytes; the DataLoader's unpickling calls this): tensors over this
+    process's mapping of the buffer (kept while the worker lives), then ``extra``
+    (numpy arrays) as tensors; it counts as let go once those tensors and their
+    views are gone."""
+    fd, worker, inode, nbytes = buffer
+    fd = fd and fd.detach()
     try:
-        key = (worker, os.fstat(fd).st_ino)
         with _MAPPED_LOCK:
             _drop_gone_workers()
-            mapped = _MAPPED.get(key)
+            mapped = _MAPPED.get((worker, inode))
             if mapped is None:
-                mapped = _MAPPED[key] = mmap.mmap(fd, _HEADER + nbytes)
+                if fd is None:
+                    raise RuntimeError(
+                        f"VesuviusStream: a batch of DataLoader worker {worker} reached "
+                        f"process {os.getpid()}, but another process received that "
+                        f"worker's batches: pass a worker's batches to one process")
+                mapped = _MAPPED[worker, inode] = mmap.mmap(fd, _HEADER + nbytes)
+                np.frombuffer(mapped, np.int64, 3)[2] = os.getpid()
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     data = np.frombuffer(mapped, np.uint8, nbytes, _HEADER)
     _RECEIVED[id(data), worker] = data
     weakref.finalize(data, _let_go, mapped, os.getpid()).atexit = False
     tensors = [torch.from_numpy(view) for view in _batch_views(data, parts, capacity, rows)]
-    tensors += extra
+    tensors += map(torch.from_numpy, extra)
     return tensors if len(tensors) > 1 else tensors[0]
 
 

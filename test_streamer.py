@@ -15,8 +15,10 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing.reduction
 import os
 import pathlib
+import pickle
 import platform
 import re
 import select
@@ -2392,6 +2394,44 @@ def test_a_batch_copied_in_a_worker_is_a_copy():
         return batch
     got = batches(DataLoader(ds, batch_size=None, num_workers=1, collate_fn=copies))
     assert_same_batches(got, batches(DataLoader(items, batch_size=8, num_workers=1)))
+
+
+def test_a_buffers_descriptor_goes_with_its_batches_until_the_receiver_mapped_it(
+        monkeypatch):
+    # A batch's pickle names its buffer; the buffer's file descriptor goes with it only
+    # until a receiver has mapped the buffer (then the receiver's own mapping serves),
+    # and coordinates go by value. A batch of a worker whose batches another process
+    # mapped cannot be read here: an error says so.
+    parts, sent = [(np.dtype(np.uint16), (2, 3, 3))], []
+    passed = multiprocessing.reduction.DupFd
+    monkeypatch.setattr(multiprocessing.reduction, "DupFd",
+                        lambda fd: sent.append(fd) or passed(fd))
+
+    def batch_in(buffer, value):
+        data = torch.from_numpy(streamer._batch_views(buffer.data(), parts, 4, 4)[0])
+        data.fill_(value)
+        coords = torch.arange(16, dtype=torch.int64).reshape(4, 4) * value
+        return streamer._buffered((data,), (coords,), buffer, (parts, 4, 4))
+
+    buffer = streamer._BatchBuffer(4 * 18 * 2 + 64)
+    received = []
+    for value in (1, 2, 3):
+        got = pickle.loads(pickle.dumps(batch_in(buffer, value)))
+        assert torch.equal(got[0], torch.full((4, 2, 3, 3), value, dtype=torch.uint16))
+        assert torch.equal(got[1], torch.arange(16).reshape(4, 4) * value)
+        received.append(got)
+        del got
+    assert len(sent) == 1 and buffer.counts[2] == os.getpid()
+    assert buffer.counts.tolist() == [3, 0, os.getpid()]    # all three still held here
+    del received
+    assert buffer.counts.tolist() == [3, 3, os.getpid()]
+
+    other = streamer._BatchBuffer(4 * 18 * 2 + 64)
+    other.counts[2] = 1                  # mapped by another process (pid 1)
+    with pytest.raises(RuntimeError, match=f"worker {os.getpid()} reached process "
+                                           f"{os.getpid()}, but another process"):
+        pickle.loads(pickle.dumps(batch_in(other, 4)))
+    assert len(sent) == 1
 
 
 def test_a_batch_of_32_holds_16_distinct_tiles_at_the_default_region_mb():
