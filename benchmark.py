@@ -58,6 +58,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -721,9 +722,10 @@ def benchmark_stream(path, args):
               f"{TENSORSTORE} {first_batch[TENSORSTORE]:.2f} s "
               f"({first_batch['VesuviusStream'] / first_batch[TENSORSTORE]:.2f}x)")
     print("(VesuviusStream's read amp: bytes its workers decoded in a second epoch, as "
-          "counted by the stream)\n\nper sample, VesuviusStream, a second epoch (decode and "
-          "cut: worker seconds, summed over workers, from the stream's counters; collate + "
-          "transfer: wall, as many ready blocks through the same DataLoader):")
+          "counted by the stream)\n\nper sample, VesuviusStream, a second epoch (from the "
+          "stream's counters, summed over workers: decode, the reader threads' seconds; "
+          "cut, the cutting threads' CPU seconds; collate + transfer: wall, as many ready "
+          "blocks through the same DataLoader):")
     for name, breakdown in breakdowns.items():
         print(f"  {name}: decode {breakdown['decode'] * 1e6:.0f} us, cut "
               f"{breakdown['cut'] * 1e6:.0f} us, collate + transfer "
@@ -733,6 +735,12 @@ def benchmark_stream(path, args):
               f"{TILE}x{TILE} tiles per batch"
               + ("" if breakdown["reused"] is None else
                  f"; {breakdown['reused']:.0%} of the batches cut into reused buffers"))
+
+    box_shape = [r + b - 1 for r, b in zip(stream._sources[0].lattice.region, block)]
+    floor = in_fresh_process(copy_seconds, block, array.dtype, box_shape)
+    print(f"  one block copied alone (one process, CPU): contiguous {floor[0] * 1e6:.0f} us, "
+          f"from a box of {tuple(box_shape)} in the CPU's cache {floor[1] * 1e6:.0f} us, "
+          f"from such boxes in RAM at random corners {floor[2] * 1e6:.0f} us")
 
     samples = min(int(args.shard_samples), stream.capacity)
     first, last = in_fresh_process(shard_starts, path, block, samples)
@@ -804,12 +812,15 @@ def benchmark_stream(path, args):
         print(f"  ({', '.join(f'{k}={v}' for k, v in FIELD_OPTIONS.items())}) / today's: "
               f"counting pass {options_built / today_built:.2f}x, streaming "
               f"{options / today:.2f}x")
-    print(f"\nmask at 1/{MASK_FACTOR} resolution vs full, counting pass (built in, no labels; "
-          f"the pass reads the mask only):")
+    print(f"\nmask at 1/{MASK_FACTOR} resolution vs full, counting pass (a build with the "
+          f"mask after one without, no labels: the pass reads the mask only; the coarse "
+          f"one's a median of 3 processes):")
     wide = (array.shape[0], *(WIDER * size for size in array.shape[1:]))
     for ndim, shape in ((2, array.shape), (3, array.shape), (2, wide)):
-        built = {factor: in_fresh_process(mask_build_seconds, shape, array.chunks, array.dtype,
-                                          ndim, factor, args) for factor in (1, MASK_FACTOR)}
+        built = {factor: statistics.median(
+                     in_fresh_process(mask_build_seconds, shape, array.chunks, array.dtype,
+                                      ndim, factor, args) for _ in range(1 if factor == 1 else 3))
+                 for factor in (1, MASK_FACTOR)}
         print(f"  {ndim}D mask: full {built[1]:.3f} s, 1/{MASK_FACTOR} "
               f"{built[MASK_FACTOR]:.4f} s ({built[MASK_FACTOR] / built[1]:.4f}x; the coarse "
               f"mask has 1/{MASK_FACTOR**ndim} of the voxels)"
@@ -918,6 +929,29 @@ def mask_build_seconds(volume_shape, chunks, dtype, ndim, factor, args):
     VesuviusStream([{"volume": array, "mask": mask}], *args.block, samples_per_epoch=1,
                    **stream_options(args))
     return time.perf_counter() - start
+
+
+def copy_seconds(block, dtype, box_shape, copies=2000, seed=0):
+    """CPU seconds to copy one ``block`` of ``dtype`` into a batch's row (in this
+    process): from a contiguous array of its shape, from random corners of one box
+    of ``box_shape`` (the stream's: it stays in the CPU's cache), and from random
+    corners of such boxes, 256 MiB in all (as two workers' open boxes are: in RAM)."""
+    rng = np.random.default_rng(seed)
+    rows = np.empty((32, *block), dtype)
+    many = max(1, 2**28 // (math.prod(box_shape) * rows.itemsize))
+
+    def seconds(boxes, shape):
+        corners = [(rng.integers(len(boxes)), *(rng.integers(s - b + 1)
+                                                for s, b in zip(shape, block)))
+                   for _ in range(copies)]
+        start = time.thread_time()
+        for i, (box, *corner) in enumerate(corners):
+            rows[i % len(rows)] = boxes[box][tuple(slice(c, c + b)
+                                                   for c, b in zip(corner, block))]
+        return (time.thread_time() - start) / copies
+    return (seconds([np.ones(block, dtype)], block),
+            seconds([np.ones(box_shape, dtype)], box_shape),
+            seconds([np.ones(box_shape, dtype) for _ in range(many)], box_shape))
 
 
 def stream_breakdown(stream, dtype, args):

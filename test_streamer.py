@@ -3341,6 +3341,10 @@ def test_benchmark_runs_on_a_small_store(tmp_path):
         assert re.search(form + r": decode \d+ us, cut \d+ us, collate \+ transfer \d+ us; "
                          r"cut \+ collate \+ transfer \d+ us; wall \d+ us; [\d.]+ distinct "
                          r"256x256 tiles per batch", result.stdout), form
+    # The copy alone, from boxes of the stream's shape: one region, the whole volume.
+    assert re.search(r"one block copied alone \(one process, CPU\): contiguous \d+ us, from "
+                     r"a box of \(8, 64, 64\) in the CPU's cache \d+ us, from such boxes in "
+                     r"RAM at random corners \d+ us", result.stdout)
     assert "first item of shard 0 / shard 63 of 64, samples_per_epoch=" in result.stdout
     assert re.search(r"first item of rank 2 of 3, fresh / resuming what 64 shards left "
                      r"\(merge_state_dicts\): [\d.]+ s / [\d.]+ s", result.stdout)
