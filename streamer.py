@@ -1895,11 +1895,12 @@ class _Selection:
         """A hash of the nonzero cells of the coarse mask's ``window`` (at ``cells``) that
         ``box`` owns: along each axis, from its first position's first cell to the next
         box's (to the window's end for the last box), so that the boxes of any budget
-        own every cell once. Each row's cells are packed into words of 64 bits aligned
-        to the mask's own x (a word split between two boxes holds disjoint bits in
-        each); the hash is the sum, mod 2**64, of each word times a product of odd keys
-        per coordinate (the word's along x): summed over boxes, a hash of the set,
-        whatever the bands, in work of the cells / 64 once packed."""
+        own every cell once. Each row's cells are packed into bytes aligned to the
+        mask's own x (a byte split between two boxes holds disjoint bits in each); a
+        byte's value is the sum of a random 64-bit key per bit set (_BIT_KEYS), and
+        the hash the sum, mod 2**64, of each byte's value times a product of odd keys
+        per coordinate (the byte's along x): summed over boxes, a hash of the set,
+        whatever the bands, in work of the cells / 8 once packed."""
         ndim, owned = self.ndim['mask'], window
         for axis, (regions, size, f, span, total) in enumerate(zip(
                 box[3 - ndim:], self.lattice.region[3 - ndim:], self.factor['mask'], cells,
@@ -1909,11 +1910,11 @@ class _Selection:
                 corner = self.lattice.axis_corners((regions.stop * size,) * 3, (1,) * 3)
                 end = int(corner[3 - ndim + axis][0]) // f - span.start
             owned = owned[(slice(None),) * axis + (slice(0, end),)]
-        shift, width = cells[-1].start % 64, owned.shape[-1]
-        bits = np.zeros((*owned.shape[:-1], -(-(shift + width) // 64) * 64), dtype=bool)
+        shift, width = cells[-1].start % 8, owned.shape[-1]
+        bits = np.zeros((*owned.shape[:-1], -(-(shift + width) // 8) * 8), dtype=bool)
         bits[..., shift:shift + width] = owned
-        hashed = np.packbits(bits, axis=-1, bitorder='little').view('<u8')   # (..., words)
-        firsts = [span.start for span in cells[:-1]] + [cells[-1].start // 64]
+        hashed = _BYTE_KEYS[np.packbits(bits, axis=-1, bitorder='little')]   # (..., bytes)
+        firsts = [span.start for span in cells[:-1]] + [cells[-1].start // 8]
         for axis, first in enumerate(firsts):
             index = np.arange(first, first + hashed.shape[axis], dtype=np.uint64)
             keys = _mix64(index * np.uint64(4) + np.uint64(axis)) | np.uint64(1)
@@ -2072,6 +2073,12 @@ def _mix64(x):
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
     x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
     return x ^ (x >> 31)
+
+
+# A byte of packed mask cells as the sum of a key per bit set: linear in disjoint bits.
+_BYTE_KEYS = (np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
+                            bitorder='little').astype(np.uint64)
+              @ _mix64(np.arange(8, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
 
 
 def _key(*parts):
@@ -3049,13 +3056,26 @@ def _as_made(batch, tensors):
 
 
 def _buffer_reference(batch, extra=()):
-    """``batch``'s pickle: a reference to its buffer (counted as sent once more; its
-    file descriptor until a receiver mapped it), and the tensors ``extra`` by value."""
+    """``batch``'s pickle: a reference to its buffer (counted as sent once more; with
+    its file descriptor unless the process this worker's batches go to, its parent,
+    mapped it), and ``extra`` (see _by_value)."""
     _, buffer, layout = batch.made_in
     buffer.counts[0] += 1
-    fd = multiprocessing.reduction.DupFd(buffer.fd) if not buffer.counts[2] else None
+    mapped = buffer.counts[2] == os.getppid()
+    fd = None if mapped else multiprocessing.reduction.DupFd(buffer.fd)
     return _received_batch, ((fd, os.getpid(), buffer.inode, buffer.nbytes), *layout,
-                             *(t.numpy() for t in extra))
+                             *map(_by_value, extra))
+
+
+def _by_value(value):
+    """``(True, array)`` for a tensor numpy can hold (its bytes go in the pickle, not in
+    shared memory of their own with a descriptor to pass), else ``(False, value)``."""
+    if type(value) is torch.Tensor:
+        try:
+            return True, value.numpy()
+        except (RuntimeError, TypeError):       # needs grad, on a GPU, bfloat16...
+            pass
+    return False, value
 
 
 def _as_is(value):
@@ -3100,8 +3120,8 @@ def _received_batch(buffer, parts, capacity, rows, *extra):
     """The batch a worker sent from its ``buffer`` (file descriptor or None, worker
     pid, inode, bytes; the DataLoader's unpickling calls this): tensors over this
     process's mapping of the buffer (kept while the worker lives), then ``extra``
-    (numpy arrays) as tensors; it counts as let go once those tensors and their
-    views are gone."""
+    (see _by_value); it counts as let go once those tensors and their views are
+    gone."""
     fd, worker, inode, nbytes = buffer
     fd = fd and fd.detach()
     try:
@@ -3112,8 +3132,8 @@ def _received_batch(buffer, parts, capacity, rows, *extra):
                 if fd is None:
                     raise RuntimeError(
                         f"VesuviusStream: a batch of DataLoader worker {worker} reached "
-                        f"process {os.getpid()}, but another process received that "
-                        f"worker's batches: pass a worker's batches to one process")
+                        f"process {os.getpid()}, but the worker's parent received its "
+                        f"batches: iterate a DataLoader in the process that made it")
                 mapped = _MAPPED[worker, inode] = mmap.mmap(fd, _HEADER + nbytes)
                 np.frombuffer(mapped, np.int64, 3)[2] = os.getpid()
     finally:
@@ -3123,7 +3143,7 @@ def _received_batch(buffer, parts, capacity, rows, *extra):
     _RECEIVED[id(data), worker] = data
     weakref.finalize(data, _let_go, mapped, os.getpid()).atexit = False
     tensors = [torch.from_numpy(view) for view in _batch_views(data, parts, capacity, rows)]
-    tensors += map(torch.from_numpy, extra)
+    tensors += [torch.from_numpy(value) if by_value else value for by_value, value in extra]
     return tensors if len(tensors) > 1 else tensors[0]
 
 

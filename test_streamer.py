@@ -2398,40 +2398,50 @@ def test_a_batch_copied_in_a_worker_is_a_copy():
 
 def test_a_buffers_descriptor_goes_with_its_batches_until_the_receiver_mapped_it(
         monkeypatch):
-    # A batch's pickle names its buffer; the buffer's file descriptor goes with it only
-    # until a receiver has mapped the buffer (then the receiver's own mapping serves),
-    # and coordinates go by value. A batch of a worker whose batches another process
-    # mapped cannot be read here: an error says so.
+    # A batch's pickle names its buffer; the buffer's file descriptor goes with it until
+    # the worker's parent (where a DataLoader's batches go; here this process, as if it
+    # were) has mapped it, and then its own mapping serves. Coordinates go by value;
+    # what numpy cannot hold goes as it is. A batch reaching a process without the
+    # mapping its parent has is refused, saying so; one copied in the worker itself (an
+    # unpickling there) does not count as mapped by the parent.
     parts, sent = [(np.dtype(np.uint16), (2, 3, 3))], []
     passed = multiprocessing.reduction.DupFd
     monkeypatch.setattr(multiprocessing.reduction, "DupFd",
                         lambda fd: sent.append(fd) or passed(fd))
+    monkeypatch.setattr(streamer.os, "getppid", os.getpid)
+    weights = torch.ones(2, requires_grad=True)
 
-    def batch_in(buffer, value):
+    def batch_in(buffer, value, *more):
         data = torch.from_numpy(streamer._batch_views(buffer.data(), parts, 4, 4)[0])
         data.fill_(value)
         coords = torch.arange(16, dtype=torch.int64).reshape(4, 4) * value
-        return streamer._buffered((data,), (coords,), buffer, (parts, 4, 4))
+        return streamer._buffered((data,), (coords, *more), buffer, (parts, 4, 4))
 
     buffer = streamer._BatchBuffer(4 * 18 * 2 + 64)
     received = []
     for value in (1, 2, 3):
-        got = pickle.loads(pickle.dumps(batch_in(buffer, value)))
+        got = pickle.loads(pickle.dumps(batch_in(buffer, value, "a name", weights)))
         assert torch.equal(got[0], torch.full((4, 2, 3, 3), value, dtype=torch.uint16))
         assert torch.equal(got[1], torch.arange(16).reshape(4, 4) * value)
+        assert got[2] == "a name" and got[3].requires_grad and torch.equal(got[3], weights)
         received.append(got)
         del got
-    assert len(sent) == 1 and buffer.counts[2] == os.getpid()
+    assert len(sent) == 1
     assert buffer.counts.tolist() == [3, 0, os.getpid()]    # all three still held here
     del received
     assert buffer.counts.tolist() == [3, 3, os.getpid()]
 
+    monkeypatch.setattr(streamer.os, "getppid", lambda: 1)      # the parent: pid 1
+    copied = streamer._BatchBuffer(4 * 18 * 2 + 64)             # unpickled in the worker
+    for value in (4, 5):
+        assert pickle.loads(pickle.dumps(batch_in(copied, value)))[0][0, 0, 0, 0] == value
+    assert len(sent) == 3 and copied.counts[2] == os.getpid()
     other = streamer._BatchBuffer(4 * 18 * 2 + 64)
-    other.counts[2] = 1                  # mapped by another process (pid 1)
+    other.counts[2] = 1                                         # mapped by the parent
     with pytest.raises(RuntimeError, match=f"worker {os.getpid()} reached process "
-                                           f"{os.getpid()}, but another process"):
-        pickle.loads(pickle.dumps(batch_in(other, 4)))
-    assert len(sent) == 1
+                                           f"{os.getpid()}, but the worker's parent"):
+        pickle.loads(pickle.dumps(batch_in(other, 6)))
+    assert len(sent) == 3
 
 
 def test_a_batch_of_32_holds_16_distinct_tiles_at_the_default_region_mb():
