@@ -1897,7 +1897,7 @@ class _Selection:
         box's (to the window's end for the last box), so that the boxes of any budget
         own every cell once. Each row's cells are packed into bytes aligned to the
         mask's own x (a byte split between two boxes holds disjoint bits in each); a
-        byte's value is the sum of a random 64-bit key per bit set (_BIT_KEYS), and
+        byte's value is the sum of a random 64-bit key per bit set (_BYTE_KEYS), and
         the hash the sum, mod 2**64, of each byte's value times a product of odd keys
         per coordinate (the byte's along x): summed over boxes, a hash of the set,
         whatever the bands, in work of the cells / 8 once packed."""
@@ -2935,14 +2935,14 @@ def _native(array):
 # *buffers*, shared memory it keeps (a memfd each), and the DataLoader passes a batch
 # as a reference to its buffer (_BufferedBatch), which the receiving process maps
 # once (_received_batch): the buffer's file descriptor goes with its batches only
-# until the receiver has mapped it (passing one costs a connection to the worker's
-# resource sharer, about 0.8 ms here), and coordinates go by value, in the pickle,
-# not as tensors in shared memory of their own (another descriptor each). A buffer
-# is cut into again only when nothing refers to its
-# last batch in either process: the worker's tensors are gone, and the receiver let
-# go of every batch it was sent (counted in the buffer's header). With no buffer
-# free (a loop that keeps its batches), a batch is made in fresh shared memory, as
-# collate makes its own.
+# until the worker's parent, the DataLoader's process, has mapped it (passing one
+# costs a connection to the worker's resource sharer, about 0.8 ms here), and
+# coordinates go by value, in the pickle, not as tensors in shared memory of their
+# own (another descriptor each). A buffer is cut into again only when nothing refers
+# to its last batch in either process: the worker's tensors are gone, and the
+# receiver let go of every batch it was sent (counted in the buffer's header). With
+# no buffer free (a loop that keeps its batches), a batch is made in fresh shared
+# memory, as collate makes its own.
 
 _BATCH_BUFFERS = 6          # per worker and batch size: 2 in flight, a few held downstream
 _HEADER = mmap.PAGESIZE     # a buffer's first page: batches sent, batches let go, and the
@@ -3123,7 +3123,7 @@ def _received_batch(buffer, parts, capacity, rows, *extra):
     (see _by_value); it counts as let go once those tensors and their views are
     gone."""
     fd, worker, inode, nbytes = buffer
-    fd = fd and fd.detach()
+    fd = None if fd is None else fd.detach()
     try:
         with _MAPPED_LOCK:
             _drop_gone_workers()
