@@ -1910,9 +1910,8 @@ class _Selection:
                 corner = self.lattice.axis_corners((regions.stop * size,) * 3, (1,) * 3)
                 end = int(corner[3 - ndim + axis][0]) // f - span.start
             owned = owned[(slice(None),) * axis + (slice(0, end),)]
-        shift, width = cells[-1].start % 8, owned.shape[-1]
-        bits = np.zeros((*owned.shape[:-1], -(-(shift + width) // 8) * 8), dtype=bool)
-        bits[..., shift:shift + width] = owned
+        shift = cells[-1].start % 8            # to whole bytes of the mask's own x
+        bits = np.pad(owned, [(0, 0)] * (ndim - 1) + [(shift, -(shift + owned.shape[-1]) % 8)])
         hashed = _BYTE_KEYS[np.packbits(bits, axis=-1, bitorder='little')]   # (..., bytes)
         firsts = [span.start for span in cells[:-1]] + [cells[-1].start // 8]
         for axis, first in enumerate(firsts):
@@ -2945,8 +2944,7 @@ def _native(array):
 # memory, as collate makes its own.
 
 _BATCH_BUFFERS = 6          # per worker and batch size: 2 in flight, a few held downstream
-_HEADER = mmap.PAGESIZE     # a buffer's first page: batches sent, batches let go, and the
-                            # pid of the process that mapped it (int64)
+_HEADER = mmap.PAGESIZE     # a buffer's first page: its header (see _header)
 _BUFFERS = {}               # this process's buffers: (pid, bytes) -> [_BatchBuffer]
 _MAPPED = {}                # receiving process: (worker pid, inode) -> mmap of a buffer
 _RECEIVED = weakref.WeakValueDictionary()   # (id, worker pid) -> a received batch's bytes
@@ -2993,6 +2991,12 @@ def _batch_memory(parts, capacity, rows, shared, reuse):
     return [_empty((rows, *shape), dtype, shared) for dtype, shape in parts], None
 
 
+def _header(mapping):
+    """The int64 view of a buffer's header (in either process's mapping): batches
+    sent, batches let go by the receiver, the pid of the process that mapped it."""
+    return np.frombuffer(mapping, np.int64, 3)
+
+
 class _BatchBuffer:
     """Shared memory a worker cuts its batches into (see above): a memfd of
     ``_HEADER`` bytes, then ``nbytes`` of batch."""
@@ -3002,8 +3006,7 @@ class _BatchBuffer:
         os.ftruncate(self.fd, _HEADER + nbytes)
         self.map = mmap.mmap(self.fd, _HEADER + nbytes)
         self.inode = os.fstat(self.fd).st_ino
-        # Sent, let go by the receiver, the receiver's pid once it mapped the buffer.
-        self.counts = np.frombuffer(self.map, np.int64, 3)
+        self.header = _header(self.map)
         self.nbytes = nbytes
         self.held = False           # tensors of this process refer to its batch
 
@@ -3013,7 +3016,7 @@ class _BatchBuffer:
         than _BATCH_BUFFERS), else None."""
         buffers = _BUFFERS.setdefault((os.getpid(), nbytes), [])
         for buffer in buffers:
-            if not buffer.held and buffer.counts[0] == buffer.counts[1]:
+            if not buffer.held and buffer.header[0] == buffer.header[1]:
                 return buffer
         if len(buffers) < _BATCH_BUFFERS and hasattr(os, 'memfd_create'):
             buffers.append(cls(nbytes))
@@ -3060,8 +3063,8 @@ def _buffer_reference(batch, extra=()):
     its file descriptor unless the process this worker's batches go to, its parent,
     mapped it), and ``extra`` (see _by_value)."""
     _, buffer, layout = batch.made_in
-    buffer.counts[0] += 1
-    mapped = buffer.counts[2] == os.getppid()
+    buffer.header[0] += 1
+    mapped = buffer.header[2] == os.getppid()
     fd = None if mapped else multiprocessing.reduction.DupFd(buffer.fd)
     return _received_batch, ((fd, os.getpid(), buffer.inode, buffer.nbytes), *layout,
                              *map(_by_value, extra))
@@ -3135,7 +3138,7 @@ def _received_batch(buffer, parts, capacity, rows, *extra):
                         f"process {os.getpid()}, but the worker's parent received its "
                         f"batches: iterate a DataLoader in the process that made it")
                 mapped = _MAPPED[worker, inode] = mmap.mmap(fd, _HEADER + nbytes)
-                np.frombuffer(mapped, np.int64, 3)[2] = os.getpid()
+                _header(mapped)[2] = os.getpid()
     finally:
         if fd is not None:
             os.close(fd)
@@ -3152,7 +3155,7 @@ def _let_go(mapped, pid):
     the tensors are its own, see _after_fork_in_child)."""
     if os.getpid() == pid:
         with _MAPPED_LOCK:
-            np.frombuffer(mapped, np.int64, 2)[1] += 1
+            _header(mapped)[1] += 1
 
 
 def _alive(pid):

@@ -2427,17 +2427,17 @@ def test_a_buffers_descriptor_goes_with_its_batches_until_the_receiver_mapped_it
         received.append(got)
         del got
     assert len(sent) == 1
-    assert buffer.counts.tolist() == [3, 0, os.getpid()]    # all three still held here
+    assert buffer.header.tolist() == [3, 0, os.getpid()]    # all three still held here
     del received
-    assert buffer.counts.tolist() == [3, 3, os.getpid()]
+    assert buffer.header.tolist() == [3, 3, os.getpid()]
 
     monkeypatch.setattr(streamer.os, "getppid", lambda: 1)      # the parent: pid 1
     copied = streamer._BatchBuffer(4 * 18 * 2 + 64)             # unpickled in the worker
     for value in (4, 5):
         assert pickle.loads(pickle.dumps(batch_in(copied, value)))[0][0, 0, 0, 0] == value
-    assert len(sent) == 3 and copied.counts[2] == os.getpid()
+    assert len(sent) == 3 and copied.header[2] == os.getpid()
     other = streamer._BatchBuffer(4 * 18 * 2 + 64)
-    other.counts[2] = 1                                         # mapped by the parent
+    other.header[2] = 1                                         # mapped by the parent
     with pytest.raises(RuntimeError, match=f"worker {os.getpid()} reached process "
                                            f"{os.getpid()}, but the worker's parent"):
         pickle.loads(pickle.dumps(batch_in(other, 6)))
